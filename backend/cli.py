@@ -1,0 +1,113 @@
+"""``labelloop`` command line: serve the ML backend, generate data, train, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import settings
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(round(100 * min(1.0, max(0.0, fraction))))
+        bar.set_postfix_str(message[:80])
+        bar.refresh()
+
+    return bar, update
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    uvicorn.run("labelloop.service:build_app_with_limits", factory=True, host=args.host, port=args.port,
+                log_level=settings().log_level.lower(), access_log=args.access_log)
+    return 0
+
+
+def cmd_data_shapes(args) -> int:
+    from tqdm import tqdm
+
+    from .shapes import generate_shapes
+
+    with tqdm(total=args.n, desc="generating shapes", unit="img") as bar:
+        dataset = generate_shapes(args.out, n=args.n, seed=args.seed, size=args.size, noise=args.noise,
+                                  max_objects=args.max_objects, progress=lambda done, total: bar.update(1))
+    print(f"{len(dataset.images)} images in {dataset.images_dir}; ground truth in {Path(args.out) / 'shapes.json'}"
+          f"; {len(dataset.corruptions)} injected label errors")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .pipeline import train_project, training_error_reason
+
+    bar, update = _progress_bar(f"training project {args.project}")
+    try:
+        outcome = train_project(args.project, update)
+    except Exception as exc:
+        bar.close()
+        print(f"training failed: {training_error_reason(exc)}", file=sys.stderr)
+        return 1
+    bar.close()
+    print(json.dumps({"version": outcome.manifest.version, "promoted": outcome.promoted, "reason": outcome.reason,
+                      "metrics": outcome.manifest.metrics}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the Label Studio ML backend (HTTP)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=cmd_serve)
+
+    data = sub.add_parser("data", help="embedded data generators")
+    data_sub = data.add_subparsers(dest="generator", required=True)
+    shapes = data_sub.add_parser("shapes", help="synthetic shapes with exact ground truth and optional label noise")
+    shapes.add_argument("--out", required=True, help="output directory")
+    shapes.add_argument("--n", type=int, default=200, help="number of images")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--size", type=int, default=160, help="image side in pixels")
+    shapes.add_argument("--noise", type=float, default=0.0, help="fraction of images with one injected label error")
+    shapes.add_argument("--max-objects", type=int, default=4)
+    shapes.set_defaults(func=cmd_data_shapes)
+
+    train = sub.add_parser("train", help="train a new model version for a Label Studio project (reads its API)")
+    train.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded data (see README)")
+    demo.add_argument("--workdir", default=None, help="where data and models go (default $LABELLOOP_HOME/demo)")
+    demo.add_argument("--n", type=int, default=120, help="number of generated images")
+    demo.add_argument("--task", choices=["detection", "segmentation", "classification"], default="detection")
+    demo.add_argument("--port", type=int, default=9090)
+    demo.add_argument("--no-serve", action="store_true", help="train and report, do not start the server")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, settings().log_level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""All configuration, read from environment variables with defaults that need no tuning.
+
+Settings are read when asked for (``settings()``), not at import, so a test or a CLI flag can
+change the environment first. Every variable is listed in README.md ("Configuration").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    value = _env(name)
+    if not value:
+        return default
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    value = _env(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    value = _env(name)
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    model_dir: Path
+    cache_dir: Path
+    yolo_config_dir: Path
+    label_studio_url: str
+    label_studio_api_key: str
+    allowed_hosts: tuple[str, ...]
+    basic_auth_user: str
+    basic_auth_pass: str
+    base_model: str
+    allow_custom_model_path: bool
+    model_root: Path
+    model_config: str
+    score_threshold: float
+    predict_batch: int
+    max_body_bytes: int
+    fetch_timeout: float
+    max_image_bytes: int
+    device: str
+    epochs: int | None
+    imgsz: int | None
+    batch: int | None
+    train_minutes: float | None
+    log_level: str
+
+
+def settings() -> Settings:
+    home = Path(_env("LABELLOOP_HOME", str(Path.home() / ".labelloop"))).expanduser()
+    hosts = tuple(h.strip().lower() for h in _env("LABELLOOP_ALLOWED_HOSTS").split(",") if h.strip())
+    return Settings(
+        home=home,
+        model_dir=Path(_env("MODEL_DIR", str(home / "models"))).expanduser(),
+        cache_dir=Path(_env("LABELLOOP_CACHE_DIR", str(home / "cache"))).expanduser(),
+        yolo_config_dir=Path(_env("YOLO_CONFIG_DIR", str(home / "ultralytics"))).expanduser(),
+        label_studio_url=_env("LABEL_STUDIO_URL").rstrip("/"),
+        label_studio_api_key=_env("LABEL_STUDIO_API_KEY"),
+        allowed_hosts=hosts,
+        basic_auth_user=_env("BASIC_AUTH_USER"),
+        basic_auth_pass=_env("BASIC_AUTH_PASS"),
+        base_model=_env("LABELLOOP_BASE_MODEL"),
+        allow_custom_model_path=_env_bool("ALLOW_CUSTOM_MODEL_PATH"),
+        model_root=Path(_env("MODEL_ROOT", str(home / "weights"))).expanduser(),
+        model_config=_env("LABELLOOP_MODEL_CONFIG"),
+        score_threshold=_env_float("LABELLOOP_SCORE_THRESHOLD", 0.5),
+        predict_batch=_env_int("LABELLOOP_PREDICT_BATCH", 16),
+        max_body_bytes=int(_env_float("LABELLOOP_MAX_BODY_MB", 32.0) * 1024 * 1024),
+        fetch_timeout=_env_float("LABELLOOP_FETCH_TIMEOUT", 10.0),
+        max_image_bytes=int(_env_float("LABELLOOP_MAX_IMAGE_MB", 50.0) * 1024 * 1024),
+        device=_env("LABELLOOP_DEVICE"),
+        epochs=_env_int("LABELLOOP_EPOCHS", None),
+        imgsz=_env_int("LABELLOOP_IMGSZ", None),
+        batch=_env_int("LABELLOOP_BATCH", None),
+        train_minutes=_env_float("LABELLOOP_TRAIN_MINUTES", None),
+        log_level=_env("LOG_LEVEL", "INFO").upper(),
+    )

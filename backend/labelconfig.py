@@ -1,0 +1,210 @@
+"""Label Studio label config → what the model must do (task type, tag names, label map).
+
+Parsing goes through label-studio-sdk's ``LabelInterface`` so we read configs exactly as Label
+Studio does. Three control tags are served, each bound to an ``<Image>``:
+
+=================  ===============  =======================
+control tag        task type        ultralytics task
+=================  ===============  =======================
+``Choices``        classification   ``classify``
+``RectangleLabels`` detection       ``detect`` (or ``segment``)
+``PolygonLabels``  segmentation     ``segment``
+=================  ===============  =======================
+
+Tag attributes of the upstream YOLO example are honoured so an existing config works unchanged:
+``model_score_threshold`` (keep regions at or above it), ``model_skip="true"`` (ignore this tag),
+``model_path`` (weights file for this tag, only with ``ALLOW_CUSTOM_MODEL_PATH=true``, resolved
+under ``MODEL_ROOT``). Label Studio labels map to model class names through ``predicted_values``
+on ``<Label>``, then an exact match, then a case-insensitive match.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from label_studio_sdk.label_interface import LabelInterface
+
+TASK_BY_TAG = {
+    "choices": "classification",
+    "rectanglelabels": "detection",
+    "polygonlabels": "segmentation",
+}
+# Which ultralytics model tasks can serve each of our task types (a segment model also gives boxes).
+ULTRALYTICS_TASKS = {
+    "classification": ("classify",),
+    "detection": ("detect", "segment"),
+    "segmentation": ("segment",),
+}
+RESULT_TYPE = {"classification": "choices", "detection": "rectanglelabels", "segmentation": "polygonlabels"}
+
+
+class LabelConfigError(ValueError):
+    """The label config cannot be served; the message names the tag and says what to change."""
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One control tag the model serves."""
+
+    task_type: str  # "classification" | "detection" | "segmentation"
+    from_name: str  # control tag name, e.g. "label"
+    to_name: str  # the <Image> tag name, e.g. "image"
+    value_key: str  # task data key holding the image URL, e.g. "image" (from value="$image")
+    labels: tuple[str, ...]  # Label Studio label values, in config order
+    predicted_values: dict[str, tuple[str, ...]] = field(default_factory=dict)  # LS label → model names
+    score_threshold: float | None = None  # None → LABELLOOP_SCORE_THRESHOLD
+    model_path: str | None = None  # raw attribute; resolved by resolve_model_path()
+
+    @property
+    def result_type(self) -> str:
+        return RESULT_TYPE[self.task_type]
+
+    def label_map(self, model_names: dict[int, str] | list[str]) -> dict[int, str]:
+        """Map model class indices to Label Studio labels.
+
+        Order of precedence per model class: a ``predicted_values`` entry, then an exact match of a
+        label, then a case-insensitive match. Classes that match nothing are left out (the model's
+        extra classes are simply not offered to labelers).
+        """
+        names = dict(enumerate(model_names)) if isinstance(model_names, (list, tuple)) else dict(model_names)
+        explicit = {m: label for label, ms in self.predicted_values.items() for m in ms}
+        explicit_folded = {m.casefold(): label for m, label in explicit.items()}
+        exact = {label: label for label in self.labels}
+        folded = {label.casefold(): label for label in self.labels}
+        mapping: dict[int, str] = {}
+        for index, name in names.items():
+            label = explicit.get(name) or explicit_folded.get(name.casefold()) or exact.get(name)
+            label = label or folded.get(name.casefold())
+            if label is not None:
+                mapping[int(index)] = label
+        return mapping
+
+    def require_label_map(self, model_names: dict[int, str] | list[str]) -> dict[int, str]:
+        """``label_map`` that raises a clear error when no model class matches any label."""
+        mapping = self.label_map(model_names)
+        if not mapping:
+            shown = list(dict(enumerate(model_names)).values() if isinstance(model_names, (list, tuple))
+                         else model_names.values())
+            raise LabelConfigError(
+                f"<{self.result_type_tag}> '{self.from_name}': none of its labels {list(self.labels)} "
+                f"matches a model class {shown[:20]}; add predicted_values=\"<model class>\" to a <Label>"
+            )
+        return mapping
+
+    @property
+    def result_type_tag(self) -> str:
+        return {"choices": "Choices", "rectanglelabels": "RectangleLabels", "polygonlabels": "PolygonLabels"}[
+            self.result_type
+        ]
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value or "").strip().lower() in ("1", "true", "yes")
+
+
+def _check_xml(config: str) -> None:
+    if not isinstance(config, str) or not config.strip():
+        raise LabelConfigError("the label config is empty")
+    try:
+        ET.fromstring(config)
+    except ET.ParseError as exc:
+        raise LabelConfigError(f"the label config is not valid XML: {exc}") from None
+
+
+def parse_label_config(config: str) -> ControlSpec:
+    """Parse a Label Studio label config into the one control the model serves.
+
+    Raises LabelConfigError naming the offending tag when the config has no servable control,
+    when a servable control is not bound to an <Image>, or when several are (mark all but one with
+    ``model_skip="true"``).
+    """
+    _check_xml(config)
+    try:
+        interface = LabelInterface(config)
+    except Exception as exc:  # the SDK raises assorted types for malformed configs
+        raise LabelConfigError(f"Label Studio could not parse the label config: {exc}") from None
+
+    images = {obj.name: obj for obj in interface.objects if obj.tag.lower() == "image"}
+    servable: list[ControlSpec] = []
+    seen_tags: list[str] = []
+    for control in interface.controls:
+        tag = control.tag
+        seen_tags.append(f"<{tag} name=\"{control.name}\">")
+        if tag.lower() not in TASK_BY_TAG or _truthy(control.attr.get("model_skip")):
+            continue
+        to_names = list(control.to_name or [])
+        image = next((images[n] for n in to_names if n in images), None)
+        if image is None:
+            raise LabelConfigError(
+                f"<{tag} name=\"{control.name}\"> must point toName at an <Image> tag "
+                f"(it points at {to_names}); only image tasks are supported"
+            )
+        servable.append(_control_spec(control, image))
+
+    if not servable:
+        raise LabelConfigError(
+            "the label config has no control the model can serve: expected <Choices>, <RectangleLabels> "
+            f"or <PolygonLabels> bound to an <Image>; found {seen_tags or 'no control tags'}"
+        )
+    if len(servable) > 1:
+        names = ", ".join(f"<{s.result_type_tag} name=\"{s.from_name}\">" for s in servable)
+        raise LabelConfigError(
+            f"the label config has {len(servable)} controls the model could serve ({names}); "
+            "mark all but one with model_skip=\"true\""
+        )
+    return servable[0]
+
+
+def _control_spec(control, image) -> ControlSpec:
+    tag = control.tag
+    labels = tuple(control.labels or [])
+    if not labels:
+        raise LabelConfigError(f"<{tag} name=\"{control.name}\"> has no labels")
+    predicted: dict[str, tuple[str, ...]] = {}
+    for label, attrs in (getattr(control, "labels_attrs", None) or {}).items():
+        raw = (getattr(attrs, "attr", None) or {}).get("predicted_values")
+        if raw:
+            predicted[label] = tuple(v.strip() for v in raw.split(",") if v.strip())
+    threshold = control.attr.get("model_score_threshold")
+    if threshold is not None:
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise LabelConfigError(
+                f"<{tag} name=\"{control.name}\"> model_score_threshold={threshold!r} is not a number"
+            ) from None
+        if not 0.0 <= threshold <= 1.0:
+            raise LabelConfigError(f"<{tag} name=\"{control.name}\"> model_score_threshold must be in [0, 1]")
+    value = str(image.value or "")
+    if not value.startswith("$") or len(value) < 2:
+        raise LabelConfigError(f"<Image name=\"{image.name}\"> needs value=\"$<data key>\", got {value!r}")
+    return ControlSpec(
+        task_type=TASK_BY_TAG[tag.lower()],
+        from_name=control.name,
+        to_name=image.name,
+        value_key=value[1:],
+        labels=labels,
+        predicted_values=predicted,
+        score_threshold=threshold,
+        model_path=control.attr.get("model_path") or None,
+    )
+
+
+def resolve_model_path(spec: ControlSpec, allow_custom: bool, model_root: Path) -> Path | None:
+    """The weights file named by the tag's ``model_path``, if allowed and inside ``model_root``."""
+    if not spec.model_path:
+        return None
+    if not allow_custom:
+        raise LabelConfigError(
+            f"<{spec.result_type_tag} name=\"{spec.from_name}\"> sets model_path but "
+            "ALLOW_CUSTOM_MODEL_PATH is not true on the backend"
+        )
+    root = model_root.resolve()
+    path = (root / spec.model_path).resolve()
+    if root not in path.parents and path != root:
+        raise LabelConfigError(f"model_path {spec.model_path!r} escapes MODEL_ROOT")
+    if not path.is_file():
+        raise LabelConfigError(f"model_path {spec.model_path!r} does not exist under MODEL_ROOT ({root})")
+    return path

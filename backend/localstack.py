@@ -1,0 +1,147 @@
+"""Start the parts of the stack as local processes: Label Studio (its own venv) and the ML backend.
+
+The test suite and the demo use these, so they run Label Studio the way a user does: the real
+server, with the settings a backend on a loopback address needs (see README "Troubleshooting").
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+LS_VERSION = "1.23.2"
+
+
+def label_studio_venv() -> Path:
+    default = Path.home() / ".cache" / "labelloop" / f"label-studio-{LS_VERSION}"
+    return Path(os.environ.get("LABELLOOP_LS_VENV", str(default))).expanduser()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early, with the log tail, if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {process.returncode}\n{_tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s\n{_tail(log)}")
+
+
+def _tail(log: Path | None, lines: int = 40) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen
+    url: str
+    log: Path
+    info: dict = field(default_factory=dict)
+
+    def stop(self, timeout: float = 20) -> None:
+        """Stop the process group we started (and only that)."""
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=5)
+
+
+def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path | None = None,
+                       username: str = "admin@example.com", password: str | None = None,
+                       token: str | None = None, timeout: float = 240) -> ManagedProcess:
+    """Label Studio with an admin user and a legacy API token, ready for a backend on loopback."""
+    binary = label_studio_venv() / "bin" / "label-studio"
+    if not binary.exists():
+        raise FileNotFoundError(f"Label Studio is not installed at {binary}; run `make setup` (scripts/setup.sh)")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files_root = files_root or data_dir / "files"
+    files_root.mkdir(parents=True, exist_ok=True)
+    password = password or secrets.token_hex(8)
+    token = token or secrets.token_hex(20)  # 40 hex chars, the legacy token format
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_USERNAME": username,
+        "LABEL_STUDIO_PASSWORD": password,
+        "LABEL_STUDIO_USER_TOKEN": token,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        # A backend on a loopback/private address needs both (Label Studio 1.23).
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
+        "COLLECT_ANALYTICS": "false",
+        "LATEST_VERSION_CHECK": "false",
+    }
+    for leaked in ("VIRTUAL_ENV", "PYTHONPATH", "DJANGO_SETTINGS_MODULE"):
+        env.pop(leaked, None)
+    log = data_dir / "label-studio.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [str(binary), "start", "-b", "--internal-host", "127.0.0.1", "-p", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=data_dir, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    managed = ManagedProcess("label-studio", process, url, log,
+                             {"username": username, "password": password, "token": token, "files_root": str(files_root)})
+    try:
+        wait_http(f"{url}/health", timeout, process, log)
+    except Exception:
+        managed.stop()
+        raise
+    return managed
+
+
+def start_backend(home: Path, port: int | None = None, env: dict[str, str] | None = None,
+                  timeout: float = 90) -> ManagedProcess:
+    """``labelloop serve`` as its own process, with LABELLOOP_HOME (models, cache) under ``home``."""
+    port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "LABELLOOP_HOME": str(home), **(env or {})}
+    log = home / f"backend-{port}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "labelloop.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    managed = ManagedProcess("backend", process, url, log)
+    try:
+        wait_http(f"{url}/health", timeout, process, log)
+    except Exception:
+        managed.stop()
+        raise
+    return managed

@@ -1,0 +1,35 @@
+"""Prometheus metrics of the ML backend (scraped from ``GET /metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("labelloop_http_requests_total", "HTTP requests by endpoint, method and status",
+                                ["endpoint", "method", "status"], registry=r)
+        self.latency = Histogram("labelloop_http_request_duration_seconds", "HTTP request latency by endpoint",
+                                 ["endpoint"], registry=r,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.predictions = Counter("labelloop_predictions_total", "Task predictions returned, by model version",
+                                   ["model_version"], registry=r)
+        self.prediction_errors = Counter("labelloop_prediction_errors_total",
+                                         "Tasks returned without prediction, by reason kind", ["reason"], registry=r)
+        self.no_model = Counter("labelloop_predict_without_model_total",
+                                "/predict calls answered with no predictions because no model exists yet",
+                                registry=r)
+        self.errors = Counter("labelloop_http_errors_total", "Requests answered 4xx/5xx, by endpoint and status",
+                              ["endpoint", "status"], registry=r)
+        self.webhooks = Counter("labelloop_webhook_events_total", "Webhook events accepted, by action",
+                                ["action"], registry=r)
+        self.predict_seconds = Histogram("labelloop_predict_batch_seconds", "Model time per /predict call",
+                                         registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.models_loaded = Gauge("labelloop_models_loaded", "Models held in this process's cache", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,220 @@
+"""The engine's two workflows, shared by the HTTP service, the CLI and the Celery jobs.
+
+* ``predict_tasks``: Label Studio tasks → one scored prediction per task (or a reason why not).
+* ``train_new_version``: Label Studio tasks with annotations → a new registry version, promoted only
+  when it is not worse than the version in service on the same held-out tuning split.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, settings as current_settings
+from .datasets import DatasetError, build_dataset, labeled_tasks
+from .labelconfig import ControlSpec, LabelConfigError, resolve_model_path
+from .predict import LoadedModel, load_model, predict_images, to_label_studio
+from .registry import Manifest, Registry
+from .training import (
+    ULTRALYTICS_TASK,
+    Progress,
+    TrainingError,
+    choose_base,
+    choose_settings,
+    evaluate,
+    image_sides,
+    settings_dict,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+
+# -- prediction ----------------------------------------------------------------------------------
+
+def resolve_model(registry: Registry, project: str | int | None, spec: ControlSpec,
+                  env: Settings | None = None) -> LoadedModel | None:
+    """The model that answers for ``project``, or None when there is none yet.
+
+    Order: the project's version in service (trained by labelloop) → the tag's ``model_path`` (with
+    ALLOW_CUSTOM_MODEL_PATH) → LABELLOOP_BASE_MODEL. The first two are what upstream configs expect;
+    the trained version wins because it was trained from them on this project's labels.
+    """
+    env = env or current_settings()
+    serving = registry.serving(project) if project is not None else None
+    if serving is not None:
+        return load_model(serving.weights, serving.version)
+    custom = resolve_model_path(spec, env.allow_custom_model_path, env.model_root)
+    if custom is not None:
+        return load_model(custom, f"custom-{custom.stem}")
+    if env.base_model:
+        path = Path(env.base_model)
+        if not path.is_file():
+            raise LabelConfigError(f"LABELLOOP_BASE_MODEL={env.base_model} does not exist")
+        return load_model(path, f"base-{path.stem}")
+    return None
+
+
+@dataclass
+class TaskPrediction:
+    task_id: Any
+    result: list[dict] = field(default_factory=list)
+    score: float | None = None
+    model_version: str = ""
+    error: str | None = None
+
+    def to_label_studio(self) -> dict[str, Any]:
+        return {"result": self.result, "score": 0.0 if self.score is None else round(self.score, 6),
+                "model_version": self.model_version}
+
+
+def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedModel, fetcher,
+                  threshold: float | None = None, batch: int | None = None) -> list[TaskPrediction]:
+    """One TaskPrediction per task, in order. A task whose image is missing, broken or refused gets an
+    empty result with ``error`` set; the others are predicted in batches."""
+    env = current_settings()
+    threshold = spec.score_threshold if threshold is None and spec.score_threshold is not None else threshold
+    threshold = env.score_threshold if threshold is None else threshold
+    out = [TaskPrediction(task_id=t.get("id"), model_version=model.version) for t in tasks]
+    urls = []
+    for i, task in enumerate(tasks):
+        url = (task.get("data") or {}).get(spec.value_key)
+        if not isinstance(url, str) or not url:
+            out[i].error = f"task data has no image under '{spec.value_key}'"
+        urls.append(url if out[i].error is None else None)
+    wanted = [i for i, url in enumerate(urls) if url is not None]
+    fetched = fetcher.fetch_many([urls[i] for i in wanted]) if wanted else []
+    ready: list[tuple[int, Path]] = []
+    for i, item in zip(wanted, fetched):
+        if isinstance(item, Exception):
+            out[i].error = str(item)
+        else:
+            ready.append((i, item))
+    if ready:
+        preds = predict_images(model, [p for _, p in ready], spec, threshold, batch or env.predict_batch)
+        for (i, _), pred in zip(ready, preds):
+            out[i].result = to_label_studio(pred, spec)
+            out[i].score = pred.score
+    for p in out:
+        if p.error:
+            log.warning("task %s: no prediction: %s", p.task_id, p.error)
+    return out
+
+
+# -- training ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainOutcome:
+    manifest: Manifest
+    promoted: bool
+    reason: str
+    compared_with: str | None = None
+    serving_metrics_now: dict[str, float] | None = None
+
+
+def train_new_version(registry: Registry, project: str | int, tasks: list[dict[str, Any]], spec: ControlSpec,
+                      fetcher, progress: Progress | None = None, min_train: int = 2) -> TrainOutcome:
+    """Export → dataset → train → evaluate → register → promote-if-not-worse.
+
+    Starts from the version in service when it has the same classes (fine-tuning keeps what it
+    learned), else from ``choose_base``. Raises DatasetError/TrainingError with a reason.
+    """
+    env = current_settings()
+    say = progress or (lambda fraction, message: None)
+    rows = labeled_tasks(tasks, spec)
+    if len(rows) < min_train:
+        raise DatasetError(f"project {project} has {len(rows)} labeled task(s) for '{spec.from_name}'; "
+                           f"need at least {min_train}")
+    say(0.0, f"fetching {len(rows)} images")
+    fetched = fetcher.fetch_many([(t.get("data") or {}).get(spec.value_key) or "" for t, _ in rows])
+    image_paths = {t["id"]: p for (t, _), p in zip(rows, fetched) if not isinstance(p, Exception)}
+    failures = [str(p) for p in fetched if isinstance(p, Exception)]
+    if failures:
+        log.warning("project %s: %d image(s) could not be fetched, e.g. %s", project, len(failures), failures[0])
+
+    serving = registry.serving(project)
+    task = ULTRALYTICS_TASK[spec.task_type]
+    with tempfile.TemporaryDirectory(prefix="labelloop-train-") as tmp:
+        dataset = build_dataset(tasks, spec, image_paths, Path(tmp) / "data", min_train=min_train)
+        chosen = choose_settings(dataset.counts["train"], image_sides(list(image_paths.values())), task, env)
+        same_classes = serving is not None and serving.task == task and sorted(serving.classes) == sorted(dataset.classes)
+        if same_classes:
+            base, parent = str(serving.weights), serving.version
+        else:
+            base, parent = choose_base(spec, resolve_model_path(spec, env.allow_custom_model_path, env.model_root), env), None
+        say(0.02, f"training from {Path(base).name}: {dataset.counts['train']} train / "
+                  f"{dataset.counts['val']} tuning images, {chosen.epochs} epochs at {chosen.imgsz} px")
+
+        def train_progress(fraction: float, message: str) -> None:
+            say(0.02 + 0.88 * fraction, message)
+
+        weights = train(dataset, spec, base, chosen, Path(tmp) / "run", train_progress)
+        say(0.92, "evaluating on the tuning split")
+        metrics = evaluate(weights, dataset, chosen.imgsz, chosen.device)
+        from .yolo_env import import_yolo
+
+        names = dict(import_yolo()(str(weights)).names)
+        classes = [names[i] for i in sorted(names)]
+        manifest = registry.add_version(project, weights, {
+            "parent": parent,
+            "task": task,
+            "task_type": spec.task_type,
+            "classes": classes,
+            "label_map": {name: label for name, label in zip(classes, classes) if label in spec.labels},
+            "counts": dataset.counts,
+            "metrics": metrics,
+            "settings": settings_dict(chosen),
+            "base": base,
+        })
+        outcome = _promote_if_not_worse(registry, project, manifest, serving, same_classes, dataset, chosen)
+    say(1.0, outcome.reason)
+    return outcome
+
+
+def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, serving: Manifest | None,
+                          comparable: bool, dataset, chosen) -> TrainOutcome:
+    new = manifest.metrics["primary"]
+    if serving is None:
+        reason = f"{manifest.version} promoted: first version (primary metric {new:.3f})"
+        registry.promote(project, manifest.version, reason)
+        return TrainOutcome(manifest, True, reason)
+    if not comparable:
+        reason = f"{manifest.version} promoted: classes changed since {serving.version}, not comparable"
+        registry.promote(project, manifest.version, reason)
+        return TrainOutcome(manifest, True, reason, compared_with=serving.version)
+    # Re-evaluate the version in service on today's tuning split: both numbers on the same tasks.
+    old_metrics = evaluate(serving.weights, dataset, chosen.imgsz, chosen.device)
+    old = old_metrics["primary"]
+    if new >= old:
+        reason = f"{manifest.version} promoted: {new:.3f} >= {old:.3f} of {serving.version} on the same tuning split"
+        registry.promote(project, manifest.version, reason)
+        return TrainOutcome(manifest, True, reason, serving.version, old_metrics)
+    reason = f"{manifest.version} kept out of service: {new:.3f} < {old:.3f} of {serving.version} on the same tuning split"
+    log.info("project %s: %s", project, reason)
+    return TrainOutcome(manifest, False, reason, serving.version, old_metrics)
+
+
+def training_error_reason(exc: Exception) -> str:
+    if isinstance(exc, (DatasetError, TrainingError, LabelConfigError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def train_project(project_id: int | str, progress: Progress | None = None, env: Settings | None = None) -> TrainOutcome:
+    """Train a new version for a Label Studio project, reading the truth from its API."""
+    from .labelconfig import parse_label_config
+    from .media import MediaFetcher
+    from .studio import StudioClient
+
+    env = env or current_settings()
+    client = StudioClient.from_settings(env)
+    try:
+        project = client.project(project_id)
+        spec = parse_label_config(project["label_config"])
+        tasks = client.export_tasks(project_id)
+    finally:
+        client.close()
+    return train_new_version(Registry(env.model_dir), project_id, tasks, spec, MediaFetcher.from_settings(env), progress)

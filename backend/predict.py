@@ -1,0 +1,209 @@
+"""Batched inference: images → regions with scores, and regions → Label Studio results.
+
+One code path for every face: the service's /predict, the Celery prediction job and the FiftyOne
+plugins all call ``predict_images`` and read the same ``ImagePrediction`` objects, so a score seen
+in FiftyOne is the score Label Studio got.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import scoring
+from .labelconfig import ULTRALYTICS_TASKS, ControlSpec, LabelConfigError
+from .yolo_env import import_yolo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Region:
+    label: str  # Label Studio label
+    score: float  # model confidence
+    class_index: int  # model class index
+    bbox: tuple[float, float, float, float] | None = None  # x, y, w, h in pixels
+    polygon: list[tuple[float, float]] | None = None  # pixels
+
+
+@dataclass
+class ImagePrediction:
+    width: int = 0
+    height: int = 0
+    regions: list[Region] = field(default_factory=list)  # shown: confidence >= threshold
+    candidate_scores: list[float] = field(default_factory=list)  # every candidate >= floor (for scores)
+    class_probs: dict[str, float] = field(default_factory=dict)  # classification: LS label -> prob
+    score: float | None = None  # task score (see scoring.py); None when the image failed
+    error: str | None = None  # why this image has no prediction
+
+
+@dataclass
+class LoadedModel:
+    """An ultralytics model loaded once per process and weights file; predict calls are serialized."""
+
+    yolo: object
+    path: Path
+    version: str
+    task: str  # classify | detect | segment
+    names: dict[int, str]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+_cache_lock = threading.Lock()
+CACHE_SIZE = 3  # a few versions at once: the served one, its predecessor, a comparison
+
+
+def load_model(path: str | Path, version: str) -> LoadedModel:
+    """Load (or reuse) the model at ``path``; keyed by path and mtime so a replaced file reloads."""
+    path = Path(path)
+    try:
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+    except FileNotFoundError:
+        raise LabelConfigError(f"model weights not found: {path}") from None
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            _cache.move_to_end(key)
+            return cached
+    YOLO = import_yolo()
+    yolo = YOLO(str(path))
+    model = LoadedModel(yolo=yolo, path=path, version=version, task=yolo.task, names=dict(yolo.names))
+    log.info("loaded model %s (%s, %d classes) from %s", version, model.task, len(model.names), path)
+    with _cache_lock:
+        _cache[key] = model
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return model
+
+
+def check_compatible(model: LoadedModel, spec: ControlSpec) -> None:
+    if model.task not in ULTRALYTICS_TASKS[spec.task_type]:
+        raise LabelConfigError(
+            f"<{spec.result_type_tag} name=\"{spec.from_name}\"> needs a "
+            f"{' or '.join(ULTRALYTICS_TASKS[spec.task_type])} model, but {model.version} is a {model.task} model"
+        )
+
+
+def predict_images(
+    model: LoadedModel,
+    images: list[Path],
+    spec: ControlSpec,
+    threshold: float,
+    batch: int = 16,
+    imgsz: int | None = None,
+) -> list[ImagePrediction]:
+    """Predict every image, in batches of ``batch``; one ImagePrediction per image, in order."""
+    check_compatible(model, spec)
+    label_of = spec.require_label_map(model.names)
+    floor = min(scoring.CANDIDATE_FLOOR, threshold)
+    out: list[ImagePrediction] = []
+    for start in range(0, len(images), batch):
+        chunk = [str(p) for p in images[start : start + batch]]
+        kwargs = dict(conf=floor, verbose=False, batch=len(chunk))
+        if imgsz:
+            kwargs["imgsz"] = imgsz
+        with model.lock:  # ultralytics predictors keep per-call state: one call at a time per model
+            results = model.yolo.predict(chunk, **kwargs)
+        for result in results:
+            out.append(_convert(result, model, spec, label_of, threshold, floor))
+    return out
+
+
+def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, str], threshold: float,
+             floor: float) -> ImagePrediction:
+    height, width = (int(v) for v in result.orig_shape)
+    pred = ImagePrediction(width=width, height=height)
+    if model.task == "classify":
+        return _convert_classification(result, pred, label_of)
+
+    boxes = result.boxes
+    if boxes is None or len(boxes) == 0:
+        pred.score = scoring.detection_task_score([], threshold, floor)
+        return pred
+    conf = boxes.conf.cpu().numpy().astype(float)
+    cls = boxes.cls.cpu().numpy().astype(int)
+    xyxy = boxes.xyxy.cpu().numpy().astype(float)
+    polygons = result.masks.xy if (spec.task_type == "segmentation" and result.masks is not None) else None
+    for i in range(len(conf)):
+        label = label_of.get(int(cls[i]))
+        if label is None:  # a model class the label config does not offer
+            continue
+        pred.candidate_scores.append(float(conf[i]))
+        if conf[i] < threshold:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in xyxy[i])
+        region = Region(label=label, score=float(conf[i]), class_index=int(cls[i]),
+                        bbox=(x1, y1, x2 - x1, y2 - y1))
+        if polygons is not None:
+            region.polygon = simplify_polygon(polygons[i])
+            if len(region.polygon) < 3:
+                continue  # mask too small to outline; still counted in the task score
+        pred.regions.append(region)
+    pred.score = scoring.detection_task_score(pred.candidate_scores, threshold, floor)
+    return pred
+
+
+def _convert_classification(result, pred: ImagePrediction, label_of: dict[int, str]) -> ImagePrediction:
+    probs = result.probs.data.cpu().numpy().astype(float)
+    indices = sorted(label_of)
+    mapped = scoring.normalize([probs[i] for i in indices])
+    pred.class_probs = {label_of[i]: float(p) for i, p in zip(indices, mapped)}
+    best = int(np.argmax(mapped))
+    pred.regions.append(Region(label=label_of[indices[best]], score=float(mapped[best]), class_index=indices[best]))
+    pred.candidate_scores = [float(mapped[best])]
+    pred.score = scoring.classification_task_score(mapped)
+    return pred
+
+
+def simplify_polygon(points: np.ndarray, tolerance_px: float = 1.0) -> list[tuple[float, float]]:
+    """Fewer polygon vertices (Douglas-Peucker, 1 px) so Label Studio payloads stay small."""
+    array = np.asarray(points, dtype=np.float32)
+    if len(array) < 3:
+        return []
+    import cv2
+
+    approx = cv2.approxPolyDP(array.reshape(-1, 1, 2), tolerance_px, True).reshape(-1, 2)
+    if len(approx) < 3:
+        approx = array
+    return [(float(x), float(y)) for x, y in approx]
+
+
+def to_label_studio(pred: ImagePrediction, spec: ControlSpec) -> list[dict]:
+    """Label Studio ``result`` list for one image (coordinates in percent of the image size)."""
+    items: list[dict] = []
+    for k, region in enumerate(pred.regions):
+        item = {
+            "id": f"ll{k}",
+            "from_name": spec.from_name,
+            "to_name": spec.to_name,
+            "type": spec.result_type,
+            "score": round(region.score, 6),
+        }
+        if spec.task_type == "classification":
+            item["value"] = {"choices": [region.label]}
+        else:
+            item.update(original_width=pred.width, original_height=pred.height, image_rotation=0)
+            if spec.task_type == "detection":
+                x, y, w, h = region.bbox
+                item["value"] = {
+                    "x": _pct(x, pred.width), "y": _pct(y, pred.height),
+                    "width": _pct(w, pred.width), "height": _pct(h, pred.height),
+                    "rotation": 0, "rectanglelabels": [region.label],
+                }
+            else:
+                item["value"] = {
+                    "points": [[_pct(x, pred.width), _pct(y, pred.height)] for x, y in region.polygon],
+                    "closed": True, "polygonlabels": [region.label],
+                }
+        items.append(item)
+    return items
+
+
+def _pct(value: float, size: int) -> float:
+    return round(min(100.0, max(0.0, 100.0 * value / size)), 4) if size else 0.0

@@ -1,0 +1,207 @@
+"""Model registry: one directory per project and version, written atomically, plus a serving pointer.
+
+Layout under ``MODEL_DIR``::
+
+    projects/<project>/versions/<version>/weights.pt     the model
+    projects/<project>/versions/<version>/manifest.json  version, parent, label map, counts, metrics, time
+    projects/<project>/serving.json                      which version answers /predict, and why
+
+A version directory only ever appears complete: it is assembled in ``projects/<project>/.tmp-*``
+and renamed into place (rename is atomic on one filesystem), so a crash mid-write leaves at most a
+stale temp dir, never a half-written version. Version names are ``p<project>-v<n>`` with n
+increasing per project; two writers racing for the same n both succeed, one as n+1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+WEIGHTS = "weights.pt"
+MANIFEST = "manifest.json"
+SERVING = "serving.json"
+_VERSION_RE = re.compile(r"^p(?P<project>[A-Za-z0-9_.-]+)-v(?P<n>\d+)$")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+@dataclass
+class Manifest:
+    version: str
+    project: str
+    parent: str | None
+    created_at: float
+    task: str  # ultralytics task: classify | detect | segment
+    task_type: str  # classification | detection | segmentation
+    classes: list[str]  # model class names, in class-index order
+    label_map: dict[str, str]  # model class name -> Label Studio label
+    counts: dict[str, Any] = field(default_factory=dict)  # train/val images, objects per class
+    metrics: dict[str, float] = field(default_factory=dict)  # on the held-out tuning split
+    settings: dict[str, Any] = field(default_factory=dict)  # training settings actually used
+    base: str = ""  # yaml config or weights file training started from
+    weights_sha256: str = ""
+    path: str = ""  # directory (filled when read)
+
+    @property
+    def weights(self) -> Path:
+        return Path(self.path) / WEIGHTS
+
+    @property
+    def number(self) -> int:
+        return version_number(self.version)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        return data
+
+
+def version_number(name: str) -> int:
+    match = _VERSION_RE.match(name)
+    if not match:
+        raise RegistryError(f"not a labelloop version name: {name!r}")
+    return int(match["n"])
+
+
+def _safe_project(project: str | int) -> str:
+    text = str(project).split(".")[0]  # Label Studio sends "<id>.<created_at>"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise RegistryError(f"invalid project id {project!r}")
+    return text
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Registry:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # -- paths ---------------------------------------------------------------------------------
+    def project_dir(self, project: str | int) -> Path:
+        return self.root / "projects" / _safe_project(project)
+
+    def _versions_dir(self, project: str | int) -> Path:
+        return self.project_dir(project) / "versions"
+
+    # -- reading -------------------------------------------------------------------------------
+    def projects(self) -> list[str]:
+        base = self.root / "projects"
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+
+    def get(self, project: str | int, version: str) -> Manifest:
+        directory = self._versions_dir(project) / version
+        try:
+            data = json.loads((directory / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise RegistryError(f"project {_safe_project(project)} has no version {version!r}") from None
+        return Manifest(**data, path=str(directory))
+
+    def versions(self, project: str | int) -> list[Manifest]:
+        """All complete versions of a project, oldest first."""
+        directory = self._versions_dir(project)
+        if not directory.exists():
+            return []
+        found = []
+        for child in directory.iterdir():
+            if _VERSION_RE.match(child.name) and (child / MANIFEST).exists():
+                found.append(self.get(project, child.name))
+        return sorted(found, key=lambda m: m.number)
+
+    def serving(self, project: str | int) -> Manifest | None:
+        """The version that answers /predict for this project, or None before the first promotion."""
+        pointer = self.project_dir(project) / SERVING
+        try:
+            data = json.loads(pointer.read_text())
+        except FileNotFoundError:
+            return None
+        return self.get(project, data["version"])
+
+    def serving_info(self, project: str | int) -> dict[str, Any] | None:
+        pointer = self.project_dir(project) / SERVING
+        try:
+            return json.loads(pointer.read_text())
+        except FileNotFoundError:
+            return None
+
+    def serving_stamp(self, project: str | int) -> float:
+        """mtime of the serving pointer: a cheap per-request check for a newly promoted version."""
+        try:
+            return (self.project_dir(project) / SERVING).stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    # -- writing -------------------------------------------------------------------------------
+    def add_version(self, project: str | int, weights_file: str | Path, manifest: dict[str, Any]) -> Manifest:
+        """Copy weights + manifest into a new version directory, atomically; returns its manifest.
+
+        ``manifest`` holds the Manifest fields except version/project/created_at/weights_sha256,
+        which are filled here.
+        """
+        import hashlib
+
+        project_dir = self.project_dir(project)
+        versions = self._versions_dir(project)
+        versions.mkdir(parents=True, exist_ok=True)
+        tmp = project_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            shutil.copyfile(weights_file, tmp / WEIGHTS)
+            with open(tmp / WEIGHTS, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
+                os.fsync(fh.fileno())
+            existing = [m.number for m in self.versions(project)]
+            n = max(existing, default=0) + 1
+            while True:
+                name = f"p{_safe_project(project)}-v{n}"
+                record = Manifest(
+                    **{**manifest, "version": name, "project": _safe_project(project),
+                       "created_at": time.time(), "weights_sha256": digest},
+                )
+                _write_json_atomic(tmp / MANIFEST, record.to_json())
+                try:
+                    os.rename(tmp, versions / name)  # fails if another writer took this name
+                except OSError:
+                    if (versions / name).exists():
+                        n += 1
+                        continue
+                    raise
+                record.path = str(versions / name)
+                return record
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def promote(self, project: str | int, version: str, reason: str = "") -> Manifest:
+        """Point the project's serving pointer at ``version`` (also how a rollback is done)."""
+        manifest = self.get(project, version)  # raises if it does not exist
+        _write_json_atomic(
+            self.project_dir(project) / SERVING,
+            {"version": version, "promoted_at": time.time(), "reason": reason},
+        )
+        return manifest
+
+    def remove_stale_temp(self, older_than_s: float = 3600) -> int:
+        """Delete temp dirs left by crashed writers; returns how many were removed."""
+        removed = 0
+        for project in self.projects():
+            for tmp in self.project_dir(project).glob(".tmp-*"):
+                if time.time() - tmp.stat().st_mtime > older_than_s:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed += 1
+        return removed

@@ -1,0 +1,1 @@
+"""Celery jobs (training, prediction, scoring) — see the Celery issue; the engine lives in backend/."""

@@ -1,0 +1,199 @@
+"""Shared fixtures: real Label Studio, real `labelloop serve`, models trained by the suite.
+
+Everything is started as the user would start it (see labelloop.localstack) and stopped at the end
+of the session. Models are trained once per run on generated data through the engine itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Isolate every process of the run (this one included) before labelloop reads its settings.
+_RUN_HOME = Path(os.environ.get("LABELLOOP_TEST_HOME", "")) if os.environ.get("LABELLOOP_TEST_HOME") else None
+
+
+@pytest.fixture(scope="session")
+def run_home(tmp_path_factory) -> Path:
+    home = _RUN_HOME or tmp_path_factory.mktemp("labelloop-home")
+    os.environ["LABELLOOP_HOME"] = str(home)
+    # ultralytics config and fonts are shared across runs: prepared once, never downloaded.
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
+    return home
+
+
+# -- data and models ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def shapes_train(tmp_path_factory, run_home):
+    from labelloop.shapes import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("shapes-train"), n=80, seed=11)
+
+
+@pytest.fixture(scope="session")
+def shapes_single(tmp_path_factory, run_home):
+    """One object per image: the classification variant."""
+    from labelloop.shapes import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("shapes-single"), n=80, seed=12, max_objects=1)
+
+
+@pytest.fixture(scope="session")
+def shapes_eval(tmp_path_factory, run_home):
+    """Unseen images the tests predict on."""
+    from labelloop.shapes import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("shapes-eval"), n=12, seed=99)
+
+
+EPOCHS = {"detection": 30, "segmentation": 30, "classification": 20}
+
+
+@dataclass
+class TrainedModel:
+    task_type: str
+    weights: Path
+    manifest: dict
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, run_home, shapes_train, shapes_single):
+    """task type → a small model trained by the engine on generated data (once per run, lazily)."""
+    from labelloop.demo import label_config, shapes_tasks
+    from labelloop.labelconfig import parse_label_config
+    from labelloop.media import LocalFileFetcher
+    from labelloop.pipeline import train_new_version
+    from labelloop.registry import Registry
+
+    registry = Registry(tmp_path_factory.mktemp("trained-models"))
+    cache: dict[str, TrainedModel] = {}
+
+    def get(task_type: str) -> TrainedModel:
+        if task_type not in cache:
+            data = shapes_single if task_type == "classification" else shapes_train
+            spec = parse_label_config(label_config(task_type))
+            os.environ["LABELLOOP_EPOCHS"] = str(EPOCHS[task_type])
+            try:
+                outcome = train_new_version(registry, task_type, shapes_tasks(data, task_type), spec,
+                                            LocalFileFetcher())
+            finally:
+                os.environ.pop("LABELLOOP_EPOCHS", None)
+            cache[task_type] = TrainedModel(task_type, outcome.manifest.weights, outcome.manifest.to_json())
+        return cache[task_type]
+
+    return get
+
+
+def install_model(model_dir: Path, project: int | str, model: TrainedModel) -> str:
+    """Put a trained model into a registry as the project's version in service (what a training job does)."""
+    from labelloop.registry import Registry
+
+    registry = Registry(model_dir)
+    keep = {k: v for k, v in model.manifest.items() if k not in ("version", "project", "created_at", "weights_sha256")}
+    version = registry.add_version(project, model.weights, keep).version
+    registry.promote(project, version, "installed by the test suite")
+    return version
+
+
+# -- Label Studio -------------------------------------------------------------------------------------
+
+class LabelStudioAPI:
+    """The calls a labeler's browser (or an admin's script) makes, over Label Studio's REST API."""
+
+    def __init__(self, url: str, token: str):
+        self.url = url
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=120)
+
+    def call(self, method: str, path: str, **kwargs):
+        response = self.http.request(method, path, **kwargs)
+        assert response.status_code < 400, f"{method} {path} -> {response.status_code}: {response.text[:500]}"
+        return response.json() if response.content else None
+
+    def create_project(self, title: str, label_config: str) -> dict:
+        return self.call("POST", "/api/projects", json={"title": title, "label_config": label_config})
+
+    def upload_images(self, project: int, paths: list[Path]) -> list[dict]:
+        files = [(f"file{i}", (p.name, p.read_bytes(), "image/png")) for i, p in enumerate(paths)]
+        self.call("POST", f"/api/projects/{project}/import", files=files)
+        return self.tasks(project)
+
+    def tasks(self, project: int, ordering: list[str] | None = None) -> list[dict]:
+        params = {"project": project, "page_size": 1000, "fields": "all"}
+        if ordering:
+            params["query"] = json.dumps({"ordering": ordering})
+        return self.call("GET", "/api/tasks", params=params)["tasks"]
+
+    def task(self, task_id: int) -> dict:
+        return self.call("GET", f"/api/tasks/{task_id}")
+
+    def annotate(self, task_id: int, result: list[dict]) -> dict:
+        return self.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": result})
+
+    def connect_backend(self, project: int, url: str, **extra) -> dict:
+        return self.call("POST", "/api/ml", json={"url": url, "project": project, "title": "labelloop", **extra})
+
+    def retrieve_predictions(self, project: int) -> dict:
+        return self.call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+                         json={"selectedItems": {"all": True, "excluded": []}, "project": project})
+
+    def predictions(self, project: int) -> list[dict]:
+        return self.call("GET", "/api/predictions", params={"project": project})
+
+    def set_model_version(self, project: int, version: str) -> dict:
+        return self.call("PATCH", f"/api/projects/{project}", json={"model_version": version})
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory, run_home):
+    from labelloop.localstack import start_label_studio
+
+    process = start_label_studio(tmp_path_factory.mktemp("label-studio"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def ls_api(label_studio) -> LabelStudioAPI:
+    return LabelStudioAPI(label_studio.url, label_studio.info["token"])
+
+
+@pytest.fixture(scope="session")
+def backend_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("backend-home")
+
+
+@pytest.fixture(scope="session")
+def backend(label_studio, backend_home):
+    """`labelloop serve` connected to the test Label Studio with the admin's legacy token."""
+    from labelloop.localstack import start_backend
+
+    process = start_backend(backend_home, env={
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.info["token"],
+        "YOLO_CONFIG_DIR": os.environ["YOLO_CONFIG_DIR"],
+    })
+    process.info["model_dir"] = backend_home / "models"
+    yield process
+    process.stop()
+
+
+# -- a plain image host (for http(s) URLs in tasks) ----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def image_host(shapes_eval):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shapes_eval.images_dir))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
