@@ -6,6 +6,7 @@ change the environment first. Every variable is listed in README.md ("Configurat
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,19 @@ def _env_float(name: str, default: float | None) -> float | None:
         raise ValueError(f"environment variable {name} must be a number, got {value!r}") from None
 
 
+def _env_json(name: str) -> dict:
+    value = _env(name)
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"environment variable {name} must be a JSON object: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"environment variable {name} must be a JSON object, got {value!r}")
+    return parsed
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -67,6 +81,7 @@ class Settings:
     imgsz: int | None
     batch: int | None
     train_minutes: float | None
+    train_args: dict
     log_level: str
 
 
@@ -97,5 +112,6 @@ def settings() -> Settings:
         imgsz=_env_int("LABELLOOP_IMGSZ", None),
         batch=_env_int("LABELLOOP_BATCH", None),
         train_minutes=_env_float("LABELLOOP_TRAIN_MINUTES", None),
+        train_args=_env_json("LABELLOOP_TRAIN_ARGS"),
         log_level=_env("LOG_LEVEL", "INFO").upper(),
     )

@@ -16,30 +16,9 @@ from .labelconfig import parse_label_config
 from .media import LocalFileFetcher
 from .pipeline import predict_tasks, resolve_model, train_new_version
 from .registry import Registry
-from .shapes import CLASSES, generate_shapes, to_label_studio_result
+from .shapes import generate_shapes, label_config, to_label_studio_tasks
 
-TAGS = {"detection": ("RectangleLabels", "Label"), "segmentation": ("PolygonLabels", "Label"),
-        "classification": ("Choices", "Choice")}
 DEMO_PROJECT = "demo"
-
-
-def label_config(task_type: str, classes=CLASSES, threshold: float | None = None) -> str:
-    """A Label Studio label config for the shapes classes (what a user pastes into their project)."""
-    tag, child = TAGS[task_type]
-    extra = f' model_score_threshold="{threshold}"' if threshold is not None else ""
-    labels = "".join(f'<{child} value="{c}"/>' for c in classes)
-    return f'<View><Image name="image" value="$image"/><{tag} name="label" toName="image"{extra}>{labels}</{tag}></View>'
-
-
-def shapes_tasks(dataset, task_type: str, url_of=None, noisy: bool = False, start_id: int = 1) -> list[dict]:
-    """Label Studio tasks with one annotation each, from the generator's (clean or noisy) labels."""
-    images = dataset.noisy if noisy else dataset.images
-    url_of = url_of or (lambda image: str(dataset.images_dir / image.file))
-    return [
-        {"id": start_id + k, "data": {"image": url_of(image)},
-         "annotations": [{"id": start_id + k, "result": to_label_studio_result(image, task_type)}]}
-        for k, image in enumerate(images)
-    ]
 
 
 def run_demo(args) -> int:
@@ -53,7 +32,7 @@ def run_demo(args) -> int:
                               max_objects=1 if task_type == "classification" else 4)
     config = label_config(task_type)
     spec = parse_label_config(config)
-    tasks = shapes_tasks(dataset, task_type)
+    tasks = to_label_studio_tasks(dataset, task_type)
 
     print(f"== 2/4 training a {task_type} model (settings chosen from the data)")
     registry = Registry(workdir / "models")

@@ -82,6 +82,10 @@ def load_model(path: str | Path, version: str) -> LoadedModel:
     return model
 
 
+def cached_model_count() -> int:
+    return len(_cache)
+
+
 def check_compatible(model: LoadedModel, spec: ControlSpec) -> None:
     if model.task not in ULTRALYTICS_TASKS[spec.task_type]:
         raise LabelConfigError(

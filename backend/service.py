@@ -23,10 +23,11 @@ from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from .config import Settings, settings as current_settings
-from .labelconfig import ControlSpec, LabelConfigError, parse_label_config
+from .labelconfig import LabelConfigError, parse_label_config
 from .media import MediaFetcher
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .pipeline import predict_tasks, resolve_model
+from .predict import cached_model_count
 from .registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -249,9 +250,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
             else:
                 metrics.predictions.labels(p.model_version).inc()
             results.append(item)
-        from .predict import _cache
-
-        metrics.models_loaded.set(len(_cache))
+        metrics.models_loaded.set(cached_model_count())
         return {"results": results, "model_version": model.version}
 
     @app.post("/webhook")

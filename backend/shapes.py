@@ -556,3 +556,28 @@ def to_label_studio_result(
             }
         results.append(region)
     return results
+
+
+# -- Label Studio side of the embedded data ------------------------------------------------------
+
+TAGS = {"detection": ("RectangleLabels", "Label"), "segmentation": ("PolygonLabels", "Label"),
+        "classification": ("Choices", "Choice")}
+
+
+def label_config(task_type: str, classes=CLASSES, threshold: float | None = None) -> str:
+    """A Label Studio label config for the shapes classes (what a user pastes into their project)."""
+    tag, child = TAGS[task_type]
+    extra = f' model_score_threshold="{threshold}"' if threshold is not None else ""
+    labels = "".join(f'<{child} value="{c}"/>' for c in classes)
+    return f'<View><Image name="image" value="$image"/><{tag} name="label" toName="image"{extra}>{labels}</{tag}></View>'
+
+
+def to_label_studio_tasks(dataset, task_type: str, url_of=None, noisy: bool = False, start_id: int = 1) -> list[dict]:
+    """Label Studio tasks with one annotation each, from the generator's (clean or noisy) labels."""
+    images = dataset.noisy if noisy else dataset.images
+    url_of = url_of or (lambda image: str(dataset.images_dir / image.file))
+    return [
+        {"id": start_id + k, "data": {"image": url_of(image)},
+         "annotations": [{"id": start_id + k, "result": to_label_studio_result(image, task_type)}]}
+        for k, image in enumerate(images)
+    ]

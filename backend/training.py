@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ PRIMARY_METRIC = {"classify": "top1", "detect": "box_map50_95", "segment": "mask
 # Images the model should see during one training, spread over epochs (CPU-friendly; small data gets
 # more epochs, large data fewer).
 TARGET_IMAGES_SEEN = 2400
+# Below this many training images there are only a few hundred optimizer steps: no warm-up, no mosaic
+# and a higher AdamW rate learn visibly sooner (measured on the shapes data, 80 images, 30 epochs).
+SMALL_DATA = 300
+SMALL_DATA_ARGS = {"optimizer": "AdamW", "lr0": 0.003, "warmup_epochs": 0, "mosaic": 0.0}
 
 
 class TrainingError(RuntimeError):
@@ -50,6 +54,7 @@ class TrainSettings:
     device: str
     time_hours: float | None = None
     seed: int = 0
+    extra: dict = field(default_factory=dict)
 
 
 def choose_settings(n_train: int, image_sides: list[int], task: str, env: Settings | None = None) -> TrainSettings:
@@ -66,6 +71,7 @@ def choose_settings(n_train: int, image_sides: list[int], task: str, env: Settin
         patience=0,
         device=env.device or _auto_device(),
         time_hours=(env.train_minutes / 60.0) if env.train_minutes else None,
+        extra={**(SMALL_DATA_ARGS if n_train < SMALL_DATA else {}), **env.train_args},
     )
     settings.patience = max(10, settings.epochs // 3)
     return settings
@@ -143,6 +149,7 @@ def train(
     )
     if train_settings.time_hours:
         kwargs["time"] = train_settings.time_hours
+    kwargs.update(train_settings.extra)  # LABELLOOP_TRAIN_ARGS: any ultralytics train argument
     try:
         model.train(**kwargs)
     except Exception as exc:

@@ -55,7 +55,7 @@ def shapes_eval(tmp_path_factory, run_home):
     return generate_shapes(tmp_path_factory.mktemp("shapes-eval"), n=12, seed=99)
 
 
-EPOCHS = {"detection": 30, "segmentation": 30, "classification": 20}
+EPOCHS = {"detection": 40, "segmentation": 40, "classification": 20}
 
 
 @dataclass
@@ -68,7 +68,7 @@ class TrainedModel:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, run_home, shapes_train, shapes_single):
     """task type → a small model trained by the engine on generated data (once per run, lazily)."""
-    from labelloop.demo import label_config, shapes_tasks
+    from labelloop.shapes import label_config, to_label_studio_tasks
     from labelloop.labelconfig import parse_label_config
     from labelloop.media import LocalFileFetcher
     from labelloop.pipeline import train_new_version
@@ -83,7 +83,7 @@ def trained(tmp_path_factory, run_home, shapes_train, shapes_single):
             spec = parse_label_config(label_config(task_type))
             os.environ["LABELLOOP_EPOCHS"] = str(EPOCHS[task_type])
             try:
-                outcome = train_new_version(registry, task_type, shapes_tasks(data, task_type), spec,
+                outcome = train_new_version(registry, task_type, to_label_studio_tasks(data, task_type), spec,
                                             LocalFileFetcher())
             finally:
                 os.environ.pop("LABELLOOP_EPOCHS", None)

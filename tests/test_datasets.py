@@ -7,7 +7,7 @@ from PIL import Image
 
 from labelloop.datasets import (DatasetError, build_dataset, latest_human_annotation, rectangle_to_polygon,
                                 split_of)
-from labelloop.demo import label_config
+from labelloop.shapes import label_config
 from labelloop.labelconfig import parse_label_config
 
 

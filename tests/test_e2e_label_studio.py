@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import install_model
-from labelloop.demo import label_config
+from labelloop.shapes import label_config
 from labelloop.shapes import CLASSES, to_label_studio_result
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import install_model
-from labelloop.demo import label_config
+from labelloop.shapes import label_config
 from labelloop.shapes import CLASSES
 
 DETECT = label_config("detection", threshold=0.1)
