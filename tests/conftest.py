@@ -190,8 +190,11 @@ def backend(label_studio, backend_home):
 
 @pytest.fixture(scope="session")
 def image_host(shapes_eval):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shapes_eval.images_dir))
-    handler.log_message = lambda *args: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(shapes_eval.images_dir))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
