@@ -32,6 +32,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+QUEUES = {"train": "labelloop.train", "predict": "labelloop.predict"}
+
+
+def cmd_worker(args) -> int:
+    """Become a Celery worker (exec), with defaults that suit torch jobs."""
+    import os
+    import socket
+
+    names = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in names if q not in QUEUES]
+    if unknown:
+        print(f"unknown queue(s) {unknown}; choose from {sorted(QUEUES)}", file=sys.stderr)
+        return 2
+    hostname = args.hostname or f"{'+'.join(names)}@{socket.gethostname()}"
+    argv = [sys.executable, "-m", "celery", "-A", "labelloop.tasks.celery_app:app", "worker",
+            "-Q", ",".join(QUEUES[q] for q in names), "-c", str(args.concurrency), "--pool", args.pool,
+            # torch keeps memory between jobs: recycle the child process now and then
+            "--max-tasks-per-child", str(args.max_tasks_per_child),
+            "--max-memory-per-child", str(args.max_memory_mb * 1024),
+            "-n", hostname, "--loglevel", settings().log_level, "-E"]
+    print("exec:", " ".join(argv), flush=True)
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
 def cmd_data_shapes(args) -> int:
     from tqdm import tqdm
 
@@ -76,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=9090)
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker for training and/or prediction jobs")
+    worker.add_argument("--queues", default="train,predict",
+                        help="comma-separated: train (GPU-worthy), predict (CPU is fine); default both")
+    worker.add_argument("--concurrency", type=int, default=1, help="jobs at once (each uses all its cores)")
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    worker.add_argument("--max-tasks-per-child", type=int, default=20)
+    worker.add_argument("--max-memory-mb", type=int, default=6000, help="recycle a child above this resident size")
+    worker.add_argument("--hostname", default=None, help="Celery node name (default <queues>@<host>)")
+    worker.set_defaults(func=cmd_worker)
 
     data = sub.add_parser("data", help="embedded data generators")
     data_sub = data.add_subparsers(dest="generator", required=True)

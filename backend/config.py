@@ -82,6 +82,8 @@ class Settings:
     batch: int | None
     train_minutes: float | None
     train_args: dict
+    redis_url: str
+    visibility_timeout: int
     log_level: str
 
 
@@ -113,5 +115,7 @@ def settings() -> Settings:
         batch=_env_int("LABELLOOP_BATCH", None),
         train_minutes=_env_float("LABELLOOP_TRAIN_MINUTES", None),
         train_args=_env_json("LABELLOOP_TRAIN_ARGS"),
+        redis_url=_env("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        visibility_timeout=_env_int("LABELLOOP_VISIBILITY_TIMEOUT", 7200),
         log_level=_env("LOG_LEVEL", "INFO").upper(),
     )

@@ -56,6 +56,20 @@ def labeled_tasks(tasks: list[dict[str, Any]], spec: ControlSpec) -> list[tuple[
     return out
 
 
+def annotation_fingerprint(rows: list[tuple[dict, list[dict]]]) -> str:
+    """A digest of which annotations (id, last update) a training would read: equal → nothing new."""
+    items = []
+    for task, _ in rows:
+        annotation = latest_human_annotation(task) or {}
+        items.append(f"{task.get('id')}:{annotation.get('id')}:{annotation.get('updated_at')}")
+    return hashlib.sha1("\n".join(sorted(items)).encode()).hexdigest()
+
+
+def first_training_minimum(spec: ControlSpec) -> int:
+    """Labeled tasks needed before the first automatic training: two per class, at least eight."""
+    return max(8, 2 * len(spec.labels))
+
+
 def _choice(region: dict, spec: ControlSpec) -> str | None:
     choices = (region.get("value") or {}).get("choices") or []
     return next((c for c in choices if c in spec.labels), None)

@@ -145,3 +145,58 @@ def start_backend(home: Path, port: int | None = None, env: dict[str, str] | Non
         managed.stop()
         raise
     return managed
+
+
+def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20) -> ManagedProcess:
+    """A private redis-server (nothing kept on disk) for tests and the local stack."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server not found; install Debian's redis-server (scripts/setup.sh does)")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / f"redis-{port}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(data_dir)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"redis://127.0.0.1:{port}/0"
+    managed = ManagedProcess("redis", process, url, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return managed
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            managed.stop()
+            raise RuntimeError(f"redis-server on {port} did not start\n{_tail(log)}")
+        time.sleep(0.1)
+
+
+def start_worker(home: Path, queues: str = "train,predict", env: dict[str, str] | None = None,
+                 name: str | None = None, timeout: float = 60) -> ManagedProcess:
+    """``labelloop worker`` as its own process group; ready when Celery says so in its log."""
+    home.mkdir(parents=True, exist_ok=True)
+    name = name or f"{queues.replace(',', '+')}-{secrets.token_hex(3)}"
+    full_env = {**os.environ, "LABELLOOP_HOME": str(home), **(env or {})}
+    log = home / f"worker-{name}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "labelloop.cli", "worker", "--queues", queues, "--hostname", f"{name}@%h"],
+            env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    managed = ManagedProcess("worker", process, "", log, {"name": name})
+    deadline = time.monotonic() + timeout
+    while b"ready." not in (log.read_bytes() if log.exists() else b""):
+        if process.poll() is not None or time.monotonic() > deadline:
+            managed.stop()
+            raise RuntimeError(f"worker {name} did not become ready\n{_tail(log)}")
+        time.sleep(0.3)
+    return managed

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -29,7 +32,40 @@ class ServiceMetrics:
                                 ["action"], registry=r)
         self.predict_seconds = Histogram("labelloop_predict_batch_seconds", "Model time per /predict call",
                                          registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.webhooks_dropped = Counter("labelloop_webhook_dropped_total",
+                                        "Webhook events not queued because Redis was unavailable", ["action"],
+                                        registry=r)
         self.models_loaded = Gauge("labelloop_models_loaded", "Models held in this process's cache", registry=r)
+
+    def watch_jobs(self, source: Callable[[], list[dict]]) -> None:
+        """Export job counts and running jobs' progress, read from the job store at scrape time."""
+        self.registry.register(_JobCollector(source))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _JobCollector:
+    def __init__(self, source: Callable[[], list[dict]]):
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        jobs = self.source()
+        counts = GaugeMetricFamily("labelloop_jobs", "Recent jobs (last 200) by kind and state", labels=["kind", "state"])
+        tally: dict[tuple[str, str], int] = {}
+        for job in jobs:
+            key = (str(job.get("kind")), str(job.get("state")))
+            tally[key] = tally.get(key, 0) + 1
+        for (kind, state), n in sorted(tally.items()):
+            counts.add_metric([kind, state], n)
+        yield counts
+        progress = GaugeMetricFamily("labelloop_job_progress", "Progress (0-1) of running jobs",
+                                     labels=["job", "kind", "project"])
+        for job in jobs:
+            if job.get("state") == "running":
+                progress.add_metric([job["id"], str(job.get("kind")), str(job.get("project"))],
+                                    float(job.get("progress") or 0))
+        yield progress

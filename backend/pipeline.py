@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings, settings as current_settings
-from .datasets import DatasetError, build_dataset, labeled_tasks
+from .datasets import (DatasetError, annotation_fingerprint, build_dataset, first_training_minimum,
+                       labeled_tasks, latest_human_annotation)
 from .labelconfig import ControlSpec, LabelConfigError, resolve_model_path
 from .predict import LoadedModel, load_model, predict_images, to_label_studio
 from .registry import Manifest, Registry
@@ -106,6 +107,10 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
 
 # -- training ------------------------------------------------------------------------------------
 
+class NothingNew(Exception):
+    """No annotation changed since the last version: training again would learn nothing new."""
+
+
 @dataclass
 class TrainOutcome:
     manifest: Manifest
@@ -116,11 +121,13 @@ class TrainOutcome:
 
 
 def train_new_version(registry: Registry, project: str | int, tasks: list[dict[str, Any]], spec: ControlSpec,
-                      fetcher, progress: Progress | None = None, min_train: int = 2) -> TrainOutcome:
+                      fetcher, progress: Progress | None = None, min_train: int = 2,
+                      skip_if_unchanged: bool = False) -> TrainOutcome:
     """Export → dataset → train → evaluate → register → promote-if-not-worse.
 
     Starts from the version in service when it has the same classes (fine-tuning keeps what it
-    learned), else from ``choose_base``. Raises DatasetError/TrainingError with a reason.
+    learned), else from ``choose_base``. Raises DatasetError/TrainingError with a reason, and
+    NothingNew when ``skip_if_unchanged`` and the newest version saw exactly these annotations.
     """
     env = current_settings()
     say = progress or (lambda fraction, message: None)
@@ -128,6 +135,10 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
     if len(rows) < min_train:
         raise DatasetError(f"project {project} has {len(rows)} labeled task(s) for '{spec.from_name}'; "
                            f"need at least {min_train}")
+    fingerprint = annotation_fingerprint(rows)
+    latest = (registry.versions(project) or [None])[-1]
+    if skip_if_unchanged and latest is not None and latest.data_fingerprint == fingerprint:
+        raise NothingNew(f"no annotation changed since {latest.version}")
     say(0.0, f"fetching {len(rows)} images")
     fetched = fetcher.fetch_many([(t.get("data") or {}).get(spec.value_key) or "" for t, _ in rows])
     image_paths = {t["id"]: p for (t, _), p in zip(rows, fetched) if not isinstance(p, Exception)}
@@ -168,6 +179,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
             "metrics": metrics,
             "settings": settings_dict(chosen),
             "base": base,
+            "data_fingerprint": fingerprint,
         })
         outcome = _promote_if_not_worse(registry, project, manifest, serving, same_classes, dataset, chosen)
     say(1.0, outcome.reason)
@@ -203,8 +215,14 @@ def training_error_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def train_project(project_id: int | str, progress: Progress | None = None, env: Settings | None = None) -> TrainOutcome:
-    """Train a new version for a Label Studio project, reading the truth from its API."""
+def train_project(project_id: int | str, progress: Progress | None = None, env: Settings | None = None,
+                  force: bool = True) -> TrainOutcome:
+    """Train a new version for a Label Studio project, reading the truth from its API.
+
+    ``force`` (the CLI, Label Studio's "Start training" button): train on whatever is labeled (at
+    least 2 tasks). Not forced (annotation events): wait for ``first_training_minimum`` labeled
+    tasks before the first version, and skip when no annotation changed since the newest version.
+    """
     from .labelconfig import parse_label_config
     from .media import MediaFetcher
     from .studio import StudioClient
@@ -217,4 +235,55 @@ def train_project(project_id: int | str, progress: Progress | None = None, env: 
         tasks = client.export_tasks(project_id)
     finally:
         client.close()
-    return train_new_version(Registry(env.model_dir), project_id, tasks, spec, MediaFetcher.from_settings(env), progress)
+    registry = Registry(env.model_dir)
+    registry.remove_stale_temp()
+    first = registry.serving(project_id) is None
+    min_train = 2 if force or not first else first_training_minimum(spec)
+    return train_new_version(registry, project_id, tasks, spec, MediaFetcher.from_settings(env), progress,
+                             min_train=min_train, skip_if_unchanged=not force)
+
+
+def predict_unlabeled(project_id: int | str, version: str, progress: Progress | None = None,
+                      env: Settings | None = None, chunk: int = 64) -> dict[str, int]:
+    """Predict every task of the project without a human annotation with ``version`` and push the
+    predictions to Label Studio (never touching annotations); then, if ``version`` is still the one
+    in service, make it the project's model version so the Data Manager sorts by its scores.
+
+    Tasks that already hold a prediction of this version are skipped, so running twice is harmless.
+    """
+    from .labelconfig import parse_label_config
+    from .media import MediaFetcher
+    from .studio import StudioClient
+
+    env = env or current_settings()
+    say = progress or (lambda fraction, message: None)
+    registry = Registry(env.model_dir)
+    manifest = registry.get(project_id, version)
+    client = StudioClient.from_settings(env)
+    try:
+        project = client.project(project_id)
+        spec = parse_label_config(project["label_config"])
+        tasks = client.export_tasks(project_id)
+        done = {p["task"] for p in client.predictions(project_id) if p.get("model_version") == version}
+        todo = [t for t in tasks if latest_human_annotation(t) is None and t["id"] not in done]
+        model = load_model(manifest.weights, version)
+        fetcher = MediaFetcher.from_settings(env)
+        counts = {"unlabeled": len(todo) + len([t for t in tasks if t["id"] in done]), "pushed": 0,
+                  "already_there": len(done), "errors": 0}
+        say(0.0, f"predicting {len(todo)} unlabeled task(s) with {version}")
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            predictions = predict_tasks(part, spec, model, fetcher)
+            payload = [{"task": t["id"], "result": p.result, "score": p.score, "model_version": version}
+                       for t, p in zip(part, predictions) if p.error is None]
+            counts["errors"] += len(part) - len(payload)
+            if payload:
+                client.import_predictions(project_id, payload)
+                counts["pushed"] += len(payload)
+            say((start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
+        serving = registry.serving(project_id)
+        if serving is not None and serving.version == version:
+            client.set_model_version(project_id, version)
+        return counts
+    finally:
+        client.close()

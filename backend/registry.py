@@ -49,6 +49,7 @@ class Manifest:
     settings: dict[str, Any] = field(default_factory=dict)  # training settings actually used
     base: str = ""  # yaml config or weights file training started from
     weights_sha256: str = ""
+    data_fingerprint: str = ""  # what annotations it was trained on (see datasets.annotation_fingerprint)
     path: str = ""  # directory (filled when read)
 
     @property
@@ -70,6 +71,14 @@ def version_number(name: str) -> int:
     if not match:
         raise RegistryError(f"not a labelloop version name: {name!r}")
     return int(match["n"])
+
+
+def version_project(name: str) -> str:
+    """The project a version name belongs to (``p12-v3`` → ``12``)."""
+    match = _VERSION_RE.match(name)
+    if not match:
+        raise RegistryError(f"not a labelloop version name: {name!r}")
+    return match["project"]
 
 
 def _safe_project(project: str | int) -> str:
@@ -110,7 +119,8 @@ class Registry:
             data = json.loads((directory / MANIFEST).read_text())
         except FileNotFoundError:
             raise RegistryError(f"project {_safe_project(project)} has no version {version!r}") from None
-        return Manifest(**data, path=str(directory))
+        known = set(Manifest.__dataclass_fields__)
+        return Manifest(**{k: v for k, v in data.items() if k in known}, path=str(directory))
 
     def versions(self, project: str | int) -> list[Manifest]:
         """All complete versions of a project, oldest first."""

@@ -33,7 +33,10 @@ from .registry import Registry, RegistryError
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/health", "/webhook"}  # Label Studio sends webhooks without any auth
-KNOWN_PATHS = {"/health", "/setup", "/predict", "/webhook", "/versions", "/events", "/metrics"}
+KNOWN_PATHS = {"/health", "/setup", "/predict", "/webhook", "/versions", "/events", "/metrics", "/jobs"}
+# Events that can change what the model should learn; START_TRAINING ("Start training") forces a try.
+TRAINING_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+                    "START_TRAINING"}
 WEBHOOK_ACTIONS = {
     "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "ANNOTATIONS_CREATED",
     "START_TRAINING", "TASKS_CREATED", "TASKS_DELETED", "PROJECT_CREATED", "PROJECT_UPDATED",
@@ -148,6 +151,8 @@ def create_app(env: Settings | None = None) -> FastAPI:
     events: deque[dict[str, Any]] = deque(maxlen=1000)
     started = time.time()
     app.state.metrics, app.state.registry, app.state.events = metrics, registry, events
+    jobs = _LazyJobStore()
+    metrics.watch_jobs(jobs.list_quietly)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -273,7 +278,68 @@ def create_app(env: Settings | None = None) -> FastAPI:
             event["task"] = body["task"].get("id")
         events.append(event)
         metrics.webhooks.labels(action).inc()
-        return {"status": "accepted", "action": action, "project": project_id}
+        answer = {"status": "accepted", "action": action, "project": project_id}
+        if action in TRAINING_ACTIONS:
+            from labelloop.tasks.jobs import request_training
+
+            try:
+                job, created = await run_in_threadpool(request_training, str(project_id), action,
+                                                       action == "START_TRAINING", jobs.store())
+            except Exception as exc:  # Redis (the queue) is down: say so at once, count the lost event
+                metrics.webhooks_dropped.labels(action).inc()
+                log.error("webhook %s for project %s dropped: job queue unavailable: %s", action, project_id, exc)
+                return error(503, f"job queue unavailable, event not queued: {type(exc).__name__}: {exc}")
+            answer.update(job=job["id"], coalesced=not created)
+        elif action == "TASKS_CREATED" and registry.serving(str(project_id)) is not None:
+            # new tasks get the served version's predictions without anyone pressing a button
+            from labelloop.tasks.jobs import request_prediction
+
+            version = registry.serving(str(project_id)).version
+            try:
+                job = await run_in_threadpool(request_prediction, str(project_id), version, action, jobs.store())
+            except Exception as exc:
+                metrics.webhooks_dropped.labels(action).inc()
+                return error(503, f"job queue unavailable, event not queued: {type(exc).__name__}: {exc}")
+            answer.update(job=job["id"])
+        return answer
+
+    @app.get("/jobs")
+    async def list_jobs(project: str | None = None, limit: int = 50):
+        key = project_key(project) if project else None
+        try:
+            found = await run_in_threadpool(jobs.store().list, key, max(1, min(limit, 1000)))
+        except Exception as exc:
+            return error(503, f"job store unavailable: {exc}")
+        return {"jobs": found}
+
+    @app.get("/jobs/{job_id}")
+    async def get_job(job_id: str):
+        if not job_id.isalnum() or len(job_id) > 64:
+            raise BadRequest("invalid job id", 422)
+        try:
+            job = await run_in_threadpool(jobs.store().get, job_id)
+        except Exception as exc:
+            return error(503, f"job store unavailable: {exc}")
+        if job is None:
+            return error(404, f"no job {job_id}")
+        return job
+
+    @app.post("/versions/{version}/promote")
+    async def promote(version: str):
+        """Serve an earlier (or a kept-out) version: rollback. Its predictions then flow to Label Studio."""
+        from .registry import version_project
+
+        project = version_project(version)
+        manifest = registry.promote(project, version, reason="promoted through the API")
+        answer: dict[str, Any] = {"project": project, "serving": manifest.version}
+        try:
+            from labelloop.tasks.jobs import request_prediction
+
+            answer["prediction_job"] = (await run_in_threadpool(
+                request_prediction, project, version, f"promotion of {version} through the API", jobs.store()))["id"]
+        except Exception as exc:
+            answer["warning"] = f"served now, but predictions were not queued: {exc}"
+        return answer
 
     @app.get("/events")
     async def list_events(project: str | None = None, limit: int = 100):
@@ -299,6 +365,26 @@ def create_app(env: Settings | None = None) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+class _LazyJobStore:
+    """One Redis connection pool per service process, made on first use (Redis may start later)."""
+
+    def __init__(self):
+        self._store = None
+
+    def store(self):
+        if self._store is None:
+            from labelloop.tasks.jobstore import JobStore
+
+            self._store = JobStore()
+        return self._store
+
+    def list_quietly(self) -> list[dict[str, Any]]:
+        try:
+            return self.store().list(limit=200)
+        except Exception:
+            return []
 
 
 def _no_model_message(project: str | None) -> str:

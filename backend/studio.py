@@ -8,6 +8,8 @@ We only ever *read* annotations; the only writes are predictions and project.mod
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
 import httpx
@@ -15,8 +17,19 @@ import httpx
 from .config import Settings, settings as current_settings
 
 
+log = logging.getLogger(__name__)
+
+# Unreachable Label Studio: try again after 1, 2, 4, 8 s (15 s in all), then fail with the reason.
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+PREDICTION_CHUNK = 100  # predictions per bulk import request
+
+
 class StudioError(RuntimeError):
     """Label Studio could not be reached or refused a call; the message says which and why."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class StudioClient:
@@ -40,14 +53,26 @@ class StudioClient:
         except Exception as exc:  # token refresh failed: LS down or the key is wrong
             raise StudioError(f"cannot authenticate to Label Studio at {self.url}: {exc}") from exc
 
-    def request(self, method: str, path: str, **kwargs) -> Any:
-        try:
-            response = self._http.request(method, path, headers=self.headers(), **kwargs)
-        except httpx.HTTPError as exc:
-            raise StudioError(f"Label Studio at {self.url} unreachable ({method} {path}): {exc}") from exc
+    def request(self, method: str, path: str, retry_delays=RETRY_DELAYS, **kwargs) -> Any:
+        """One API call; connection failures and 5xx are retried with backoff, then raise StudioError."""
+        for attempt, delay in enumerate((*retry_delays, None)):
+            try:
+                response = self._http.request(method, path, headers=self.headers(), **kwargs)
+            except (httpx.HTTPError, StudioError) as exc:
+                failure = StudioError(f"Label Studio at {self.url} unreachable ({method} {path}) after "
+                                      f"{attempt + 1} attempt(s): {exc}")
+            else:
+                if response.status_code < 500:
+                    break
+                failure = StudioError(f"Label Studio answered {response.status_code} to {method} {path} after "
+                                      f"{attempt + 1} attempt(s): {response.text[:300]}", response.status_code)
+            if delay is None:
+                raise failure
+            log.warning("%s; retrying in %.0f s", failure, delay)
+            time.sleep(delay)
         if response.status_code >= 400:
             raise StudioError(f"Label Studio answered {response.status_code} to {method} {path}: "
-                              f"{response.text[:300]}")
+                              f"{response.text[:300]}", response.status_code)
         if not response.content:
             return None
         try:
@@ -62,6 +87,22 @@ class StudioClient:
         """Every task of the project with its annotations (Label Studio's JSON export)."""
         return self.request("GET", f"/api/projects/{int(project_id)}/export",
                             params={"exportType": "JSON", "download_all_tasks": "true"})
+
+    def predictions(self, project_id: int | str) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/predictions", params={"project": int(project_id)})
+
+    def import_predictions(self, project_id: int | str, predictions: list[dict[str, Any]]) -> int:
+        """Bulk-create predictions ({task, result, score, model_version}); returns how many were created."""
+        created = 0
+        for start in range(0, len(predictions), PREDICTION_CHUNK):
+            chunk = predictions[start : start + PREDICTION_CHUNK]
+            answer = self.request("POST", f"/api/projects/{int(project_id)}/import/predictions", json=chunk)
+            created += int((answer or {}).get("created", len(chunk)))
+        return created
+
+    def set_model_version(self, project_id: int | str, version: str) -> None:
+        """What labelers see and what the Data Manager's prediction score averages (see README)."""
+        self.request("PATCH", f"/api/projects/{int(project_id)}", json={"model_version": version})
 
     def close(self) -> None:
         self._http.close()

@@ -19,6 +19,11 @@ if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stam
     touch "$stamp"
 fi
 
+if ! command -v redis-server >/dev/null; then
+    echo "==> redis-server (Debian package)"
+    apt-get install -y -q redis-server >/dev/null || { echo "install redis-server (Debian: apt-get install redis-server)" >&2; exit 1; }
+fi
+
 if [ ! -x "$LS_VENV/bin/label-studio" ]; then
     echo "==> Label Studio $LS_VERSION in its own venv ($LS_VENV, ~2 min the first time)"
     rm -rf "$LS_VENV"

@@ -22,7 +22,18 @@ _RUN_HOME = Path(os.environ.get("LABELLOOP_TEST_HOME", "")) if os.environ.get("L
 
 
 @pytest.fixture(scope="session")
-def run_home(tmp_path_factory) -> Path:
+def redis_server(tmp_path_factory):
+    """A private Redis for the whole run; every process started by the suite inherits REDIS_URL."""
+    from labelloop.localstack import start_redis
+
+    process = start_redis(tmp_path_factory.mktemp("redis"))
+    os.environ["REDIS_URL"] = process.url
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def run_home(tmp_path_factory, redis_server) -> Path:
     home = _RUN_HOME or tmp_path_factory.mktemp("labelloop-home")
     os.environ["LABELLOOP_HOME"] = str(home)
     # ultralytics config and fonts are shared across runs: prepared once, never downloaded.

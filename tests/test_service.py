@@ -32,6 +32,8 @@ def served(tmp_path_factory, trained, image_host):
         "YOLO_CONFIG_DIR": os.environ["YOLO_CONFIG_DIR"],
         "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "secret",
         "LABELLOOP_MAX_BODY_MB": "1",
+        # its webhook test enqueues a job nobody should run: a Redis database of its own
+        "REDIS_URL": os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/1",
     })
     process.info["version"] = version
     yield process

@@ -1,0 +1,243 @@
+"""The loop, for real: Label Studio webhooks → `labelloop serve` → Redis → `labelloop worker` (Celery)
+→ a new version → predictions pushed back into Label Studio. Plus coalescing and the faults.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from labelloop.registry import Registry
+from labelloop.shapes import generate_shapes, label_config, to_label_studio_result
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def jobs_of(backend_url: str, project: int) -> list[dict]:
+    return httpx.get(f"{backend_url}/jobs", params={"project": project, "limit": 500}).json()["jobs"]
+
+
+def settled(backend_url: str, project: int) -> list[dict] | None:
+    """The project's jobs once none is queued or running and a prediction job has finished."""
+    jobs = jobs_of(backend_url, project)
+    idle = all(j["state"] in ("done", "failed", "skipped") for j in jobs)
+    predicted = any(j["kind"] == "predict" and j["state"] == "done" for j in jobs)
+    return jobs if idle and predicted else None
+
+
+@pytest.fixture(scope="module")
+def worker_env(label_studio):
+    return {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.info["token"],
+            "YOLO_CONFIG_DIR": os.environ["YOLO_CONFIG_DIR"], "LABELLOOP_EPOCHS": "3"}
+
+
+@pytest.fixture(scope="module")
+def worker(backend, backend_home, worker_env):
+    """A worker on both queues sharing the backend's LABELLOOP_HOME (registry and image cache)."""
+    from labelloop.localstack import start_worker
+
+    process = start_worker(backend_home, env=worker_env)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def loop_images(tmp_path_factory):
+    return generate_shapes(tmp_path_factory.mktemp("loop-images"), n=24, seed=21, max_objects=1)
+
+
+@pytest.fixture(scope="module")
+def loop_project(ls_api, backend, worker, loop_images):
+    """A classification project connected to the backend (Label Studio adds the webhook itself)."""
+    project = ls_api.create_project("loop classification", label_config("classification"))["id"]
+    tasks = ls_api.upload_images(project, [loop_images.images_dir / im.file for im in loop_images.images])
+    ls_api.connect_backend(project, backend.url)
+    truth = {}
+    for task in tasks:
+        image = next(im for im in loop_images.images if task["data"]["image"].endswith(im.file))
+        truth[task["id"]] = to_label_studio_result(image, "classification")
+    return {"id": project, "tasks": tasks, "truth": truth}
+
+
+def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, backend, loop_project):
+    project, tasks, truth = loop_project["id"], loop_project["tasks"], loop_project["truth"]
+    labeled = tasks[:10]
+    for task in labeled:  # what a labeler does; each save fires ANNOTATION_CREATED at the backend
+        ls_api.annotate(task["id"], truth[task["id"]])
+    before = {t["id"]: t["annotations"] for t in ls_api.tasks(project)}
+
+    jobs = wait_for(lambda: settled(backend.url, project), 420, "training and prediction jobs")
+    trainings = [j for j in jobs if j["kind"] == "train"]
+    assert trainings and all(j["trigger"] == "ANNOTATION_CREATED" for j in trainings)
+    assert any(j["state"] == "done" and j["promoted"] for j in trainings), trainings
+    # the first events came before the automatic minimum (8 labeled tasks): skipped, with the reason
+    assert all("need at least 8" in j["reason"] for j in trainings if j["state"] == "skipped")
+
+    versions = httpx.get(f"{backend.url}/versions", params={"project": project}).json()
+    serving = versions["serving"][str(project)]
+    assert serving in versions["versions"] and serving.startswith(f"p{project}-v")
+
+    unlabeled = {t["id"] for t in tasks} - {t["id"] for t in labeled}
+    predictions = [p for p in ls_api.predictions(project) if p["model_version"] == serving]
+    assert {p["task"] for p in predictions} == unlabeled
+    assert all(isinstance(p["score"], float) and p["result"][0]["value"]["choices"] for p in predictions)
+    assert ls_api.call("GET", f"/api/projects/{project}")["model_version"] == serving
+    scores = {p["task"]: p["score"] for p in predictions}
+    ordered = [t["id"] for t in ls_api.tasks(project, ordering=["tasks:predictions_score"]) if t["id"] in scores]
+    assert [scores[t] for t in ordered] == sorted(scores.values())
+    assert ordered[0] in {t for t, s in scores.items() if s == min(scores.values())}
+    # nothing a human made was touched
+    assert {t["id"]: t["annotations"] for t in ls_api.tasks(project)} == before
+
+
+def test_a_burst_of_100_events_causes_at_most_two_trainings(ls_api, backend, loop_project):
+    project, tasks, truth = loop_project["id"], loop_project["tasks"], loop_project["truth"]
+    wait_for(lambda: settled(backend.url, project), 300, "the project to be idle")
+    known = {j["id"] for j in jobs_of(backend.url, project)}
+    ls_api.annotate(tasks[10]["id"], truth[tasks[10]["id"]])  # something new to learn
+    body = {"action": "ANNOTATION_UPDATED", "project": {"id": project}, "annotation": {"id": 1}, "task": {"id": 1}}
+
+    def send(_):
+        t0 = time.perf_counter()
+        response = httpx.post(f"{backend.url}/webhook", json=body, timeout=5)
+        return response, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(100)))
+    assert all(r.status_code == 200 for r, _ in answers)
+    assert max(seconds for _, seconds in answers) < 1.0  # Label Studio gives up after 1 s
+    burst_jobs = {r.json()["job"] for r, _ in answers}
+    assert 1 <= len(burst_jobs) <= 2, burst_jobs
+    assert sum(not r.json()["coalesced"] for r, _ in answers) <= 2
+
+    ls_api.annotate(tasks[11]["id"], truth[tasks[11]["id"]])  # arrives during/after the burst
+    wait_for(lambda: settled(backend.url, project), 420, "the burst's jobs")
+    new_trainings = [j for j in jobs_of(backend.url, project) if j["kind"] == "train" and j["id"] not in known]
+    assert len([j for j in new_trainings if j["state"] == "done"]) <= 3  # burst (≤2) + the late annotation
+    newest = Registry(backend.info["model_dir"]).versions(project)[-1]
+    assert newest.counts["train"] + newest.counts["val"] == 12  # the last training saw the newest annotation
+
+
+def test_redis_down_webhook_503_and_predict_keeps_answering(backend_home, label_studio, loop_project, backend):
+    from labelloop.localstack import free_port, start_backend
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    other = start_backend(backend_home, env={"REDIS_URL": dead, "LABEL_STUDIO_URL": label_studio.url,
+                                             "LABEL_STUDIO_API_KEY": label_studio.info["token"],
+                                             "YOLO_CONFIG_DIR": os.environ["YOLO_CONFIG_DIR"]})
+    try:
+        t0 = time.perf_counter()
+        hook = httpx.post(f"{other.url}/webhook", json={"action": "ANNOTATION_CREATED",
+                                                        "project": {"id": loop_project["id"]}})
+        assert hook.status_code == 503 and "job queue unavailable" in hook.json()["error"]
+        assert time.perf_counter() - t0 < 1.0
+        task = loop_project["tasks"][-1]
+        answer = httpx.post(f"{other.url}/predict", timeout=60, json={
+            "tasks": [task], "project": f"{loop_project['id']}.1", "label_config": label_config("classification")})
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 1
+        assert answer.json()["results"][0]["result"][0]["value"]["choices"]
+        metrics = httpx.get(f"{other.url}/metrics").text
+        assert 'labelloop_webhook_dropped_total{action="ANNOTATION_CREATED"} 1.0' in metrics
+    finally:
+        other.stop()
+
+
+# -- faults with their own Redis database, registry and workers ----------------------------------------
+
+@pytest.fixture
+def isolated(tmp_path, redis_server, worker_env):
+    """A Redis database and a registry nobody else uses; workers started by the test are stopped after."""
+    from labelloop.localstack import start_worker
+    from labelloop.tasks.jobstore import JobStore, connect
+
+    database = 2 + int(time.time() * 1000) % 13
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{database}"
+    connect(url).flushdb()
+    env = {**worker_env, "REDIS_URL": url, "MODEL_DIR": str(tmp_path / "models")}
+    started = []
+
+    def worker(**extra):
+        process = start_worker(tmp_path / "home", env={**env, **extra})
+        started.append(process)
+        return process
+
+    yield {"url": url, "env": env, "store": JobStore(connect(url)), "worker": worker,
+           "registry": Registry(tmp_path / "models")}
+    for process in started:
+        process.stop()
+
+
+def enqueue_training(isolated, project, force=True, job_id=None):
+    """What the service does, but against the isolated Redis (a fresh Celery app bound to it)."""
+    from labelloop.tasks.celery_app import make_app
+
+    os.environ["REDIS_URL"], saved = isolated["url"], os.environ["REDIS_URL"]
+    try:
+        app = make_app()
+    finally:
+        os.environ["REDIS_URL"] = saved
+    job = isolated["store"].create("train", str(project), job_id=job_id, trigger="test", force=force)
+    app.send_task("labelloop.train_project", args=[job["id"], str(project)], task_id=job["id"],
+                  queue="labelloop.train")
+    return job
+
+
+def test_label_studio_unreachable_fails_the_job_with_the_reason(isolated):
+    from labelloop.localstack import free_port
+
+    isolated["worker"](LABEL_STUDIO_URL=f"http://127.0.0.1:{free_port()}", LABEL_STUDIO_API_KEY="0" * 40)
+    job = enqueue_training(isolated, 5)
+    final = wait_for(lambda: (j := isolated["store"].get(job["id"]))["state"] in ("failed", "done") and j,
+                     120, "the job to fail")
+    assert final["state"] == "failed"
+    assert "unreachable" in final["reason"] and "after 5 attempt(s)" in final["reason"]
+
+
+def test_worker_killed_mid_training_is_redelivered_and_leaves_no_half_version(isolated, loop_project):
+    project = loop_project["id"]
+    first = isolated["worker"](LABELLOOP_EPOCHS="60", LABELLOOP_VISIBILITY_TIMEOUT="10")
+    job = enqueue_training(isolated, project)
+    wait_for(lambda: (j := isolated["store"].get(job["id"]))["progress"] > 0.05 and "epoch" in j["message"], 180,
+             "training to be under way")
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait(10)
+    versions_dir = isolated["registry"].project_dir(project) / "versions"
+    assert not versions_dir.exists() or not any(versions_dir.iterdir())
+    assert isolated["store"].get(job["id"])["state"] == "running"  # as the dead worker left it
+
+    isolated["worker"](LABELLOOP_EPOCHS="2", LABELLOOP_VISIBILITY_TIMEOUT="10")
+    final = wait_for(lambda: (j := isolated["store"].get(job["id"]))["state"] in ("done", "failed") and j,
+                     240, "the re-delivered job to finish")
+    assert final["state"] == "done", final
+    assert final["attempts"] == 2
+    names = [m.version for m in isolated["registry"].versions(project)]
+    assert names == [f"p{project}-v1"]
+    assert all((d / "manifest.json").exists() for d in versions_dir.iterdir())
+
+
+def test_two_workers_never_train_one_project_at_once(isolated, loop_project):
+    project = loop_project["id"]
+    isolated["worker"]()
+    isolated["worker"]()
+    jobs = [enqueue_training(isolated, project) for _ in range(2)]
+    finals = [wait_for(lambda j=j: (r := isolated["store"].get(j["id"]))["state"] in ("done", "failed") and r,
+                       300, "both trainings") for j in jobs]
+    assert all(f["state"] == "done" for f in finals), finals
+    assert {f["worker"] for f in finals}  # recorded
+    a, b = sorted(finals, key=lambda f: f["started_at"])
+    assert a["finished_at"] <= b["started_at"], "the trainings overlapped"
