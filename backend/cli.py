@@ -86,6 +86,62 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_fiftyone_sync(args) -> int:
+    from .fo_dataset import sync_project
+
+    bar, update = _progress_bar(f"syncing project {args.project}")
+    report = sync_project(args.project, args.dataset, predict=not args.no_predict, progress=update)
+    bar.close()
+    print(json.dumps(report.__dict__, indent=2))
+    return 0
+
+
+def cmd_fiftyone_score(args) -> int:
+    from . import fo_analysis
+    from .fo_env import import_fiftyone
+
+    fo = import_fiftyone()
+    dataset = fo.load_dataset(args.dataset)
+    bar, update = _progress_bar(args.analysis)
+    try:
+        if args.analysis == "mislabels":
+            result = fo_analysis.compute_mislabel_scores(dataset, args.mode, args.folds, update,
+                                                         runner="celery" if args.celery else "local")
+        elif args.analysis == "uncertainty":
+            result = fo_analysis.uncertainty_sampling(dataset, args.k, args.method, args.diversity, True, update)
+            if args.send:
+                result["label_studio"] = fo_analysis.send_to_label_studio(dataset.select(result["selected"]))
+            result["selected"] = len(result["selected"])
+        else:
+            result = fo_analysis.compute_embeddings(dataset, args.method_2d, progress=update)
+    except fo_analysis.AnalysisError as exc:
+        bar.close()
+        print(f"cannot run {args.analysis}: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_fiftyone_plugin(args) -> int:
+    """Copy (or link) the plugin into a FIFTYONE_PLUGINS_DIR of the user's choosing."""
+    import os
+    import shutil
+
+    source = Path(__file__).resolve().parents[1] / "fiftyone_plugins" / "labelloop"
+    target_root = Path(args.dir or os.environ.get("FIFTYONE_PLUGINS_DIR") or Path.home() / "fiftyone" / "__plugins__")
+    target = target_root / "labelloop"
+    target_root.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    if args.copy:
+        shutil.copytree(source, target)
+    else:
+        target.symlink_to(source, target_is_directory=True)
+    print(f"plugin installed at {target}; start the App with FIFTYONE_PLUGINS_DIR={target_root}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -126,6 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a new model version for a Label Studio project (reads its API)")
     train.add_argument("--project", required=True, type=int, help="Label Studio project id")
     train.set_defaults(func=cmd_train)
+
+    fo_cmd = sub.add_parser("fiftyone", help="the FiftyOne side: sync a project, run analyses, install the plugin")
+    fo_sub = fo_cmd.add_subparsers(dest="fo_command", required=True)
+    sync = fo_sub.add_parser("sync", help="create/update the FiftyOne dataset of a Label Studio project")
+    sync.add_argument("--project", type=int, required=True)
+    sync.add_argument("--dataset", default=None, help="dataset name (default labelloop-project-<id>)")
+    sync.add_argument("--no-predict", action="store_true", help="do not predict with the version in service")
+    sync.set_defaults(func=cmd_fiftyone_sync)
+    score = fo_sub.add_parser("score", help="mislabels | uncertainty | embeddings on a synced dataset")
+    score.add_argument("analysis", choices=["mislabels", "uncertainty", "embeddings"])
+    score.add_argument("--dataset", required=True)
+    score.add_argument("--mode", choices=["in_sample", "out_of_sample"], default="in_sample")
+    score.add_argument("--folds", type=int, default=5)
+    score.add_argument("--celery", action="store_true", help="out-of-sample folds as Celery jobs")
+    score.add_argument("--method", choices=["least_confidence", "margin", "entropy"], default="least_confidence")
+    score.add_argument("--k", type=int, default=20)
+    score.add_argument("--diversity", action="store_true")
+    score.add_argument("--send", action="store_true", help="send the uncertainty pick to Label Studio as a tab")
+    score.add_argument("--method-2d", choices=["umap", "pca"], default="umap")
+    score.set_defaults(func=cmd_fiftyone_score)
+    plugin = fo_sub.add_parser("install-plugin", help="link (or --copy) the plugin into FIFTYONE_PLUGINS_DIR")
+    plugin.add_argument("--dir", default=None)
+    plugin.add_argument("--copy", action="store_true")
+    plugin.set_defaults(func=cmd_fiftyone_plugin)
 
     demo = sub.add_parser("demo", help="the main job on the embedded data (see README)")
     demo.add_argument("--workdir", default=None, help="where data and models go (default $LABELLOOP_HOME/demo)")

@@ -200,3 +200,78 @@ def start_worker(home: Path, queues: str = "train,predict", env: dict[str, str] 
             raise RuntimeError(f"worker {name} did not become ready\n{_tail(log)}")
         time.sleep(0.3)
     return managed
+
+
+def start_mongod(data_dir: Path, port: int | None = None, timeout: float = 30) -> ManagedProcess:
+    """A private mongod (the one scripts/setup.sh installs apart) for FiftyOne: tests and the local stack.
+
+    Every process that uses FiftyOne gets ``FIFTYONE_DATABASE_URI=<url>``; FiftyOne then starts no
+    mongod of its own (and does not share one with other runs of the same user).
+    """
+    from .fo_env import mongod_binary
+
+    binary = mongod_binary()
+    if not binary.exists():
+        raise FileNotFoundError(f"mongod not found at {binary}; run `make setup` (scripts/setup.sh)")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db_dir = data_dir / "db"
+    db_dir.mkdir(exist_ok=True)
+    log = data_dir / f"mongod-{port}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [str(binary), "--dbpath", str(db_dir), "--port", str(port), "--bind_ip", "127.0.0.1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"mongodb://127.0.0.1:{port}"
+    managed = ManagedProcess("mongod", process, url, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+            import pymongo
+
+            client = pymongo.MongoClient(url, serverSelectionTimeoutMS=1000, connectTimeoutMS=1000)
+            try:
+                client.admin.command("ping")
+                return managed
+            finally:
+                client.close()
+        except Exception:  # OSError until it listens, pymongo errors while it starts up
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            managed.stop()
+            raise RuntimeError(f"mongod on {port} did not start\n{_tail(log)}")
+        time.sleep(0.2)
+
+
+def start_fiftyone_app(env: dict[str, str], port: int | None = None, dataset: str | None = None,
+                       timeout: float = 90, log_dir: Path | None = None) -> ManagedProcess:
+    """``fiftyone app launch [dataset] --remote`` as its own process group (the App server is its child).
+
+    ``env`` is the whole environment of the App: FIFTYONE_DATABASE_URI, FIFTYONE_PLUGINS_DIR, ... (see
+    labelloop.fo_env). Ready when ``GET /`` answers 200 (~15-18 s: the import and the server's start).
+    """
+    port = port or free_port()
+    if log_dir is None:  # the App's LABELLOOP_HOME, as labelloop.config reads it
+        log_dir = Path(env.get("LABELLOOP_HOME", str(Path.home() / ".labelloop"))).expanduser() / "fiftyone-app"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"app-{port}.log"
+    # fiftyone.core.cli has no __main__ block: call its main() the way the `fiftyone` console script does.
+    command = [sys.executable, "-c", "import sys; sys.argv[0] = 'fiftyone'; from fiftyone.core.cli import main; main()",
+               "app", "launch"]
+    if dataset:
+        command.append(dataset)
+    command += ["--remote", "--port", str(port), "--address", "127.0.0.1", "--wait", "-1"]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log_dir,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    managed = ManagedProcess("fiftyone-app", process, url, log, {"dataset": dataset})
+    try:
+        wait_http(f"{url}/", timeout, process, log)
+    except Exception:
+        managed.stop()
+        raise
+    return managed

@@ -287,3 +287,68 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         return counts
     finally:
         client.close()
+
+
+# -- out-of-sample model outputs (K-fold) ------------------------------------------------------------
+
+def fold_of(task_id: int | str, folds: int) -> int:
+    """Which of ``folds`` folds a task belongs to (a hash of its id: stable, independent of order)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(f"fold:{task_id}".encode()).digest()[:4], "big") % folds
+
+
+def prediction_to_json(pred) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(pred)
+
+
+def prediction_from_json(data: dict[str, Any]):
+    from .predict import ImagePrediction, Region
+
+    fields = dict(data)
+    fields["regions"] = [Region(**r) for r in fields.get("regions") or []]
+    fields["candidates"] = [Region(**r) for r in fields.get("candidates") or []]
+    return ImagePrediction(**fields)
+
+
+def train_fold_and_predict(tasks: list[dict[str, Any]], spec: ControlSpec, fetcher, folds: int, fold: int,
+                           progress: Progress | None = None) -> dict[int, dict[str, Any]]:
+    """Train on the labeled tasks outside ``fold`` and predict the labeled tasks inside it.
+
+    Returns {task id: prediction as JSON}: outputs of a model that never saw those tasks' labels.
+    """
+    from .registry import Registry as _Registry
+
+    rows = labeled_tasks(tasks, spec)
+    held_out = [t for t, _ in rows if fold_of(t["id"], folds) == fold]
+    training = [t for t, _ in rows if fold_of(t["id"], folds) != fold]
+    if not held_out:
+        return {}
+    with tempfile.TemporaryDirectory(prefix=f"labelloop-fold{fold}-") as tmp:
+        registry = _Registry(Path(tmp) / "models")
+        outcome = train_new_version(registry, f"fold{fold}", training, spec, fetcher, progress)
+        model = load_model(outcome.manifest.weights, f"fold{fold}-of-{folds}")
+        fetched = fetcher.fetch_many([(t.get("data") or {}).get(spec.value_key) or "" for t in held_out])
+        ready = [(t, p) for t, p in zip(held_out, fetched) if not isinstance(p, Exception)]
+        threshold = spec.score_threshold if spec.score_threshold is not None else current_settings().score_threshold
+        preds = predict_images(model, [p for _, p in ready], spec, threshold)
+        return {int(t["id"]): prediction_to_json(pred) for (t, _), pred in zip(ready, preds)}
+
+
+def cross_val_predictions(tasks: list[dict[str, Any]], spec: ControlSpec, fetcher, folds: int = 5,
+                          progress: Progress | None = None) -> dict[int, Any]:
+    """Out-of-sample predictions for every labeled task, folds trained one after another in-process.
+
+    (The FiftyOne plugin runs the same folds as Celery jobs on the training queue instead.)
+    """
+    say = progress or (lambda fraction, message: None)
+    out: dict[int, Any] = {}
+    for fold in range(folds):
+        def fold_progress(fraction: float, message: str, fold=fold) -> None:
+            say((fold + fraction) / folds, f"fold {fold + 1} of {folds}: {message}")
+
+        for task_id, data in train_fold_and_predict(tasks, spec, fetcher, folds, fold, fold_progress).items():
+            out[task_id] = prediction_from_json(data)
+    return out

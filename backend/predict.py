@@ -29,6 +29,8 @@ class Region:
     class_index: int  # model class index
     bbox: tuple[float, float, float, float] | None = None  # x, y, w, h in pixels
     polygon: list[tuple[float, float]] | None = None  # pixels
+    # detection: the per-class sigmoid scores of this box, by Label Studio label (not normalized)
+    class_probs: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -36,7 +38,8 @@ class ImagePrediction:
     width: int = 0
     height: int = 0
     regions: list[Region] = field(default_factory=list)  # shown: confidence >= threshold
-    candidate_scores: list[float] = field(default_factory=list)  # every candidate >= floor (for scores)
+    candidates: list[Region] = field(default_factory=list)  # every region >= floor, shown or hidden
+    candidate_scores: list[float] = field(default_factory=list)  # their confidences (for the task score)
     class_probs: dict[str, float] = field(default_factory=dict)  # classification: LS label -> prob
     score: float | None = None  # task score (see scoring.py); None when the image failed
     error: str | None = None  # why this image has no prediction
@@ -82,6 +85,38 @@ def load_model(path: str | Path, version: str) -> LoadedModel:
     return model
 
 
+_capture = threading.local()
+
+
+def _install_class_score_capture() -> None:
+    """Keep each kept box's per-class scores, which ultralytics' results drop after NMS.
+
+    ultralytics has no public API for them; its NMS can return the indices of the kept rows of the
+    raw output, whose class columns are the per-class sigmoid scores. The wrapper is inert unless
+    the calling thread asked for capture, and returns what the caller asked for.
+    """
+    from ultralytics.utils import nms
+
+    if getattr(nms.non_max_suppression, "_labelloop_capture", False):
+        return
+    original = nms.non_max_suppression
+
+    def non_max_suppression(prediction, *args, **kwargs):
+        sink = getattr(_capture, "sink", None)
+        if sink is None:
+            return original(prediction, *args, **kwargs)
+        wanted = kwargs.get("return_idxs", False)
+        kwargs["return_idxs"] = True
+        output, keep = original(prediction, *args, **kwargs)
+        raw = prediction[0] if isinstance(prediction, (list, tuple)) else prediction
+        for b, idx in enumerate(keep):
+            sink.append(raw[b, 4 : 4 + _capture.nc, idx.long().view(-1)].T.float().cpu().numpy())
+        return (output, keep) if wanted else output
+
+    non_max_suppression._labelloop_capture = True
+    nms.non_max_suppression = non_max_suppression
+
+
 def cached_model_count() -> int:
     return len(_cache)
 
@@ -112,15 +147,34 @@ def predict_images(
         kwargs = dict(conf=floor, verbose=False, batch=len(chunk))
         if imgsz:
             kwargs["imgsz"] = imgsz
+        box_scores: list[np.ndarray] = []
         with model.lock:  # ultralytics predictors keep per-call state: one call at a time per model
-            results = model.yolo.predict(chunk, **kwargs)
-        for result in results:
-            out.append(_convert(result, model, spec, label_of, threshold, floor))
+            if model.task != "classify":
+                _install_class_score_capture()
+                _capture.sink, _capture.nc = box_scores, len(model.names)
+            try:
+                results = model.yolo.predict(chunk, **kwargs)
+            finally:
+                _capture.sink = None
+        for k, result in enumerate(results):
+            scores = box_scores[k] if k < len(box_scores) else None
+            out.append(_convert(result, model, spec, label_of, threshold, floor, scores))
     return out
 
 
+def embed_images(model: LoadedModel, images: list[Path], batch: int = 16) -> np.ndarray:
+    """One vector per image from the model's own backbone (pooled features), shape (n, d)."""
+    vectors = []
+    for start in range(0, len(images), batch):
+        chunk = [str(p) for p in images[start : start + batch]]
+        with model.lock:
+            for vector in model.yolo.embed(chunk, verbose=False):
+                vectors.append(vector.float().cpu().numpy().reshape(-1))
+    return np.stack(vectors) if vectors else np.zeros((0, 0))
+
+
 def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, str], threshold: float,
-             floor: float) -> ImagePrediction:
+             floor: float, box_scores: np.ndarray | None = None) -> ImagePrediction:
     height, width = (int(v) for v in result.orig_shape)
     pred = ImagePrediction(width=width, height=height)
     if model.task == "classify":
@@ -134,16 +188,20 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
     cls = boxes.cls.cpu().numpy().astype(int)
     xyxy = boxes.xyxy.cpu().numpy().astype(float)
     polygons = result.masks.xy if (spec.task_type == "segmentation" and result.masks is not None) else None
+    aligned = box_scores is not None and len(box_scores) == len(conf)
     for i in range(len(conf)):
         label = label_of.get(int(cls[i]))
         if label is None:  # a model class the label config does not offer
             continue
-        pred.candidate_scores.append(float(conf[i]))
-        if conf[i] < threshold:
-            continue
         x1, y1, x2, y2 = (float(v) for v in xyxy[i])
         region = Region(label=label, score=float(conf[i]), class_index=int(cls[i]),
                         bbox=(x1, y1, x2 - x1, y2 - y1))
+        if aligned:
+            region.class_probs = {lab: float(box_scores[i][j]) for j, lab in label_of.items() if j < box_scores.shape[1]}
+        pred.candidates.append(region)
+        pred.candidate_scores.append(float(conf[i]))
+        if conf[i] < threshold:
+            continue
         if polygons is not None:
             region.polygon = simplify_polygon(polygons[i])
             if len(region.polygon) < 3:

@@ -581,3 +581,19 @@ def to_label_studio_tasks(dataset, task_type: str, url_of=None, noisy: bool = Fa
          "annotations": [{"id": start_id + k, "result": to_label_studio_result(image, task_type)}]}
         for k, image in enumerate(images)
     ]
+
+
+def flip_image_labels(dataset: ShapesDataset, rate: float, seed: int) -> tuple[list[str], list[int]]:
+    """Image-level (classification) label noise: ``rate`` of the images get another class.
+
+    Returns (noisy label per image, indices of the flipped images). Independent of ``inject_noise``,
+    whose corruptions are mostly per-object and rarely change the image label.
+    """
+    rng = np.random.default_rng([seed, 7919])
+    n = len(dataset.images)
+    flipped = sorted(rng.choice(n, size=int(math.floor(rate * n + 0.5)), replace=False).tolist()) if n else []
+    labels = [image.label for image in dataset.images]
+    for i in flipped:
+        others = [c for c in dataset.classes if c != labels[i]]
+        labels[i] = others[int(rng.integers(len(others)))]
+    return labels, flipped

@@ -104,5 +104,12 @@ class StudioClient:
         """What labelers see and what the Data Manager's prediction score averages (see README)."""
         self.request("PATCH", f"/api/projects/{int(project_id)}", json={"model_version": version})
 
+    def create_review_tab(self, project_id: int | str, title: str, task_ids: list[int]) -> dict[str, Any]:
+        """A Data Manager tab showing exactly ``task_ids`` (a review queue labelers open and label in order)."""
+        items = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": int(t)}
+                 for t in task_ids]
+        data = {"title": title, "filters": {"conjunction": "or", "items": items}, "ordering": ["tasks:id"]}
+        return self.request("POST", "/api/dm/views", json={"project": int(project_id), "data": data})
+
     def close(self) -> None:
         self._http.close()

@@ -73,7 +73,8 @@ def choose_settings(n_train: int, image_sides: list[int], task: str, env: Settin
         time_hours=(env.train_minutes / 60.0) if env.train_minutes else None,
         extra={**(SMALL_DATA_ARGS if n_train < SMALL_DATA else {}), **env.train_args},
     )
-    settings.patience = max(10, settings.epochs // 3)
+    # Small data from scratch sits at chance for many epochs before it learns: no early stop there.
+    settings.patience = settings.epochs if n_train < SMALL_DATA else max(10, settings.epochs // 3)
     return settings
 
 

@@ -25,6 +25,7 @@ def make_app() -> Celery:
         task_default_queue=PREDICT_QUEUE,
         task_routes={
             "labelloop.train_project": {"queue": TRAIN_QUEUE},
+            "labelloop.crossval_fold": {"queue": TRAIN_QUEUE},
             "labelloop.predict_project": {"queue": PREDICT_QUEUE},
         },
         task_acks_late=True,

@@ -149,3 +149,25 @@ def predict_project(self, job_id: str, project: str, version: str) -> dict[str, 
     message = (f"{counts['pushed']} predictions of {version} pushed to Label Studio"
                + (f"; {counts['errors']} task(s) without prediction" if counts["errors"] else ""))
     return store.update(job_id, state="done", progress=1.0, message=message, counts=counts, finished_at=time.time())
+
+
+@app.task(name="labelloop.crossval_fold", bind=True, acks_late=True, reject_on_worker_lost=True)
+def crossval_fold(self, project: str, folds: int, fold: int) -> dict[str, Any]:
+    """One fold of out-of-sample scoring: train without the fold, predict the fold (train queue)."""
+    from labelloop.labelconfig import parse_label_config
+    from labelloop.media import MediaFetcher
+    from labelloop.pipeline import train_fold_and_predict
+    from labelloop.studio import StudioClient
+
+    client = StudioClient.from_settings()
+    try:
+        spec = parse_label_config(client.project(project)["label_config"])
+        tasks = client.export_tasks(project)
+    finally:
+        client.close()
+
+    def report(fraction: float, message: str) -> None:
+        self.update_state(state="PROGRESS", meta={"progress": fraction, "message": f"fold {fold}: {message}"})
+
+    return {str(k): v for k, v in train_fold_and_predict(tasks, spec, MediaFetcher.from_settings(), folds, fold,
+                                                         report).items()}

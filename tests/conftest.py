@@ -211,3 +211,63 @@ def image_host(shapes_eval):
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+# -- FiftyOne ------------------------------------------------------------------------------------------
+# No test module imports fiftyone at import time: the environment below must be set first.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mongod(tmp_path_factory, run_home):
+    """A private mongod for the run; every FiftyOne of the run (this process, the App, workers) uses it.
+
+    FiftyOne's settings go into os.environ before anything imports fiftyone, so processes started by
+    the suite inherit them; its dirs live under the run's home, its plugins are the project's.
+    """
+    from labelloop.localstack import start_mongod
+
+    process = start_mongod(tmp_path_factory.mktemp("mongod"))
+    home = run_home / "fiftyone"
+    os.environ.update({
+        "FIFTYONE_DATABASE_URI": process.url,
+        "FIFTYONE_DATABASE_VALIDATION": "false",
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_PLUGINS_DIR": str(REPO / "fiftyone_plugins"),
+        "FIFTYONE_MODEL_ZOO_DIR": str(home / "zoo" / "models"),
+        "FIFTYONE_DATASET_ZOO_DIR": str(home / "zoo" / "datasets"),
+        "FIFTYONE_DEFAULT_DATASET_DIR": str(home / "datasets"),
+        "FIFTYONE_CONFIG_PATH": str(home / "config.json"),
+        "FIFTYONE_APP_CONFIG_PATH": str(home / "app_config.json"),
+    })
+    yield process
+    _close_fiftyone()
+    process.stop()
+
+
+def _close_fiftyone() -> None:
+    """Do FiftyOne's exit-time clean-up now, while the mongod is up, and drop its connection.
+
+    FiftyOne registers an atexit handler that queries the database; run after the mongod stopped,
+    it waits for pymongo's 30 s server selection timeout before the interpreter exits.
+    """
+    import atexit
+    import sys
+
+    database = sys.modules.get("fiftyone.core.odm.database")
+    if database is None:  # nothing imported fiftyone in this process
+        return
+    cleanup = database._delete_non_persistent_datasets_if_allowed
+    atexit.unregister(cleanup)
+    if database._client is not None:
+        cleanup()
+    database._disconnect()
+
+
+@pytest.fixture(scope="session")
+def fo(mongod):
+    """The ``fiftyone`` module, imported once the environment points at the run's mongod."""
+    from labelloop.fo_env import import_fiftyone
+
+    return import_fiftyone()

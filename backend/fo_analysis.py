@@ -1,0 +1,432 @@
+"""Analyses on a synced FiftyOne dataset, written back as fields, tags, saved views and brain runs.
+
+Every number comes from the engine's scoring functions (scoring.py) applied to the engine's
+predictions (predict.py): the plugin operators, the CLI and the Celery jobs all call these.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import scoring
+from .config import settings as current_settings
+from .fo_env import dataset_name, import_fiftyone, root_dataset
+from .labelconfig import ControlSpec, parse_label_config
+
+log = logging.getLogger(__name__)
+Progress = Callable[[float, str], None]
+
+MISLABEL_VIEW = "labelloop-suspected-mislabels"
+UNCERTAIN_VIEW = "labelloop-uncertain"
+UNCERTAIN_TAG = "labelloop:uncertain"
+MISTAKES_VIEW = "labelloop-high-confidence-mistakes"
+
+
+class AnalysisError(ValueError):
+    """The dataset lacks what the analysis needs; the message says what to run first."""
+
+
+def spec_of(dataset) -> ControlSpec:
+    info = (dataset.info or {}).get("labelloop") or {}
+    if "label_config" not in info:
+        raise AnalysisError(f"dataset {dataset.name} was not synced from Label Studio (run 'Sync from Label Studio')")
+    return parse_label_config(info["label_config"])
+
+
+def project_of(dataset) -> int:
+    return int(dataset.info["labelloop"]["project"])
+
+
+def _threshold(spec: ControlSpec) -> float:
+    return spec.score_threshold if spec.score_threshold is not None else current_settings().score_threshold
+
+
+def _require(view, field: str, hint: str) -> None:
+    if not view.has_field(field):
+        raise AnalysisError(f"no '{field}' field on {dataset_name(view)}: {hint}")
+
+
+def _save_view(dataset, name: str, view, description: str) -> None:
+    if dataset.has_saved_view(name):
+        dataset.delete_saved_view(name)
+    dataset.save_view(name, view, description=description)
+
+
+# -- mislabel-by-loss ----------------------------------------------------------------------------------
+
+def mislabel_scores_for(sample_fields: dict[str, Any], spec: ControlSpec) -> tuple[float, list[dict]]:
+    """(score, flags) for one sample from its ground truth and model outputs (plain values)."""
+    gt = sample_fields.get("ground_truth")
+    if gt is None:
+        return float("nan"), []
+    if spec.task_type == "classification":
+        probs = sample_fields.get("class_probs") or {}
+        return scoring.classification_loss(probs, gt.label), []
+    ground = [(d.label, d.bounding_box) for d in gt.detections]
+    candidates = [(d.label, float(d.confidence or 0.0), d.bounding_box)
+                  for d in (sample_fields.get("candidates") or sample_fields.get("predictions")).detections]
+    flags = scoring.detection_flags(ground, candidates, _threshold(spec))
+    return scoring.detection_mislabel_score(flags), flags
+
+
+def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progress: Progress | None = None,
+                            runner: str = "local") -> dict[str, Any]:
+    """Write ``mislabel_score`` (+ per-object flags for detection) and a saved view, worst first.
+
+    ``in_sample`` (fast): outputs of the version in service, which has seen most of these labels, so it
+    tends to agree with them — weaker. ``out_of_sample``: K-fold models, each scoring only the
+    samples it never trained on (``runner="celery"``: the folds run as jobs on the training queue).
+    """
+    fo = import_fiftyone()
+    from fiftyone import ViewField as F
+
+    say = progress or (lambda fraction, message: None)
+    dataset = root_dataset(view)
+    spec = spec_of(dataset)
+    labeled = view.exists("ground_truth")
+    if len(labeled) == 0:
+        raise AnalysisError("no sample has a ground truth (a human annotation) in this view")
+    score_field = "mislabel_score" if mode == "in_sample" else "mislabel_score_oos"
+    if mode == "in_sample":
+        _require(labeled, "prediction_version", "sync with predictions first (a model version must exist)")
+        outputs = None
+    else:
+        say(0.0, f"training {folds} fold models (out-of-sample)")
+        outputs = out_of_sample_outputs(dataset, labeled, folds, runner, lambda f, m: say(0.9 * f, m))
+    from .fo_dataset import prediction_labels
+
+    fields = ["id", "ground_truth", "class_probs", "candidates", "predictions", "ls_task_id"]
+    present = [f for f in fields if labeled.has_field(f)]
+    rows = labeled.values(present)
+    scores, flags_by_id = {}, {}
+    for values in zip(*rows):
+        record = dict(zip(present, values))
+        if outputs is not None:
+            pred = outputs.get(int(record["ls_task_id"]))
+            if pred is None:
+                continue
+            record.update(prediction_labels(pred, spec, "oos"))
+        score, flags = mislabel_scores_for(record, spec)
+        scores[record["id"]] = score
+        flags_by_id[record["id"]] = flags
+    dataset.set_values(score_field, scores, key_field="id")
+    if spec.task_type != "classification":
+        _write_object_flags(dataset, flags_by_id, mode)
+    cutoff = _suspect_cutoff(spec)
+    suspects = labeled.match(F(score_field) >= cutoff).sort_by(score_field, reverse=True)
+    _save_view(dataset, MISLABEL_VIEW if mode == "in_sample" else MISLABEL_VIEW + "-oos", suspects,
+               f"labels the model ({mode.replace('_', '-')}) believes are wrong, worst first")
+    say(1.0, f"{len(suspects)} suspected mislabel(s) of {len(scores)} labeled samples")
+    return {"scored": len(scores), "suspected": len(suspects), "field": score_field, "cutoff": cutoff}
+
+
+def _suspect_cutoff(spec: ControlSpec) -> float:
+    # classification: the model gives the human label less than one chance in two (-log 0.5);
+    # detection: a flag as strong as the display threshold.
+    return float(np.log(2.0)) if spec.task_type == "classification" else _threshold(spec)
+
+
+def _write_object_flags(dataset, flags_by_id: dict[str, list[dict]], mode: str) -> None:
+    """Per-object flags onto ground-truth boxes; possible-missing boxes into their own field."""
+    fo = import_fiftyone()
+    suffix = "" if mode == "in_sample" else "_oos"
+    missing_field = f"mislabel_missing{suffix}"
+    for sample in dataset.select(list(flags_by_id)).iter_samples(autosave=True):
+        flags = flags_by_id[sample.id]
+        for index, detection in enumerate(sample.ground_truth.detections):
+            mine = [f for f in flags if f["object"] == index]
+            detection[f"mislabel_flag{suffix}"] = mine[0]["kind"] if mine else None
+            detection[f"mislabel_flag_score{suffix}"] = mine[0]["score"] if mine else 0.0
+        sample[missing_field] = fo.Detections(detections=[
+            fo.Detection(label=f["predicted"], bounding_box=f["box"], confidence=f["score"], mislabel_flag="possible_missing")
+            for f in flags if f["kind"] == "possible_missing"])
+
+
+def out_of_sample_outputs(dataset, labeled_view, folds: int, runner: str, progress: Progress) -> dict[int, Any]:
+    """{task id: ImagePrediction} from K-fold models, read from Label Studio's annotations."""
+    from .media import MediaFetcher
+    from .pipeline import cross_val_predictions, prediction_from_json
+    from .studio import StudioClient
+
+    project = project_of(dataset)
+    if runner == "celery":
+        from celery import group
+
+        from labelloop.tasks.jobs import crossval_fold
+
+        result = group(crossval_fold.s(str(project), folds, k) for k in range(folds)).apply_async()
+        import time
+
+        while not result.ready():
+            progress(result.completed_count() / folds, f"{result.completed_count()} of {folds} folds trained")
+            time.sleep(1)
+        merged: dict[int, Any] = {}
+        for part in result.get(disable_sync_subtasks=False):
+            merged.update({int(k): prediction_from_json(v) for k, v in part.items()})
+        return merged
+    client = StudioClient.from_settings()
+    try:
+        tasks = client.export_tasks(project)
+    finally:
+        client.close()
+    spec = spec_of(dataset)
+    wanted = set(labeled_view.values("ls_task_id"))
+    tasks = [t for t in tasks if int(t["id"]) in wanted]
+    return cross_val_predictions(tasks, spec, MediaFetcher.from_settings(), folds, progress)
+
+
+# -- uncertainty sampling ---------------------------------------------------------------------------
+
+def uncertainty_of(sample_fields: dict[str, Any], spec: ControlSpec, method: str) -> float:
+    if spec.task_type == "classification":
+        probs = list((sample_fields.get("class_probs") or {}).values())
+        if not probs:
+            return float("nan")
+        return {"least_confidence": scoring.least_confidence, "margin": scoring.margin_uncertainty,
+                "entropy": scoring.entropy_uncertainty}[method](probs)
+    candidates = sample_fields.get("candidates")
+    pairs = [(float(d.confidence or 0.0), dict(d["class_probs"] or {}) if d.has_field("class_probs") else {})
+             for d in (candidates.detections if candidates else [])]
+    return scoring.detection_uncertainty(pairs, _threshold(spec), method)
+
+
+def uncertainty_sampling(view, k: int = 20, method: str = "least_confidence", diversity: bool = False,
+                         unlabeled_only: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+    """Score every sample's uncertainty, tag the k to label next (``labelloop:uncertain``), save a view.
+
+    With ``diversity`` the k come from the 4k most uncertain by k-center greedy on ``embeddings``
+    (computed if missing), away from what is already labeled.
+    """
+    fo = import_fiftyone()
+    from fiftyone import ViewField as F
+
+    say = progress or (lambda fraction, message: None)
+    dataset = root_dataset(view)
+    spec = spec_of(dataset)
+    _require(view, "prediction_version", "sync with predictions first (a model version must exist)")
+    pool = view.match(F("ground_truth") == None) if unlabeled_only and view.has_field("ground_truth") else view  # noqa: E711
+    pool = pool.exists("prediction_version")
+    if len(pool) == 0:
+        raise AnalysisError("no predicted sample left to choose from in this view")
+    fields = [f for f in ("id", "class_probs", "candidates") if pool.has_field(f)]
+    rows = list(zip(*pool.values(fields)))
+    ids = [r[0] for r in rows]
+    scores = [uncertainty_of(dict(zip(fields, r)), spec, method) for r in rows]
+    dataset.set_values("uncertainty", dict(zip(ids, scores)), key_field="id")
+    say(0.4, f"scored {len(ids)} samples ({method})")
+    if diversity:
+        if not pool.has_field("embeddings") or len(pool.exists("embeddings")) < len(pool):
+            compute_embeddings(pool, visualize=False, progress=lambda f, m: say(0.4 + 0.4 * f, m))
+        vectors = np.stack([np.asarray(v) for v in pool.values("embeddings")])
+        labeled = view.exists("ground_truth").exists("embeddings") if view.has_field("ground_truth") else None
+        avoid = np.stack([np.asarray(v) for v in labeled.values("embeddings")]) if labeled is not None and len(labeled) else None
+        chosen = [ids[i] for i in scoring.diverse_top_k(scores, vectors, k, avoid=avoid)]
+    else:
+        order = np.argsort(-np.asarray(scores), kind="stable")[:k]
+        chosen = [ids[i] for i in order]
+    view.untag_samples(UNCERTAIN_TAG)
+    dataset.select(chosen).tag_samples(UNCERTAIN_TAG)
+    picked = dataset.match_tags(UNCERTAIN_TAG).sort_by("uncertainty", reverse=True)
+    _save_view(dataset, UNCERTAIN_VIEW, picked, f"the {k} samples to label next ({method}"
+                                                f"{', diverse' if diversity else ''}), most uncertain first")
+    say(1.0, f"tagged {len(chosen)} sample(s) '{UNCERTAIN_TAG}'")
+    return {"selected": chosen, "scored": len(ids), "method": method, "diversity": diversity}
+
+
+# -- embeddings ---------------------------------------------------------------------------------------
+
+def compute_embeddings(view, method: str = "umap", visualize: bool = True, similarity: bool = True,
+                       progress: Progress | None = None, brain_key: str = "labelloop_embeddings") -> dict[str, Any]:
+    """Per-sample embeddings from the served model's own backbone, then a 2-D map and a similarity index."""
+    fo = import_fiftyone()
+    from pathlib import Path
+
+    from .fo_dataset import serving_model
+    from .predict import embed_images
+
+    say = progress or (lambda fraction, message: None)
+    dataset = root_dataset(view)
+    spec = spec_of(dataset)
+    model = serving_model(project_of(dataset), spec)
+    if model is None:
+        raise AnalysisError("no model yet for this project: annotate in Label Studio so one is trained")
+    ids, paths = view.values(["id", "filepath"])
+    vectors: dict[str, list[float]] = {}
+    for start in range(0, len(ids), 64):
+        chunk = embed_images(model, [Path(p) for p in paths[start : start + 64]])
+        vectors.update({i: v.tolist() for i, v in zip(ids[start : start + 64], chunk)})
+        say(0.6 * min(1.0, (start + 64) / max(1, len(ids))), f"embedded {min(len(ids), start + 64)} of {len(ids)}")
+    dataset.set_values("embeddings", vectors, key_field="id")
+    out: dict[str, Any] = {"embedded": len(vectors), "model_version": model.version}
+    if visualize or similarity:
+        import fiftyone.brain as fob
+
+        view = dataset.select(ids)
+        if visualize:
+            key = f"{brain_key}_{method}"
+            if key in dataset.list_brain_runs():
+                dataset.delete_brain_run(key)
+            say(0.7, f"computing the {method.upper()} map")
+            fob.compute_visualization(view, embeddings="embeddings", method=method, brain_key=key,
+                                      num_dims=2, seed=0, verbose=False)
+            out["visualization"] = key
+        if similarity:
+            key = f"{brain_key}_similarity"
+            if key in dataset.list_brain_runs():
+                dataset.delete_brain_run(key)
+            fob.compute_similarity(view, embeddings="embeddings", backend="sklearn", brain_key=key)
+            out["similarity"] = key
+    say(1.0, f"embeddings of {len(vectors)} samples from {model.version}")
+    return out
+
+
+# -- error analysis -----------------------------------------------------------------------------------
+
+def version_field(version: str | None) -> str:
+    return "predictions" if not version else "pred_" + version.replace("-", "_")
+
+
+def ensure_version_predictions(dataset, view, version: str | None, progress: Progress | None = None) -> str:
+    """The field holding ``version``'s predictions on ``view`` (predicting it if needed)."""
+    from .fo_dataset import model_for_version, predict_samples
+
+    if not version:
+        _require(view, "prediction_version", "sync with predictions first")
+        return "predictions"
+    spec = spec_of(dataset)
+    prefix = version_field(version) + "_"
+    predict_samples(view, spec, model_for_version(project_of(dataset), version), fields_prefix=prefix,
+                    progress=progress)
+    return prefix + "predictions"
+
+
+def evaluate_model(view, version: str | None = None, split: str | None = "val", cohort: str | None = None,
+                   confidence: float = 0.8, progress: Progress | None = None) -> dict[str, Any]:
+    """Per-class precision/recall/F1 and a confusion matrix (a FiftyOne evaluation run: its cells open
+    their samples in the App's Model Evaluation panel), a saved view of high-confidence mistakes, and
+    metrics per cohort of any field or tag (``cohort="tags"`` or a field name)."""
+    fo = import_fiftyone()
+    from fiftyone import ViewField as F
+
+    dataset = root_dataset(view)
+    spec = spec_of(dataset)
+    scope = view.exists("ground_truth")
+    if split:
+        scope = scope.match(F("tuning_split") == split)
+    if len(scope) == 0:
+        raise AnalysisError(f"no labeled sample in the {split or 'whole'} split of this view")
+    pred_field = ensure_version_predictions(dataset, scope, version, progress)
+    eval_key = "eval_" + (version or "serving").replace("-", "_")
+    if eval_key in dataset.list_evaluations():
+        dataset.delete_evaluation(eval_key)
+    if spec.task_type == "classification":
+        results = scope.evaluate_classifications(pred_field, gt_field="ground_truth", eval_key=eval_key)
+        mistakes = scope.match((F(eval_key) == False) & (F(f"{pred_field}.confidence") >= confidence))  # noqa: E712
+    else:
+        results = scope.evaluate_detections(pred_field, gt_field="ground_truth", eval_key=eval_key, iou=0.5)
+        mistakes = scope.filter_labels(pred_field, (F(eval_key) == "fp") & (F("confidence") >= confidence))
+    _save_view(dataset, MISTAKES_VIEW, mistakes, f"predictions of {version or 'the version in service'} "
+                                                 f"that are wrong with confidence >= {confidence}")
+    classes = list(spec.labels)
+    report = results.report(classes=classes)
+    matrix = results.confusion_matrix(classes=classes)
+    out = {"eval_key": eval_key, "prediction_field": pred_field, "report": report,
+           "confusion_matrix": {"classes": classes, "matrix": np.asarray(matrix).tolist()},
+           "high_confidence_mistakes": len(mistakes)}
+    if cohort:
+        out["cohorts"] = cohort_metrics(scope, eval_key, cohort, spec)
+    return out
+
+
+def cohort_metrics(view, eval_key: str, by: str, spec: ControlSpec) -> dict[str, dict[str, float]]:
+    """Accuracy (classification) or precision/recall (detection) per value of a field, or per tag."""
+    from fiftyone import ViewField as F
+
+    values = view.distinct("tags") if by == "tags" else view.distinct(by)
+    out = {}
+    for value in values:
+        part = view.match_tags(value) if by == "tags" else view.match(F(by) == value)
+        if spec.task_type == "classification":
+            correct = part.count_values(eval_key)
+            n = sum(correct.values())
+            out[str(value)] = {"samples": n, "accuracy": correct.get(True, 0) / n if n else float("nan")}
+        else:
+            tp, fp, fn = (sum(part.values(f"{eval_key}_{k}")) for k in ("tp", "fp", "fn"))
+            out[str(value)] = {"samples": len(part), "precision": tp / (tp + fp) if tp + fp else float("nan"),
+                               "recall": tp / (tp + fn) if tp + fn else float("nan")}
+    return out
+
+
+def compare_versions(view, version_a: str, version_b: str, split: str | None = "val",
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Samples that gained or lost correctness from ``version_a`` to ``version_b``, and changed
+    predictions: tags ``diff:gained``/``diff:lost``/``diff:changed`` and a saved view each."""
+    fo = import_fiftyone()
+    from fiftyone import ViewField as F
+
+    dataset = root_dataset(view)
+    spec = spec_of(dataset)
+    scope = view.exists("ground_truth")
+    if split:
+        scope = scope.match(F("tuning_split") == split)
+    errors = {}
+    fields = {}
+    for version in (version_a, version_b):
+        field = ensure_version_predictions(dataset, scope, version, progress)
+        key = "eval_" + version.replace("-", "_")
+        if key in dataset.list_evaluations():
+            dataset.delete_evaluation(key)
+        if spec.task_type == "classification":
+            scope.evaluate_classifications(field, gt_field="ground_truth", eval_key=key)
+            errors[version] = dict(zip(*scope.values(["id", key])))
+            errors[version] = {i: (0 if ok else 1) for i, ok in errors[version].items()}
+        else:
+            scope.evaluate_detections(field, gt_field="ground_truth", eval_key=key, iou=0.5)
+            ids, fp, fn = scope.values(["id", f"{key}_fp", f"{key}_fn"])
+            errors[version] = {i: a + b for i, a, b in zip(ids, fp, fn)}
+        fields[version] = field
+    for tag in ("diff:gained", "diff:lost", "diff:changed"):
+        scope.untag_samples(tag)
+    gained = [i for i in errors[version_a] if errors[version_b][i] < errors[version_a][i]]
+    lost = [i for i in errors[version_a] if errors[version_b][i] > errors[version_a][i]]
+    label_path = "label" if spec.task_type == "classification" else "detections.label"
+    a_labels = dict(zip(*scope.values(["id", f"{fields[version_a]}.{label_path}"])))
+    b_labels = dict(zip(*scope.values(["id", f"{fields[version_b]}.{label_path}"])))
+    changed = [i for i in a_labels if _normalized(a_labels[i]) != _normalized(b_labels.get(i))]
+    for tag, ids in (("diff:gained", gained), ("diff:lost", lost), ("diff:changed", changed)):
+        if ids:
+            dataset.select(ids).tag_samples(tag)
+        _save_view(dataset, f"labelloop-{tag.replace(':', '-')}", dataset.match_tags(tag),
+                   f"{version_a} → {version_b}: {tag.split(':')[1]}")
+    return {"gained": len(gained), "lost": len(lost), "changed": len(changed), "compared": len(errors[version_a])}
+
+
+def _normalized(labels) -> Any:
+    return sorted(labels) if isinstance(labels, list) else labels
+
+
+# -- back to Label Studio -------------------------------------------------------------------------
+
+def send_to_label_studio(view, title: str = "labelloop review queue", client=None) -> dict[str, Any]:
+    """Create a Data Manager tab in the project holding exactly these tasks (labelers open the tab and
+    press "Label All Tasks": Label Studio then hands out those tasks, in the tab's order)."""
+    from .studio import StudioClient
+
+    fo = import_fiftyone()
+    dataset = root_dataset(view)
+    project = project_of(dataset)
+    task_ids = [int(t) for t in view.values("ls_task_id")]
+    if not task_ids:
+        raise AnalysisError("the view is empty: nothing to send")
+    own = client is None
+    client = client or StudioClient.from_settings()
+    try:
+        created = client.create_review_tab(project, title, task_ids)
+    finally:
+        if own:
+            client.close()
+    return {"project": project, "tab": created.get("id"), "title": title, "tasks": len(task_ids)}

@@ -1,0 +1,255 @@
+"""A Label Studio project as a FiftyOne dataset: one sample per task, keyed by the task id.
+
+Fields written by labelloop (everything else on a sample — the analyst's fields, tags, saved views —
+is never touched, and samples of tasks deleted in Label Studio are tagged ``ls:deleted``, not removed):
+
+=======================  =====================================================================
+``ls_task_id``           Label Studio task id (unique index)
+``ls_project``           Label Studio project id
+``ls_annotation``        "<annotation id>@<updated_at>" of the latest human annotation, or None
+``tuning_split``         "train" or "val" (the held-out tuning split training uses)
+``ground_truth``         the latest human annotation (Classification or Detections)
+``ground_truth_polygons`` segmentation projects: the human polygons (Polylines)
+``predictions``          regions the version in service shows (confidence, per-class scores)
+``candidates``           detection: every region above the candidate floor, shown or hidden
+``class_probs``          classification: probability per class
+``ls_score``             task score (see scoring.py; low = least confident)
+``prediction_version``   the version that made ``predictions``
+=======================  =====================================================================
+
+Predictions are made by the engine (predict.py), the same code that answers Label Studio.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, settings as current_settings
+from .datasets import latest_human_annotation, rectangle_to_polygon, split_of
+from .fo_env import dataset_name, import_fiftyone, root_dataset
+from .labelconfig import ControlSpec, parse_label_config
+from .predict import ImagePrediction, LoadedModel, load_model, predict_images
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+Progress = Callable[[float, str], None]
+DELETED_TAG = "ls:deleted"
+
+
+def dataset_name_for(project_id: int | str) -> str:
+    return f"labelloop-project-{project_id}"
+
+
+def annotation_key(task: dict[str, Any]) -> str | None:
+    annotation = latest_human_annotation(task)
+    return None if annotation is None else f"{annotation.get('id')}@{annotation.get('updated_at')}"
+
+
+# -- Label Studio / engine objects → FiftyOne labels ------------------------------------------------
+
+def ground_truth_labels(task: dict[str, Any], spec: ControlSpec) -> dict[str, Any]:
+    """FiftyOne fields holding the latest human annotation of ``task`` (None values when unlabeled)."""
+    fo = import_fiftyone()
+    annotation = latest_human_annotation(task)
+    if annotation is None:
+        return {"ground_truth": None} | ({"ground_truth_polygons": None} if spec.task_type == "segmentation" else {})
+    regions = [r for r in annotation.get("result") or [] if r.get("from_name") == spec.from_name]
+    if spec.task_type == "classification":
+        choice = next((c for r in regions for c in (r.get("value") or {}).get("choices") or [] if c in spec.labels), None)
+        return {"ground_truth": fo.Classification(label=choice) if choice else None}
+    detections, polylines = [], []
+    for region in regions:
+        value = region.get("value") or {}
+        label = next((v for v in value.get(spec.result_type) or [] if v in spec.labels), None)
+        if label is None:
+            continue
+        if spec.task_type == "detection":
+            points = rectangle_to_polygon(value)
+        else:
+            points = [(float(x), float(y)) for x, y in value.get("points") or []]
+            if len(points) < 3:
+                continue
+            polylines.append(fo.Polyline(label=label, points=[[(x / 100, y / 100) for x, y in points]],
+                                         closed=True, filled=True))
+        xs, ys = [p[0] / 100 for p in points], [p[1] / 100 for p in points]
+        x1, y1, x2, y2 = max(0, min(xs)), max(0, min(ys)), min(1, max(xs)), min(1, max(ys))
+        detections.append(fo.Detection(label=label, bounding_box=[x1, y1, x2 - x1, y2 - y1]))
+    out = {"ground_truth": fo.Detections(detections=detections)}
+    if spec.task_type == "segmentation":
+        out["ground_truth_polygons"] = fo.Polylines(polylines=polylines)
+    return out
+
+
+def prediction_labels(pred: ImagePrediction, spec: ControlSpec, version: str) -> dict[str, Any]:
+    """FiftyOne fields for one engine prediction."""
+    fo = import_fiftyone()
+    fields: dict[str, Any] = {"ls_score": pred.score, "prediction_version": version}
+    if spec.task_type == "classification":
+        region = pred.regions[0] if pred.regions else None
+        fields["predictions"] = (fo.Classification(label=region.label, confidence=region.score)
+                                 if region else None)
+        fields["class_probs"] = dict(pred.class_probs)
+        return fields
+
+    def detection(region) -> Any:
+        x, y, w, h = region.bbox
+        return fo.Detection(label=region.label, confidence=region.score,
+                            bounding_box=[x / pred.width, y / pred.height, w / pred.width, h / pred.height],
+                            class_probs=dict(region.class_probs))
+
+    fields["predictions"] = fo.Detections(detections=[detection(r) for r in pred.regions])
+    fields["candidates"] = fo.Detections(detections=[detection(r) for r in pred.candidates])
+    return fields
+
+
+# -- sync ------------------------------------------------------------------------------------------------
+
+@dataclass
+class SyncReport:
+    dataset: str
+    added: int = 0
+    updated_ground_truth: int = 0
+    predicted: int = 0
+    marked_deleted: int = 0
+    missing_images: int = 0
+    version: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def load_or_create(name: str):
+    fo = import_fiftyone()
+    if fo.dataset_exists(name):
+        return fo.load_dataset(name)
+    dataset = fo.Dataset(name, persistent=True)
+    dataset.add_sample_field("ls_task_id", fo.IntField)
+    dataset.create_index("ls_task_id", unique=True)
+    return dataset
+
+
+def sync_project(project_id: int | str, dataset_name: str | None = None, predict: bool = True,
+                 progress: Progress | None = None, env: Settings | None = None, client=None) -> SyncReport:
+    """Create or update the FiftyOne dataset of a Label Studio project; only what changed is written."""
+    from .media import MediaFetcher
+    from .studio import StudioClient
+
+    env = env or current_settings()
+    say = progress or (lambda fraction, message: None)
+    own_client = client is None
+    client = client or StudioClient.from_settings(env)
+    try:
+        project = client.project(project_id)
+        tasks = client.export_tasks(project_id)
+    finally:
+        if own_client:
+            client.close()
+    spec = parse_label_config(project["label_config"])
+    name = dataset_name or dataset_name_for(project_id)
+    dataset = load_or_create(name)
+    dataset.info["labelloop"] = {"project": int(project_id), "label_studio_url": env.label_studio_url,
+                                 "task_type": spec.task_type, "label_config": project["label_config"]}
+    dataset.save()
+    report = SyncReport(dataset=name)
+
+    known = dict(zip(*dataset.values(["ls_task_id", "id"]))) if len(dataset) else {}
+    by_id = {int(t["id"]): t for t in tasks}
+    new_tasks = [t for tid, t in by_id.items() if tid not in known]
+    say(0.05, f"{len(new_tasks)} new task(s); fetching images")
+    fetcher = MediaFetcher.from_settings(env)
+    urls = [(t.get("data") or {}).get(spec.value_key) or "" for t in new_tasks]
+    fo = import_fiftyone()
+    samples = []
+    for task, fetched in zip(new_tasks, fetcher.fetch_many(urls)):
+        if isinstance(fetched, Exception):
+            report.missing_images += 1
+            report.errors.append(f"task {task['id']}: {fetched}")
+            continue
+        sample = fo.Sample(filepath=str(fetched), ls_task_id=int(task["id"]), ls_project=int(project_id),
+                           ls_image_url=(task.get("data") or {}).get(spec.value_key),
+                           ls_annotation=annotation_key(task), tuning_split=split_of(task["id"]))
+        for key, value in ground_truth_labels(task, spec).items():
+            sample[key] = value
+        samples.append(sample)
+    if samples:
+        dataset.add_samples(samples)
+    report.added = len(samples)
+    say(0.3, f"added {len(samples)} sample(s); updating changed annotations")
+
+    for sample in dataset.select_fields(["ls_task_id", "ls_annotation", "ground_truth", "tags"]).iter_samples(
+            autosave=True):
+        task = by_id.get(sample.ls_task_id)
+        if task is None:
+            if DELETED_TAG not in sample.tags:
+                sample.tags.append(DELETED_TAG)
+                report.marked_deleted += 1
+            continue
+        key = annotation_key(task)
+        if key != sample.ls_annotation and sample.ls_task_id not in {int(t["id"]) for t in new_tasks}:
+            sample.ls_annotation = key
+            for field_name, value in ground_truth_labels(task, spec).items():
+                if field_name in sample.field_names:
+                    sample[field_name] = value
+            report.updated_ground_truth += 1
+    if spec.task_type == "segmentation" and report.updated_ground_truth:
+        _refresh_polygons(dataset, by_id, spec)
+
+    if predict:
+        model = serving_model(project_id, spec, env)
+        if model is not None:
+            report.version = model.version
+            report.predicted = predict_samples(dataset, spec, model, progress=lambda f, m: say(0.35 + 0.6 * f, m))
+    say(1.0, f"synced {name}: +{report.added} samples, {report.updated_ground_truth} annotation(s) updated, "
+             f"{report.predicted} predicted")
+    return report
+
+
+def _refresh_polygons(dataset, by_id, spec) -> None:
+    for sample in dataset.select_fields(["ls_task_id", "ground_truth_polygons"]).iter_samples(autosave=True):
+        task = by_id.get(sample.ls_task_id)
+        if task is not None:
+            sample["ground_truth_polygons"] = ground_truth_labels(task, spec)["ground_truth_polygons"]
+
+
+def serving_model(project_id, spec: ControlSpec, env: Settings | None = None) -> LoadedModel | None:
+    from .pipeline import resolve_model
+
+    env = env or current_settings()
+    return resolve_model(Registry(env.model_dir), str(project_id), spec, env)
+
+
+def model_for_version(project_id, version: str, env: Settings | None = None) -> LoadedModel:
+    env = env or current_settings()
+    manifest = Registry(env.model_dir).get(str(project_id), version)
+    return load_model(manifest.weights, manifest.version)
+
+
+def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = False, batch: int = 64,
+                    progress: Progress | None = None, fields_prefix: str = "") -> int:
+    """Write the engine's predictions of ``model`` into the samples of ``view`` that lack them."""
+    say = progress or (lambda fraction, message: None)
+    fo = import_fiftyone()
+    version_field = f"{fields_prefix}prediction_version"
+    if view.has_field(version_field):
+        ids, paths, versions = view.values(["id", "filepath", version_field])
+    else:
+        ids, paths = view.values(["id", "filepath"])
+        versions = [None] * len(ids)
+    wanted = [(i, p) for i, p, v in zip(ids, paths, versions) if force or v != model.version]
+    threshold = spec.score_threshold if spec.score_threshold is not None else current_settings().score_threshold
+    dataset = root_dataset(view)
+    done = 0
+    for start in range(0, len(wanted), batch):
+        chunk = wanted[start : start + batch]
+        preds = predict_images(model, [Path(p) for _, p in chunk], spec, threshold)
+        columns: dict[str, dict[str, Any]] = {}
+        for (sample_id, _), pred in zip(chunk, preds):
+            for key, value in prediction_labels(pred, spec, model.version).items():
+                columns.setdefault(f"{fields_prefix}{key}", {})[sample_id] = value
+        for key, values in columns.items():
+            dataset.set_values(key, values, key_field="id")
+        done += len(chunk)
+        say(done / max(1, len(wanted)), f"{done} of {len(wanted)} samples predicted with {model.version}")
+    return done

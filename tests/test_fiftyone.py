@@ -1,0 +1,139 @@
+"""FiftyOne face, for real: a real mongod, real FiftyOne, a dataset synced from a real Label Studio
+project, and every operator run through FiftyOne's own operator execution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import pytest
+
+from conftest import install_model
+from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_result
+
+pytestmark = pytest.mark.e2e
+PLUGIN = "@labelloop/labelloop"
+
+
+@pytest.fixture(scope="module")
+def fo_project(ls_api, label_studio, backend, trained, fo, tmp_path_factory):
+    """A classification project: 30 images, 24 annotated (a fifth of them wrongly), a model in service."""
+    images = generate_shapes(tmp_path_factory.mktemp("fo-images"), n=30, seed=31, max_objects=1)
+    noisy, flipped = flip_image_labels(images, 0.2, seed=31)
+    project = ls_api.create_project("fiftyone classification", label_config("classification"))["id"]
+    tasks = ls_api.upload_images(project, [images.images_dir / im.file for im in images.images])
+    index = {t["id"]: next(i for i, im in enumerate(images.images) if t["data"]["image"].endswith(im.file))
+             for t in tasks}
+    annotated = tasks[:24]
+    for task in annotated:
+        result = to_label_studio_result(images.images[index[task["id"]]], "classification")
+        result[0]["value"]["choices"] = [noisy[index[task["id"]]]]
+        ls_api.annotate(task["id"], result)
+    version = install_model(backend.info["model_dir"], project, trained("classification"))
+    saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR")}
+    os.environ.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.info["token"],
+                      MODEL_DIR=str(backend.info["model_dir"]))
+    from labelloop.fo_dataset import sync_project
+
+    report = sync_project(project)
+    yield {"project": project, "tasks": tasks, "annotated": annotated, "version": version, "report": report,
+           "dataset": fo.load_dataset(report.dataset), "index": index, "noisy": noisy, "images": images}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run(fo, view, operator: str, **params):
+    """Execute one of our operators the way the App does, on ``view`` (a dataset or a view)."""
+    from fiftyone.operators import execute_operator
+
+    from labelloop.fo_env import dataset_name
+
+    outcome = execute_operator(f"{PLUGIN}/{operator}", ctx={"dataset": dataset_name(view), "view": view.view(),
+                                                            "params": {"view_target": "CURRENT_VIEW", **params}})
+    assert outcome.error is None, outcome.error
+    result = outcome.result or {}
+    assert "error" not in result, result["error"]
+    fo.load_dataset(dataset_name(view)).reload()
+    return result
+
+
+def test_sync_makes_one_sample_per_task_with_labels_and_predictions(fo_project):
+    dataset, tasks = fo_project["dataset"], fo_project["tasks"]
+    assert fo_project["report"].added == len(tasks) == len(dataset)
+    assert sorted(dataset.values("ls_task_id")) == sorted(t["id"] for t in tasks)
+    assert "ls_task_id" in dataset.list_indexes()
+    labeled = dataset.exists("ground_truth")
+    assert len(labeled) == 24
+    for sample in labeled:
+        image_index = fo_project["index"][sample.ls_task_id]
+        assert sample.ground_truth.label == fo_project["noisy"][image_index]
+    assert set(dataset.values("prediction_version")) == {fo_project["version"]}
+    scores = dataset.values("ls_score")
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    probs = dataset.first().class_probs
+    assert set(probs) == {"circle", "square", "triangle", "star"} and abs(sum(probs.values()) - 1) < 1e-6
+
+
+def test_resync_updates_only_what_changed_and_keeps_the_analysts_work(fo, fo_project, ls_api):
+    dataset = fo_project["dataset"]
+    sample = dataset.match({"ls_task_id": fo_project["annotated"][0]["id"]}).first()
+    sample["my_note"] = "looks odd"
+    sample.tags.append("mine")
+    sample.save()
+    dataset.save_view("my view", dataset.match_tags("mine"))
+    task = ls_api.task(fo_project["annotated"][0]["id"])
+    annotation = task["annotations"][0]
+    other = next(c for c in ("circle", "square", "triangle", "star") if c != sample.ground_truth.label)
+    result = annotation["result"]
+    result[0]["value"]["choices"] = [other]
+    ls_api.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
+
+    report = run(fo, dataset, "sync_label_studio", project=fo_project["project"], predict=True)
+    assert report["added"] == 0 and report["updated_ground_truth"] == 1 and report["predicted"] == 0
+    sample.reload()
+    assert sample.ground_truth.label == other
+    assert sample["my_note"] == "looks odd" and "mine" in sample.tags
+    assert dataset.has_saved_view("my view") and len(dataset) == len(fo_project["tasks"])
+
+
+def test_operators_write_scores_views_and_a_review_queue(fo, fo_project, ls_api, trained):
+    dataset = fo_project["dataset"]
+    from fiftyone.operators import list_operators
+
+    listed = {op.uri for op in list_operators()}
+    assert {f"{PLUGIN}/{name}" for name in ("sync_label_studio", "compute_mislabel_scores", "uncertainty_sampling",
+                                            "compute_embeddings", "evaluate_model", "compare_versions",
+                                            "send_to_label_studio")} <= listed
+
+    mislabels = run(fo, dataset, "compute_mislabel_scores", mode="in_sample", folds=3, celery=False)
+    assert mislabels["scored"] == 24
+    assert dataset.has_saved_view("labelloop-suspected-mislabels")
+    worst = dataset.load_saved_view("labelloop-suspected-mislabels").values("mislabel_score")
+    assert worst == sorted(worst, reverse=True)
+
+    embeddings = run(fo, dataset, "compute_embeddings", method="pca")
+    assert embeddings["embedded"] == len(dataset)
+    assert "labelloop_embeddings_pca" in dataset.list_brain_runs()
+    assert "labelloop_embeddings_similarity" in dataset.list_brain_runs()
+
+    picked = run(fo, dataset, "uncertainty_sampling", method="entropy", k=4, diversity=True, unlabeled_only=True,
+                 send=False)
+    tagged = dataset.match_tags("labelloop:uncertain")
+    assert picked["selected"] == 4 and len(tagged) == 4
+    assert all(s.ground_truth is None for s in tagged)
+
+    evaluation = run(fo, dataset, "evaluate_model", version="", split="all", cohort="tags", confidence=0.8)
+    assert set(evaluation["confusion_matrix"]["classes"]) == {"circle", "square", "triangle", "star"}
+    assert sum(map(sum, evaluation["confusion_matrix"]["matrix"])) == 24
+    assert "eval_serving" in dataset.list_evaluations()
+
+    newer = install_model(Path(os.environ["MODEL_DIR"]), fo_project["project"], trained("classification"))
+    diff = run(fo, dataset, "compare_versions", version_a=fo_project["version"], version_b=newer)
+    assert diff["compared"] >= 1 and diff["gained"] == diff["lost"] == 0  # same weights: nothing moves
+
+    sent = run(fo, dataset.match_tags("labelloop:uncertain"), "send_to_label_studio", title="review these")
+    queue = ls_api.call("GET", "/api/tasks", params={"view": sent["tab"], "project": fo_project["project"]})["tasks"]
+    assert sorted(t["id"] for t in queue) == sorted(tagged.values("ls_task_id"))
+
