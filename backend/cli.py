@@ -142,6 +142,32 @@ def cmd_fiftyone_plugin(args) -> int:
     return 0
 
 
+def cmd_stack(args) -> int:
+    from . import stack
+
+    if args.action == "up":
+        state = stack.up(workers=not args.no_workers, app=not args.no_app)
+        ls = state["label_studio"]
+        print(f"Label Studio  {state['services']['label-studio']['url']}  login {ls['username']} / {ls['password']}"
+              f"  (API token {ls['token']})")
+        print(f"ML backend    {state['services']['backend']['url']}")
+        if "fiftyone" in state["services"]:
+            print(f"FiftyOne App  {state['services']['fiftyone']['url']}")
+        print("stop everything with: labelloop stack down")
+    elif args.action == "down":
+        stack.down()
+    elif args.action == "status":
+        report = stack.status()
+        for name, info in report.items():
+            state = "running" if info["running"] else "stopped"
+            health = "" if info.get("healthy") is None else (" healthy" if info["healthy"] else " UNHEALTHY")
+            print(f"{name:15s} {state}{health}  {info.get('url') or ''}")
+        return 0 if all(i["running"] for i in report.values()) else 3
+    else:
+        print(stack.log_tail(args.service, args.lines))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -207,12 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     plugin.add_argument("--copy", action="store_true")
     plugin.set_defaults(func=cmd_fiftyone_plugin)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded data (see README)")
-    demo.add_argument("--workdir", default=None, help="where data and models go (default $LABELLOOP_HOME/demo)")
-    demo.add_argument("--n", type=int, default=120, help="number of generated images")
-    demo.add_argument("--task", choices=["detection", "segmentation", "classification"], default="detection")
-    demo.add_argument("--port", type=int, default=9090)
-    demo.add_argument("--no-serve", action="store_true", help="train and report, do not start the server")
+    stack_cmd = sub.add_parser("stack", help="the whole stack as local processes: up | down | status | logs")
+    stack_cmd.add_argument("action", choices=["up", "down", "status", "logs"])
+    stack_cmd.add_argument("service", nargs="?", default="backend", help="for logs: which service")
+    stack_cmd.add_argument("--lines", type=int, default=50)
+    stack_cmd.add_argument("--no-workers", action="store_true")
+    stack_cmd.add_argument("--no-app", action="store_true")
+    stack_cmd.set_defaults(func=cmd_stack)
+
+    demo = sub.add_parser("demo", help="the main job: the whole loop on the embedded data, with a report")
+    demo.add_argument("--workdir", default=None, help="where data and the report go (default $LABELLOOP_HOME/demo)")
+    demo.add_argument("--quick", action="store_true", help="fewer images and rounds: a few minutes on 2 CPU cores")
+    demo.add_argument("--no-app", action="store_true", help="do not start the FiftyOne App")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,72 +1,299 @@
-"""``labelloop demo``: the main job on the embedded data.
+"""``labelloop demo``: the whole loop on the embedded data, with a simulated labeler.
 
-Today: generate the shapes dataset, train a model on its labels through the same engine the
-Celery jobs use, show what it predicts with scores, then serve it as the ML backend for any Label
-Studio project with the printed label config, and print how to connect Label Studio.
+1. brings the local stack up (Redis, MongoDB, Label Studio, backend, workers, FiftyOne App);
+2. generates the shapes data with injected label noise (the simulated labeler makes mistakes);
+3. creates a Label Studio project and connects the backend (Label Studio adds the webhook);
+4. active learning: each round the labeler annotates, through the Label Studio API, the k tasks the
+   Data Manager lists least-confident first; the webhooks alone make Celery retrain and push the new
+   version's predictions; a random-sampling run with the same budget trains beside it for comparison;
+5. syncs the project to FiftyOne and runs mislabel-by-loss, uncertainty sampling (sent back to Label
+   Studio as a review tab) and embeddings;
+6. writes a report (Markdown + PNG plots) and prints the URLs. The stack stays up until
+   ``labelloop stack down``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from .config import settings
 from .labelconfig import parse_label_config
 from .media import LocalFileFetcher
-from .pipeline import predict_tasks, resolve_model, train_new_version
-from .registry import Registry
-from .shapes import generate_shapes, label_config, to_label_studio_tasks
+from .shapes import flip_image_labels, generate_shapes, label_config
 
-DEMO_PROJECT = "demo"
+TASK_TYPE = "classification"  # learnable from scratch on 2 CPU cores in minutes (see README)
+
+
+def _say(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _choice_result(label: str) -> list[dict]:
+    return [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+
+
+class Studio:
+    """The simulated labeler's (and admin's) Label Studio API calls."""
+
+    def __init__(self, url: str, token: str):
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=120)
+
+    def call(self, method: str, path: str, **kwargs) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def tasks(self, project: int, ordering: list[str] | None = None) -> list[dict]:
+        params: dict[str, Any] = {"project": project, "page_size": 10000, "fields": "all"}
+        if ordering:
+            params["query"] = json.dumps({"ordering": ordering})
+        return self.call("GET", "/api/tasks", params=params)["tasks"]
+
+
+def _wait_for_version(backend: str, project: int, studio: Studio, after: set[str], unlabeled: int,
+                      timeout: float) -> str:
+    """Wait until a version newer than ``after`` serves and its predictions reached every unlabeled task."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        info = httpx.get(f"{backend}/versions", params={"project": project}, timeout=10).json()
+        serving = info["serving"].get(str(project))
+        jobs = httpx.get(f"{backend}/jobs", params={"project": project, "limit": 20}, timeout=10).json()["jobs"]
+        busy = [j for j in jobs if j["state"] in ("queued", "running")]
+        if busy:
+            message = f"{busy[0]['kind']}: {busy[0].get('message', '')}"
+            if message != last:
+                _say(f"  {message}")
+                last = message
+        elif serving and serving not in after:
+            predicted = {p["task"] for p in studio.call("GET", "/api/predictions", params={"project": project})
+                         if p["model_version"] == serving}
+            if len(predicted) >= unlabeled:
+                return serving
+        elif not busy and jobs and jobs[0]["state"] in ("skipped", "failed") and serving in after:
+            return serving  # nothing new was promoted (kept the old version): continue with it
+        time.sleep(1)
+    raise TimeoutError(f"no new version with predictions within {timeout:.0f} s")
+
+
+def _accuracy(weights_version: str, project: int, test, spec) -> float:
+    from .predict import predict_images
+    from .registry import Registry
+
+    manifest = Registry(settings().model_dir).get(project, weights_version)
+    from .predict import load_model
+
+    model = load_model(manifest.weights, manifest.version)
+    preds = predict_images(model, [test.images_dir / im.file for im in test.images], spec, 0.5)
+    return sum(p.regions[0].label == im.label for p, im in zip(preds, test.images)) / len(test.images)
+
+
+def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: int) -> list[float]:
+    """The same budgets spent on random tasks, trained in-process with the same engine."""
+    import tempfile
+
+    from .pipeline import train_new_version
+    from .predict import load_model, predict_images
+    from .registry import Registry
+
+    order = list(range(len(data.images)))
+    random.Random(seed).shuffle(order)
+    curve = []
+    with tempfile.TemporaryDirectory(prefix="labelloop-demo-random-") as tmp:
+        registry = Registry(tmp)
+        for budget in budgets:
+            tasks = [{"id": i + 1, "data": {"image": str(data.images_dir / data.images[i].file)},
+                      "annotations": [{"id": i + 1, "result": _choice_result(noisy[i])}]} for i in order[:budget]]
+            outcome = train_new_version(registry, "random", tasks, spec, LocalFileFetcher())
+            model = load_model(registry.serving("random").weights, outcome.manifest.version)
+            preds = predict_images(model, [test.images_dir / im.file for im in test.images], spec, 0.5)
+            curve.append(sum(p.regions[0].label == im.label for p, im in zip(preds, test.images)) / len(test.images))
+            _say(f"  random sampling, {budget} labels: test accuracy {curve[-1]:.2f}")
+    return curve
 
 
 def run_demo(args) -> int:
-    from .cli import _progress_bar
+    from . import stack
 
-    env = settings()
-    workdir = Path(args.workdir or env.home / "demo").expanduser()
-    task_type = args.task
-    print(f"== 1/4 generating {args.n} shapes images in {workdir / 'data'}")
-    dataset = generate_shapes(workdir / "data", n=args.n, seed=0,
-                              max_objects=1 if task_type == "classification" else 4)
-    config = label_config(task_type)
-    spec = parse_label_config(config)
-    tasks = to_label_studio_tasks(dataset, task_type)
+    quick = bool(getattr(args, "quick", False))
+    n_images, rounds, first, per_round = (120, 3, 20, 20) if quick else (300, 5, 30, 30)
+    workdir = Path(args.workdir or settings().home / "demo").expanduser()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Small images: the model trains in seconds per round on 2 CPU cores (settings follow the data).
+    os.environ.setdefault("LABELLOOP_IMGSZ", "32")
 
-    print(f"== 2/4 training a {task_type} model (settings chosen from the data)")
-    registry = Registry(workdir / "models")
-    bar, update = _progress_bar("training")
-    outcome = train_new_version(registry, DEMO_PROJECT, tasks, spec, LocalFileFetcher(), update)
-    bar.close()
-    print(f"   {outcome.reason}")
-    print("   tuning-split metrics: " + json.dumps({k: round(v, 3) for k, v in outcome.manifest.metrics.items()}))
+    _say("1/6 bringing the stack up")
+    state = stack.up(say=lambda m: _say("  " + m), app=not getattr(args, "no_app", False))
+    env = stack.service_env(state)
+    os.environ.update(env)
+    services = state["services"]
+    backend, ls_url = services["backend"]["url"], services["label-studio"]["url"]
+    studio = Studio(ls_url, state["label_studio"]["token"])
 
-    print("== 3/4 predictions with scores (low score = least confident = review first)")
-    model = resolve_model(registry, DEMO_PROJECT, spec)
-    preds = predict_tasks(tasks[:8], spec, model, LocalFileFetcher())
-    for task, pred in sorted(zip(tasks[:8], preds), key=lambda tp: tp[1].score or 0):
-        labels = [r["value"].get(spec.result_type, [None])[0] for r in pred.result]
-        print(f"   task {task['id']:>3}  score {pred.score:.3f}  {len(labels)} region(s) {labels[:6]}")
+    _say(f"2/6 generating {n_images} images (+60 test images), 10 % of the labeler's answers wrong")
+    data = generate_shapes(workdir / "data", n=n_images, seed=7, size=64, max_objects=1, style="simple")
+    test = generate_shapes(workdir / "test", n=60, seed=8, size=64, max_objects=1, style="simple")
+    noisy, flipped = flip_image_labels(data, 0.1, seed=7)
+    spec = parse_label_config(label_config(TASK_TYPE))
 
-    weights = outcome.manifest.weights
-    print("== 4/4 serving it as a Label Studio ML backend")
+    _say("3/6 creating the Label Studio project and connecting the backend")
+    project = studio.call("POST", "/api/projects", json={"title": f"labelloop demo {time.strftime('%H%M%S')}",
+                                                         "label_config": label_config(TASK_TYPE),
+                                                         "sampling": "Uncertainty sampling"})["id"]
+    for start in range(0, n_images, 50):
+        files = [(f"f{i}", (im.file, (data.images_dir / im.file).read_bytes(), "image/png"))
+                 for i, im in enumerate(data.images[start : start + 50])]
+        studio.call("POST", f"/api/projects/{project}/import", files=files)
+    tasks = studio.tasks(project)
+    image_of = {t["id"]: next(i for i, im in enumerate(data.images) if t["data"]["image"].endswith(im.file))
+                for t in tasks}
+    studio.call("POST", "/api/ml", json={"url": backend, "project": project, "title": "labelloop"})
+
+    _say(f"4/6 active learning: {first} random labels, then {rounds - 1} rounds of the {per_round} least-confident")
+    labeled: set[int] = set()
+    versions: set[str] = set()
+    budgets, curve = [], []
+    order = [t["id"] for t in tasks]
+    random.Random(7).shuffle(order)
+    for round_no in range(rounds):
+        if round_no == 0:
+            batch = order[:first]
+        else:
+            ranked = [t["id"] for t in studio.tasks(project, ordering=["tasks:predictions_score"])
+                      if t["id"] not in labeled and t.get("total_predictions")]
+            batch = ranked[:per_round]
+        for task_id in batch:  # the simulated labeler, with its 10 % of mistakes
+            studio.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": _choice_result(noisy[image_of[task_id]])})
+        labeled.update(batch)
+        _say(f"  round {round_no + 1}: labeled {len(labeled)} tasks; waiting for the loop (webhook → Celery)")
+        version = _wait_for_version(backend, project, studio, versions, len(tasks) - len(labeled),
+                                    timeout=600)
+        versions.add(version)
+        budgets.append(len(labeled))
+        curve.append(_accuracy(version, project, test, spec))
+        _say(f"  {version} serves; test accuracy {curve[-1]:.2f}")
+    random_curve = _random_curve(data, noisy, test, spec, budgets, seed=7)
+
+    _say("5/6 FiftyOne: sync, mislabels, uncertainty (sent to Label Studio), embeddings")
+    from . import fo_analysis
+    from .fo_dataset import sync_project
+
+    report = sync_project(project)
+    from .fo_env import import_fiftyone
+
+    fo = import_fiftyone()
+    dataset = fo.load_dataset(report.dataset)
+    mislabels = fo_analysis.compute_mislabel_scores(dataset)
+    scores = dict(zip(*dataset.exists("ground_truth").values(["ls_task_id", "mislabel_score"])))
+    flipped_tasks = {t for t, i in image_of.items() if i in set(flipped) and t in labeled}
+    ranked = sorted(scores, key=lambda t: -scores[t])
+    found = [len(set(ranked[:k]) & flipped_tasks) for k in range(1, len(ranked) + 1)]
+    picked = fo_analysis.uncertainty_sampling(dataset, k=10, diversity=True)
+    sent = fo_analysis.send_to_label_studio(dataset.select(picked["selected"]), "labelloop: label next")
+    fo_analysis.compute_embeddings(dataset, method="pca" if quick else "umap")
+    evaluation = fo_analysis.evaluate_model(dataset, split=None)
+
+    _say("6/6 writing the report")
+    out = _write_report(workdir / "report", budgets, curve, random_curve, found, len(flipped_tasks), evaluation,
+                        mislabels, sent)
+    app = services.get("fiftyone", {}).get("url")
     print(f"""
-   Label Studio (1.23) needs, for a backend on a local address:
-       ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true
-   1. Create a project with this label config:
-       {config}
-   2. Import images (e.g. {dataset.images_dir}/*.png).
-   3. Settings → Model → Connect Model → URL http://<this host>:{args.port}
-   4. Data Manager → select tasks → Actions → Retrieve Predictions.
-   The backend needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (legacy or personal access token)
-   to fetch uploaded images. Weights: {weights}
+Report: {out}
+Label Studio  {ls_url}/projects/{project}  login {state['label_studio']['username']} / {state['label_studio']['password']}
+              the tab "labelloop: label next" holds the review queue picked in FiftyOne
+FiftyOne App  {(app + '/datasets/' + report.dataset) if app else '(not started)'}
+              saved views: {fo_analysis.MISLABEL_VIEW}, {fo_analysis.UNCERTAIN_VIEW}
+ML backend    {backend}  (GET /versions, /jobs, /metrics)
+The stack stays up for exploring; stop it with: labelloop stack down
 """)
-    if args.no_serve:
-        return 0
-    os.environ["LABELLOOP_BASE_MODEL"] = str(weights)  # serve the demo model for any project
-    import uvicorn
-
-    uvicorn.run("labelloop.service:build_app_with_limits", factory=True, host="0.0.0.0", port=args.port,
-                log_level="info")
     return 0
+
+
+def _write_report(directory: Path, budgets, curve, random_curve, found, n_flipped, evaluation, mislabels,
+                  sent) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(budgets, curve, "o-", label="uncertainty (the loop)")
+    ax.plot(budgets, random_curve, "s--", label="random")
+    ax.set_xlabel("labeled tasks")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("learning curve")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "learning_curve.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = np.arange(1, len(found) + 1)
+    ax.plot(ks, found, label="mislabel-by-loss ranking")
+    ax.plot(ks, ks * n_flipped / max(1, len(found)), "--", label="random order")
+    ax.set_xlabel("k (reviewed, worst first)")
+    ax.set_ylabel("injected mislabels found")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "mislabels_found.png", dpi=120)
+    plt.close(fig)
+
+    matrix = np.asarray(evaluation["confusion_matrix"]["matrix"])
+    classes = evaluation["confusion_matrix"]["classes"]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(matrix[0])), labels=(classes + ["(none)"])[: len(matrix[0])], rotation=45)
+    ax.set_yticks(range(len(matrix)), labels=(classes + ["(none)"])[: len(matrix)])
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, int(v), ha="center", va="center")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("human label")
+    fig.tight_layout()
+    fig.savefig(directory / "confusion_matrix.png", dpi=120)
+    plt.close(fig)
+
+    report = evaluation["report"]
+    rows = "\n".join(f"| {c} | {report[c]['precision']:.2f} | {report[c]['recall']:.2f} | {report[c]['f1-score']:.2f} "
+                     f"| {int(report[c]['support'])} |" for c in classes if c in report)
+    at = lambda k: found[min(k, len(found)) - 1] if found else 0  # noqa: E731
+    text = f"""# labelloop demo report
+
+## Learning curve (test accuracy on 60 held-out images)
+
+![learning curve](learning_curve.png)
+
+| labeled tasks | {' | '.join(map(str, budgets))} |
+|---|{'---|' * len(budgets)}
+| uncertainty (the loop) | {' | '.join(f'{v:.2f}' for v in curve)} |
+| random | {' | '.join(f'{v:.2f}' for v in random_curve)} |
+
+## Injected mislabels found
+
+{n_flipped} of the labeler's answers were wrong on purpose. Reviewing worst-first by mislabel score:
+found {at(5)} in the top 5, {at(10)} in the top 10, {at(20)} in the top 20
+({mislabels['suspected']} samples in the saved view of suspected mislabels).
+
+![mislabels found](mislabels_found.png)
+
+## Per-class metrics of the version in service (all labeled samples)
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+![confusion matrix](confusion_matrix.png)
+
+Review queue sent to Label Studio: tab "{sent['title']}" with {sent['tasks']} tasks.
+"""
+    path = directory / "report.md"
+    path.write_text(text)
+    return path
