@@ -203,6 +203,10 @@ def run_demo(args) -> int:
     _say("6/6 writing the report")
     out = _write_report(workdir / "report", budgets, curve, random_curve, found, len(flipped_tasks), evaluation,
                         mislabels, sent)
+    summary = json.loads((out.parent / "summary.json").read_text())
+    summary.update(project=project, versions=sorted(versions), label_studio=ls_url, backend=backend,
+                   dataset=report.dataset)
+    (out.parent / "summary.json").write_text(json.dumps(summary, indent=2))
     app = services.get("fiftyone", {}).get("url")
     print(f"""
 Report: {out}
@@ -296,4 +300,9 @@ Review queue sent to Label Studio: tab "{sent['title']}" with {sent['tasks']} ta
 """
     path = directory / "report.md"
     path.write_text(text)
+    (directory / "summary.json").write_text(json.dumps({
+        "budgets": budgets, "uncertainty_curve": curve, "random_curve": random_curve,
+        "mislabels_found_at": {k: at(k) for k in (5, 10, 20)}, "injected_mislabels_labeled": n_flipped,
+        "review_tab": sent, "per_class": {c: report[c] for c in classes if c in report},
+    }, indent=2))
     return path

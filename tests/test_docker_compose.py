@@ -31,7 +31,7 @@ None of the session fixtures of conftest.py is used.
 
 from __future__ import annotations
 
-import fnmatch
+import argparse
 import functools
 import http.server
 import importlib.util
@@ -80,9 +80,28 @@ _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 # --------------------------------------------------------------------------- loading
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; Compose refuses the file. So do we."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor`: merged (and overridable) by construct_mapping
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _load(path: Path) -> dict:
     with path.open() as fh:
-        data = yaml.safe_load(fh)
+        data = yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     assert isinstance(data, dict), f"{path} is not a YAML mapping"
     return data
 
@@ -381,10 +400,20 @@ def repo_files(source: str) -> list[str]:
 # --------------------------------------------------------------------------- CLIs
 
 
+def _no_abbreviations(parser) -> None:
+    """argparse takes `--queue` for `--queues`; a compose file should spell options out."""
+    parser.allow_abbrev = False
+    for action in parser._actions:  # noqa: SLF001 - where argparse keeps its subparsers
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
+
+
 def labelloop_parse(argv: list[str]):
     from labelloop.cli import build_parser
 
     parser = build_parser()
+    _no_abbreviations(parser)
     try:
         return parser.parse_args(argv)
     except SystemExit as exc:  # argparse reports and exits on an unknown command or option
@@ -437,6 +466,9 @@ def test_compose_has_the_stack():
     assert services()["label-studio"]["image"] == "heartexlabs/label-studio:1.23.2"
     assert services()["mongodb"]["image"] == "mongo:6"
     assert services()["redis"]["image"] == "redis:7"
+    postgres = services()["postgres"]["image"]
+    assert postgres.startswith("postgres:") and int(postgres.split(":")[1].split(".")[0]) >= 14, \
+        "Label Studio 1.23.2 (Django 5.2) needs PostgreSQL >= 14"
     for name in OUR_SERVICES:
         assert "build" in services()[name], f"{name} must be built from the project"
 

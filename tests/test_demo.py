@@ -1,0 +1,47 @@
+"""The README's main command, `labelloop demo --quick`, end to end on its own local stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from labelloop.localstack import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home):
+    home = tmp_path / "home"
+    env = {**os.environ, "LABELLOOP_HOME": str(home), "LABELLOOP_LS_PORT": str(free_port()),
+           "LABELLOOP_BACKEND_PORT": str(free_port()), "LABELLOOP_REDIS_PORT": str(free_port()),
+           "LABELLOOP_MONGO_PORT": str(free_port()), "LABELLOOP_APP_PORT": str(free_port())}
+    for inherited in ("REDIS_URL", "FIFTYONE_DATABASE_URI", "MODEL_DIR", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        env.pop(inherited, None)  # the demo's stack provides its own
+    try:
+        run = subprocess.run([sys.executable, "-m", "labelloop.cli", "demo", "--quick", "--no-app"], env=env,
+                             capture_output=True, text=True, timeout=1500)
+        assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+        report = home / "demo" / "report"
+        summary = json.loads((report / "summary.json").read_text())
+        for name in ("report.md", "learning_curve.png", "mislabels_found.png", "confusion_matrix.png"):
+            assert (report / name).stat().st_size > 1000
+        assert len(summary["versions"]) >= 2, "several versions promoted by the loop"
+        assert summary["uncertainty_curve"][-1] > summary["uncertainty_curve"][0]
+        project = summary["project"]
+        newest = httpx.get(f"{summary['backend']}/versions", params={"project": project}).json()["serving"][str(project)]
+        state = json.loads((home / "stack" / "state.json").read_text())
+        token = state["label_studio"]["token"]
+        predictions = httpx.get(f"{summary['label_studio']}/api/predictions", params={"project": project},
+                                headers={"Authorization": f"Token {token}"}).json()
+        assert any(p["model_version"] == newest for p in predictions)
+        assert "Label Studio" in run.stdout and "stack down" in run.stdout
+    finally:
+        subprocess.run([sys.executable, "-m", "labelloop.cli", "stack", "down"], env=env, timeout=120)
+    status = subprocess.run([sys.executable, "-m", "labelloop.cli", "stack", "status"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "running" not in status.stdout.replace("stopped", "")
