@@ -58,29 +58,34 @@ class Studio:
 
 
 def _wait_for_version(backend: str, project: int, studio: Studio, after: set[str], unlabeled: int,
-                      timeout: float) -> str:
-    """Wait until a version newer than ``after`` serves and its predictions reached every unlabeled task."""
+                      since: float, timeout: float) -> str:
+    """Wait until the jobs this round's annotations started have finished; return the version serving
+    then. A new version must also have its predictions on every unlabeled task in Label Studio; when
+    the round's training was kept out of service (not better), the previous version goes on serving."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        info = httpx.get(f"{backend}/versions", params={"project": project}, timeout=10).json()
-        serving = info["serving"].get(str(project))
-        jobs = httpx.get(f"{backend}/jobs", params={"project": project, "limit": 20}, timeout=10).json()["jobs"]
+        jobs = httpx.get(f"{backend}/jobs", params={"project": project, "limit": 50}, timeout=10).json()["jobs"]
         busy = [j for j in jobs if j["state"] in ("queued", "running")]
+        ours = [j for j in jobs if j["kind"] == "train" and j["created_at"] >= since]
         if busy:
             message = f"{busy[0]['kind']}: {busy[0].get('message', '')}"
             if message != last:
                 _say(f"  {message}")
                 last = message
-        elif serving and serving not in after:
-            predicted = {p["task"] for p in studio.call("GET", "/api/predictions", params={"project": project})
-                         if p["model_version"] == serving}
-            if len(predicted) >= unlabeled:
+        elif ours:
+            serving = httpx.get(f"{backend}/versions", params={"project": project}, timeout=10).json()["serving"].get(
+                str(project))
+            if serving and serving not in after:
+                predicted = {p["task"] for p in studio.call("GET", "/api/predictions", params={"project": project})
+                             if p["model_version"] == serving}
+                if len(predicted) >= unlabeled:
+                    return serving
+            elif serving:
+                _say(f"  this round's training was not better: {ours[0].get('reason', '')}")
                 return serving
-        elif not busy and jobs and jobs[0]["state"] in ("skipped", "failed") and serving in after:
-            return serving  # nothing new was promoted (kept the old version): continue with it
         time.sleep(1)
-    raise TimeoutError(f"no new version with predictions within {timeout:.0f} s")
+    raise TimeoutError(f"the round's jobs did not finish within {timeout:.0f} s")
 
 
 def _accuracy(weights_version: str, project: int, test, spec) -> float:
@@ -123,7 +128,8 @@ def run_demo(args) -> int:
     from . import stack
 
     quick = bool(getattr(args, "quick", False))
-    n_images, rounds, first, per_round = (120, 3, 20, 20) if quick else (300, 5, 30, 30)
+    # From-scratch training needs ~100 labels before it beats the majority class on these images.
+    n_images, rounds, first, per_round = (200, 3, 40, 40) if quick else (400, 6, 40, 40)
     workdir = Path(args.workdir or settings().home / "demo").expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
     # Small images: the model trains in seconds per round on 2 CPU cores (settings follow the data).
@@ -158,7 +164,7 @@ def run_demo(args) -> int:
 
     _say(f"4/6 active learning: {first} random labels, then {rounds - 1} rounds of the {per_round} least-confident")
     labeled: set[int] = set()
-    versions: set[str] = set()
+    versions: set[str] = set()  # versions that served after a round
     budgets, curve = [], []
     order = [t["id"] for t in tasks]
     random.Random(7).shuffle(order)
@@ -169,11 +175,12 @@ def run_demo(args) -> int:
             ranked = [t["id"] for t in studio.tasks(project, ordering=["tasks:predictions_score"])
                       if t["id"] not in labeled and t.get("total_predictions")]
             batch = ranked[:per_round]
+        since = time.time()
         for task_id in batch:  # the simulated labeler, with its 10 % of mistakes
             studio.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": _choice_result(noisy[image_of[task_id]])})
         labeled.update(batch)
         _say(f"  round {round_no + 1}: labeled {len(labeled)} tasks; waiting for the loop (webhook → Celery)")
-        version = _wait_for_version(backend, project, studio, versions, len(tasks) - len(labeled),
+        version = _wait_for_version(backend, project, studio, versions, len(tasks) - len(labeled), since,
                                     timeout=600)
         versions.add(version)
         budgets.append(len(labeled))
@@ -204,8 +211,9 @@ def run_demo(args) -> int:
     out = _write_report(workdir / "report", budgets, curve, random_curve, found, len(flipped_tasks), evaluation,
                         mislabels, sent)
     summary = json.loads((out.parent / "summary.json").read_text())
-    summary.update(project=project, versions=sorted(versions), label_studio=ls_url, backend=backend,
-                   dataset=report.dataset)
+    jobs = httpx.get(f"{backend}/jobs", params={"project": project, "limit": 500}, timeout=10).json()["jobs"]
+    promoted = sorted({j["version"] for j in jobs if j.get("promoted")}, key=lambda v: int(v.rsplit("v", 1)[1]))
+    summary.update(project=project, versions=promoted, label_studio=ls_url, backend=backend, dataset=report.dataset)
     (out.parent / "summary.json").write_text(json.dumps(summary, indent=2))
     app = services.get("fiftyone", {}).get("url")
     print(f"""

@@ -304,12 +304,8 @@ def ensure_version_predictions(dataset, view, version: str | None, progress: Pro
     return prefix + "predictions"
 
 
-def evaluate_model(view, version: str | None = None, split: str | None = "val", cohort: str | None = None,
-                   confidence: float = 0.8, progress: Progress | None = None) -> dict[str, Any]:
-    """Per-class precision/recall/F1 and a confusion matrix (a FiftyOne evaluation run: its cells open
-    their samples in the App's Model Evaluation panel), a saved view of high-confidence mistakes, and
-    metrics per cohort of any field or tag (``cohort="tags"`` or a field name)."""
-    fo = import_fiftyone()
+def _labeled_scope(view, split: str | None):
+    """(dataset, spec, the labeled samples of ``view`` in ``split``); an error when there are none."""
     from fiftyone import ViewField as F
 
     dataset = root_dataset(view)
@@ -319,6 +315,17 @@ def evaluate_model(view, version: str | None = None, split: str | None = "val", 
         scope = scope.match(F("tuning_split") == split)
     if len(scope) == 0:
         raise AnalysisError(f"no labeled sample in the {split or 'whole'} split of this view")
+    return dataset, spec, scope
+
+
+def evaluate_model(view, version: str | None = None, split: str | None = "val", cohort: str | None = None,
+                   confidence: float = 0.8, progress: Progress | None = None) -> dict[str, Any]:
+    """Per-class precision/recall/F1 and a confusion matrix (a FiftyOne evaluation run: its cells open
+    their samples in the App's Model Evaluation panel), a saved view of high-confidence mistakes, and
+    metrics per cohort of any field or tag (``cohort="tags"`` or a field name)."""
+    from fiftyone import ViewField as F
+
+    dataset, spec, scope = _labeled_scope(view, split)
     pred_field = ensure_version_predictions(dataset, scope, version, progress)
     eval_key = "eval_" + (version or "serving").replace("-", "_")
     if eval_key in dataset.list_evaluations():
@@ -365,14 +372,7 @@ def compare_versions(view, version_a: str, version_b: str, split: str | None = "
                      progress: Progress | None = None) -> dict[str, Any]:
     """Samples that gained or lost correctness from ``version_a`` to ``version_b``, and changed
     predictions: tags ``diff:gained``/``diff:lost``/``diff:changed`` and a saved view each."""
-    fo = import_fiftyone()
-    from fiftyone import ViewField as F
-
-    dataset = root_dataset(view)
-    spec = spec_of(dataset)
-    scope = view.exists("ground_truth")
-    if split:
-        scope = scope.match(F("tuning_split") == split)
+    dataset, spec, scope = _labeled_scope(view, split)
     errors = {}
     fields = {}
     for version in (version_a, version_b):

@@ -163,21 +163,29 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20) ->
              "--dir", str(data_dir)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    url = f"redis://127.0.0.1:{port}/0"
-    managed = ManagedProcess("redis", process, url, log)
+    managed = ManagedProcess("redis", process, f"redis://127.0.0.1:{port}/0", log)
+
+    def pong() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+
+    return _wait_until(pong, managed, timeout, f"redis-server on {port}")
+
+
+def _wait_until(probe, managed: ManagedProcess, timeout: float, what: str, every: float = 0.2) -> ManagedProcess:
+    """Poll ``probe()`` (exceptions count as not yet) until true; stop the process and fail on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return managed
-        except OSError:
+            if probe():
+                return managed
+        except Exception:
             pass
-        if process.poll() is not None or time.monotonic() > deadline:
+        if managed.process.poll() is not None or time.monotonic() > deadline:
             managed.stop()
-            raise RuntimeError(f"redis-server on {port} did not start\n{_tail(log)}")
-        time.sleep(0.1)
+            raise RuntimeError(f"{what} did not start\n{_tail(managed.log)}")
+        time.sleep(every)
 
 
 def start_worker(home: Path, queues: str = "train,predict", env: dict[str, str] | None = None,
@@ -193,13 +201,7 @@ def start_worker(home: Path, queues: str = "train,predict", env: dict[str, str] 
             env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     managed = ManagedProcess("worker", process, "", log, {"name": name})
-    deadline = time.monotonic() + timeout
-    while b"ready." not in (log.read_bytes() if log.exists() else b""):
-        if process.poll() is not None or time.monotonic() > deadline:
-            managed.stop()
-            raise RuntimeError(f"worker {name} did not become ready\n{_tail(log)}")
-        time.sleep(0.3)
-    return managed
+    return _wait_until(lambda: b"ready." in log.read_bytes(), managed, timeout, f"worker {name}", every=0.3)
 
 
 def start_mongod(data_dir: Path, port: int | None = None, timeout: float = 30) -> ManagedProcess:
@@ -225,25 +227,17 @@ def start_mongod(data_dir: Path, port: int | None = None, timeout: float = 30) -
         )
     url = f"mongodb://127.0.0.1:{port}"
     managed = ManagedProcess("mongod", process, url, log)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                pass
-            import pymongo
 
-            client = pymongo.MongoClient(url, serverSelectionTimeoutMS=1000, connectTimeoutMS=1000)
-            try:
-                client.admin.command("ping")
-                return managed
-            finally:
-                client.close()
-        except Exception:  # OSError until it listens, pymongo errors while it starts up
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            managed.stop()
-            raise RuntimeError(f"mongod on {port} did not start\n{_tail(log)}")
-        time.sleep(0.2)
+    def ping() -> bool:
+        import pymongo
+
+        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=1000, connectTimeoutMS=1000)
+        try:
+            return bool(client.admin.command("ping"))
+        finally:
+            client.close()
+
+    return _wait_until(ping, managed, timeout, f"mongod on {port}")
 
 
 def start_fiftyone_app(env: dict[str, str], port: int | None = None, dataset: str | None = None,

@@ -67,7 +67,7 @@ def choose_settings(n_train: int, image_sides: list[int], task: str, env: Settin
     side = statistics.median(image_sides) if image_sides else 320
     imgsz = int(min(640, max(64, math.ceil(side / 32) * 32)))
     epochs = int(min(100, max(10, math.ceil(TARGET_IMAGES_SEEN / max(1, n_train)))))
-    batch = int(min(16, max(2, n_train)))
+    batch = _batch_without_single_remainder(n_train)
     settings = TrainSettings(
         epochs=env.epochs or epochs,
         imgsz=env.imgsz or imgsz,
@@ -80,6 +80,14 @@ def choose_settings(n_train: int, image_sides: list[int], task: str, env: Settin
     # Small data from scratch sits at chance for many epochs before it learns: no early stop there.
     settings.patience = settings.epochs if n_train < SMALL_DATA else max(10, settings.epochs // 3)
     return settings
+
+
+def _batch_without_single_remainder(n_train: int, largest: int = 16) -> int:
+    """The largest batch <= 16 that does not leave a last batch of one image (BatchNorm cannot train on it)."""
+    batch = int(min(largest, max(2, n_train)))
+    while batch > 2 and n_train % batch == 1:
+        batch -= 1
+    return batch
 
 
 def _small_data_args(task: str) -> dict[str, Any]:

@@ -28,8 +28,9 @@ def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home
         assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
         report = home / "demo" / "report"
         summary = json.loads((report / "summary.json").read_text())
-        for name in ("report.md", "learning_curve.png", "mislabels_found.png", "confusion_matrix.png"):
-            assert (report / name).stat().st_size > 1000
+        assert "Learning curve" in (report / "report.md").read_text()
+        for name in ("learning_curve.png", "mislabels_found.png", "confusion_matrix.png"):
+            assert (report / name).stat().st_size > 5000
         assert len(summary["versions"]) >= 2, "several versions promoted by the loop"
         assert summary["uncertainty_curve"][-1] > summary["uncertainty_curve"][0]
         project = summary["project"]
