@@ -129,11 +129,12 @@ def run_demo(args) -> int:
 
     quick = bool(getattr(args, "quick", False))
     # From-scratch training needs ~100 labels before it beats the majority class on these images.
-    n_images, rounds, first, per_round = (200, 3, 40, 40) if quick else (400, 6, 40, 40)
+    n_images, rounds, first, per_round = (240, 4, 40, 40) if quick else (400, 6, 40, 40)
     workdir = Path(args.workdir or settings().home / "demo").expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
     # Small images: the model trains in seconds per round on 2 CPU cores (settings follow the data).
     os.environ.setdefault("LABELLOOP_IMGSZ", "32")
+    os.environ.setdefault("LABELLOOP_EPOCHS", "80")  # cheap at 32 px; from scratch needs the passes
 
     _say("1/6 bringing the stack up")
     state = stack.up(say=lambda m: _say("  " + m), app=not getattr(args, "no_app", False))
@@ -143,9 +144,9 @@ def run_demo(args) -> int:
     backend, ls_url = services["backend"]["url"], services["label-studio"]["url"]
     studio = Studio(ls_url, state["label_studio"]["token"])
 
-    _say(f"2/6 generating {n_images} images (+60 test images), 10 % of the labeler's answers wrong")
+    _say(f"2/6 generating {n_images} images (+150 test images), 10 % of the labeler's answers wrong")
     data = generate_shapes(workdir / "data", n=n_images, seed=7, size=64, max_objects=1, style="simple")
-    test = generate_shapes(workdir / "test", n=60, seed=8, size=64, max_objects=1, style="simple")
+    test = generate_shapes(workdir / "test", n=150, seed=8, size=64, max_objects=1, style="simple")
     noisy, flipped = flip_image_labels(data, 0.1, seed=7)
     spec = parse_label_config(label_config(TASK_TYPE))
 
@@ -279,7 +280,7 @@ def _write_report(directory: Path, budgets, curve, random_curve, found, n_flippe
     at = lambda k: found[min(k, len(found)) - 1] if found else 0  # noqa: E731
     text = f"""# labelloop demo report
 
-## Learning curve (test accuracy on 60 held-out images)
+## Learning curve (test accuracy on 150 held-out images)
 
 ![learning curve](learning_curve.png)
 

@@ -14,6 +14,7 @@ skipped), progress 0..1, message, metrics, reason, version, timestamps, attempts
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -25,7 +26,8 @@ from labelloop.config import settings
 PREFIX = "labelloop"
 FINISHED = ("done", "failed", "skipped")
 RECORD_TTL = 14 * 24 * 3600
-LOCK_TTL = 60  # seconds; renewed by the holder every LOCK_TTL / 4, so a dead holder frees it within a minute
+# seconds; renewed by the holder every LOCK_TTL / 4, so a dead holder frees it within a minute
+LOCK_TTL = int(os.environ.get("LABELLOOP_LOCK_TTL", "60"))
 
 
 def connect(url: str | None = None) -> redis.Redis:

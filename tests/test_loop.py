@@ -210,7 +210,7 @@ def test_label_studio_unreachable_fails_the_job_with_the_reason(isolated):
 
 def test_worker_killed_mid_training_is_redelivered_and_leaves_no_half_version(isolated, loop_project):
     project = loop_project["id"]
-    first = isolated["worker"](LABELLOOP_EPOCHS="60", LABELLOOP_VISIBILITY_TIMEOUT="10")
+    first = isolated["worker"](LABELLOOP_EPOCHS="60", LABELLOOP_VISIBILITY_TIMEOUT="10", LABELLOOP_LOCK_TTL="12")
     job = enqueue_training(isolated, project)
     wait_for(lambda: (j := isolated["store"].get(job["id"]))["progress"] > 0.05 and "epoch" in j["message"], 180,
              "training to be under way")
@@ -220,7 +220,7 @@ def test_worker_killed_mid_training_is_redelivered_and_leaves_no_half_version(is
     assert not versions_dir.exists() or not any(versions_dir.iterdir())
     assert isolated["store"].get(job["id"])["state"] == "running"  # as the dead worker left it
 
-    isolated["worker"](LABELLOOP_EPOCHS="2", LABELLOOP_VISIBILITY_TIMEOUT="10")
+    isolated["worker"](LABELLOOP_EPOCHS="2", LABELLOOP_VISIBILITY_TIMEOUT="10", LABELLOOP_LOCK_TTL="12")
     final = wait_for(lambda: (j := isolated["store"].get(job["id"]))["state"] in ("done", "failed") and j,
                      240, "the re-delivered job to finish")
     assert final["state"] == "done", final
