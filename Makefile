@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/labelloop demo
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=12
 
 bench: setup
 	.venv/bin/python bench/predict_overhead.py

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 LOCK_WAIT_S = 5  # a training waiting for its project's lock looks again this often
 # Annotation events start their training a few seconds late: Label Studio sends the webhook while it
 # is still saving (the export may not show the annotation yet), and a labeler's next saves join it.
-DEBOUNCE_S = 3
+DEBOUNCE_S = 5
 
 
 # -- what the service calls (fast: one or two Redis round trips) -------------------------------------

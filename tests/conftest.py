@@ -66,7 +66,7 @@ def shapes_eval(tmp_path_factory, run_home):
     return generate_shapes(tmp_path_factory.mktemp("shapes-eval"), n=12, seed=99)
 
 
-EPOCHS = {"detection": 40, "segmentation": 40, "classification": 20}
+EPOCHS = {"detection": 30, "segmentation": 30, "classification": 20}
 
 
 @dataclass

@@ -63,7 +63,8 @@ def test_out_of_sample_loss_finds_flipped_labels(spec, tmp_path, run_home, monke
     assert np.mean(aurocs) >= 0.7, aurocs
 
 
-def test_uncertainty_sampling_picks_more_model_errors_than_random(spec, tmp_path, run_home):
+def test_uncertainty_sampling_picks_more_model_errors_than_random(spec, tmp_path, run_home, monkeypatch):
+    monkeypatch.setenv("LABELLOOP_EPOCHS", "40")
     gains = []
     for seed in SEEDS:
         labeled = generate_shapes(tmp_path / f"labeled{seed}", n=200, seed=200 + seed, max_objects=1, style=STYLE)
@@ -80,5 +81,6 @@ def test_uncertainty_sampling_picks_more_model_errors_than_random(spec, tmp_path
         random_rate = wrong.mean()  # what k random picks get on average
         gains.append(wrong[picked].mean() - random_rate)
         assert 0.05 < random_rate < 0.95, "the model must be neither useless nor perfect for this test to mean anything"
-    assert np.mean(gains) > 0.1, f"uncertain picks hold only {np.mean(gains):+.2f} more errors than random"
-    assert sum(g > 0 for g in gains) >= len(SEEDS) - 1
+    # every seed: the k most uncertain hold more errors than k random picks would, by 5 points on average
+    assert all(g > 0 for g in gains), gains
+    assert np.mean(gains) > 0.05, f"uncertain picks hold only {np.mean(gains):+.2f} more errors than random"
