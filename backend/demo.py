@@ -26,7 +26,7 @@ import httpx
 from .config import settings
 from .labelconfig import parse_label_config
 from .media import LocalFileFetcher
-from .shapes import flip_image_labels, generate_shapes, label_config
+from .shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
 TASK_TYPE = "classification"  # learnable from scratch on 2 CPU cores in minutes (see README)
 
@@ -114,8 +114,7 @@ def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: 
     with tempfile.TemporaryDirectory(prefix="labelloop-demo-random-") as tmp:
         registry = Registry(tmp)
         for budget in budgets:
-            tasks = [{"id": i + 1, "data": {"image": str(data.images_dir / data.images[i].file)},
-                      "annotations": [{"id": i + 1, "result": _choice_result(noisy[i])}]} for i in order[:budget]]
+            tasks = to_label_studio_tasks(data, TASK_TYPE, labels=noisy, indices=order[:budget])
             outcome = train_new_version(registry, "random", tasks, spec, LocalFileFetcher())
             model = load_model(registry.serving("random").weights, outcome.manifest.version)
             preds = predict_images(model, [test.images_dir / im.file for im in test.images], spec, 0.5)

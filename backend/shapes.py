@@ -592,15 +592,23 @@ def label_config(task_type: str, classes=CLASSES, threshold: float | None = None
     return f'<View><Image name="image" value="$image"/><{tag} name="label" toName="image"{extra}>{labels}</{tag}></View>'
 
 
-def to_label_studio_tasks(dataset, task_type: str, url_of=None, noisy: bool = False, start_id: int = 1) -> list[dict]:
-    """Label Studio tasks with one annotation each, from the generator's (clean or noisy) labels."""
+def to_label_studio_tasks(dataset, task_type: str, url_of=None, noisy: bool = False, start_id: int = 1,
+                          labels: Sequence[str] | None = None, indices: Sequence[int] | None = None) -> list[dict]:
+    """Label Studio tasks with one annotation each, from the generator's (clean or noisy) labels.
+
+    ``labels`` (classification) replaces the image labels, e.g. by ``flip_image_labels``' noisy ones;
+    ``indices`` picks which images become tasks (default all); task ids are ``start_id + index``.
+    """
     images = dataset.noisy if noisy else dataset.images
     url_of = url_of or (lambda image: str(dataset.images_dir / image.file))
-    return [
-        {"id": start_id + k, "data": {"image": url_of(image)},
-         "annotations": [{"id": start_id + k, "result": to_label_studio_result(image, task_type)}]}
-        for k, image in enumerate(images)
-    ]
+    tasks = []
+    for k in (range(len(images)) if indices is None else indices):
+        result = to_label_studio_result(images[k], task_type)
+        if labels is not None:
+            result[0]["value"]["choices"] = [labels[k]]
+        tasks.append({"id": start_id + k, "data": {"image": url_of(images[k])},
+                      "annotations": [{"id": start_id + k, "result": result}]})
+    return tasks
 
 
 def flip_image_labels(dataset: ShapesDataset, rate: float, seed: int) -> tuple[list[str], list[int]]:

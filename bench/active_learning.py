@@ -72,12 +72,6 @@ def parse_args(argv=None):
     return args
 
 
-def task(index: int, path: Path, label: str) -> dict:
-    return {"id": index + 1, "data": {"image": str(path)},
-            "annotations": [{"id": index + 1, "result": [{"from_name": "label", "to_name": "image",
-                                                          "type": "choices", "value": {"choices": [label]}}]}]}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="labelloop-bench-al-"))
@@ -92,7 +86,7 @@ def main(argv=None) -> int:
     from labelloop.pipeline import train_new_version
     from labelloop.predict import embed_images, load_model, predict_images
     from labelloop.registry import Registry
-    from labelloop.shapes import generate_shapes, label_config
+    from labelloop.shapes import generate_shapes, label_config, to_label_studio_tasks
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()
@@ -115,8 +109,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         pool = generate_shapes(work / f"pool{seed}", n=args.pool, seed=500 + seed, max_objects=1, style="simple")
         paths = [pool.images_dir / im.file for im in pool.images]
-        labels = [im.label for im in pool.images]
-        all_tasks = [task(i, p, y) for i, (p, y) in enumerate(zip(paths, labels))]
+        all_tasks = to_label_studio_tasks(pool, "classification")
 
         t0 = time.perf_counter()
         train_new_version(registry, f"full-{seed}", all_tasks, spec, fetcher)

@@ -69,13 +69,6 @@ def parse_args(argv=None):
     return args
 
 
-def tasks_with_labels(dataset, labels, start_id=1):
-    return [{"id": start_id + i, "data": {"image": str(dataset.images_dir / im.file)},
-             "annotations": [{"id": start_id + i, "result": [{"from_name": "label", "to_name": "image",
-                                                              "type": "choices", "value": {"choices": [labels[i]]}}]}]}
-            for i, im in enumerate(dataset.images)]
-
-
 def fiftyone_scores(fo, fob, paths, noisy, probs, classes, name):
     """Mistakenness (logits and confidence) from FiftyOne Brain for the given outputs, in order."""
     dataset = fo.Dataset(name)
@@ -154,7 +147,7 @@ def run(args, work, fo, fob):
     from labelloop.pipeline import cross_val_predictions, train_new_version
     from labelloop.predict import load_model, predict_images
     from labelloop.registry import Registry
-    from labelloop.shapes import flip_image_labels, generate_shapes, label_config
+    from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()
@@ -167,7 +160,7 @@ def run(args, work, fo, fob):
         for noise in args.noise:
             t0 = time.perf_counter()
             noisy, flipped = flip_image_labels(data, noise, seed)
-            tasks = tasks_with_labels(data, noisy)
+            tasks = to_label_studio_tasks(data, "classification", labels=noisy)
             is_flip = np.zeros(len(tasks), dtype=bool)
             is_flip[flipped] = True
             k = len(flipped)

@@ -17,7 +17,7 @@ from labelloop.media import LocalFileFetcher
 from labelloop.pipeline import cross_val_predictions, train_new_version
 from labelloop.predict import load_model, predict_images
 from labelloop.registry import Registry
-from labelloop.shapes import flip_image_labels, generate_shapes, label_config
+from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
 SEEDS = (1, 2, 3)
 MISLABEL_SEEDS = (1, 2)  # each seed trains 3 fold models: the costliest test of the suite
@@ -33,13 +33,6 @@ def small_fast_training(monkeypatch):
     monkeypatch.setenv("LABELLOOP_EPOCHS", "60")
 
 
-def tasks_with_labels(dataset, labels, start_id=1):
-    return [{"id": start_id + i, "data": {"image": str(dataset.images_dir / im.file)},
-             "annotations": [{"id": start_id + i, "result": [{"from_name": "label", "to_name": "image",
-                                                              "type": "choices", "value": {"choices": [labels[i]]}}]}]}
-            for i, im in enumerate(dataset.images)]
-
-
 @pytest.fixture(scope="module")
 def spec():
     return parse_label_config(label_config("classification"))
@@ -51,7 +44,7 @@ def test_out_of_sample_loss_finds_flipped_labels(spec, tmp_path, run_home, monke
     for seed in MISLABEL_SEEDS:
         data = generate_shapes(tmp_path / f"data{seed}", n=240, seed=100 + seed, max_objects=1, style=STYLE)
         noisy, flipped = flip_image_labels(data, NOISE, seed)
-        tasks = tasks_with_labels(data, noisy)
+        tasks = to_label_studio_tasks(data, "classification", labels=noisy)
         outputs = cross_val_predictions(tasks, spec, LocalFileFetcher(), folds=3)
         losses = [scoring.classification_loss(outputs[t["id"]].class_probs, noisy[i]) for i, t in enumerate(tasks)]
         is_flip = [i in set(flipped) for i in range(len(tasks))]
@@ -70,8 +63,8 @@ def test_uncertainty_sampling_picks_more_model_errors_than_random(spec, tmp_path
         labeled = generate_shapes(tmp_path / f"labeled{seed}", n=200, seed=200 + seed, max_objects=1, style=STYLE)
         pool = generate_shapes(tmp_path / f"pool{seed}", n=150, seed=300 + seed, max_objects=1, style=STYLE)
         registry = Registry(tmp_path / f"models{seed}")
-        outcome = train_new_version(registry, seed, tasks_with_labels(labeled, [im.label for im in labeled.images]),
-                                    spec, LocalFileFetcher())
+        outcome = train_new_version(registry, seed, to_label_studio_tasks(labeled, "classification"), spec,
+                                    LocalFileFetcher())
         model = load_model(outcome.manifest.weights, outcome.manifest.version)
         preds = predict_images(model, [pool.images_dir / im.file for im in pool.images], spec, 0.5)
         wrong = np.array([p.regions[0].label != im.label for p, im in zip(preds, pool.images)])
