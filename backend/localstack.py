@@ -32,21 +32,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    """Poll ``url`` until it answers 200; fail early, with the log tail, if the process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {process.returncode}\n{_tail(log)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s\n{_tail(log)}")
-
-
 def _tail(log: Path | None, lines: int = 40) -> str:
     if log is None or not log.exists():
         return ""
@@ -117,12 +102,8 @@ def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path
     url = f"http://127.0.0.1:{port}"
     managed = ManagedProcess("label-studio", process, url, log,
                              {"username": username, "password": password, "token": token, "files_root": str(files_root)})
-    try:
-        wait_http(f"{url}/health", timeout, process, log)
-    except Exception:
-        managed.stop()
-        raise
-    return managed
+    return _wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, managed, timeout,
+                       f"{managed.name} at {url}", every=0.5)
 
 
 def start_backend(home: Path, port: int | None = None, env: dict[str, str] | None = None,
@@ -139,12 +120,8 @@ def start_backend(home: Path, port: int | None = None, env: dict[str, str] | Non
         )
     url = f"http://127.0.0.1:{port}"
     managed = ManagedProcess("backend", process, url, log)
-    try:
-        wait_http(f"{url}/health", timeout, process, log)
-    except Exception:
-        managed.stop()
-        raise
-    return managed
+    return _wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, managed, timeout,
+                       f"{managed.name} at {url}", every=0.5)
 
 
 def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20) -> ManagedProcess:
@@ -263,9 +240,5 @@ def start_fiftyone_app(env: dict[str, str], port: int | None = None, dataset: st
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     managed = ManagedProcess("fiftyone-app", process, url, log, {"dataset": dataset})
-    try:
-        wait_http(f"{url}/", timeout, process, log)
-    except Exception:
-        managed.stop()
-        raise
-    return managed
+    return _wait_until(lambda: httpx.get(f"{url}/", timeout=2).status_code == 200, managed, timeout,
+                       f"{managed.name} at {url}", every=0.5)
