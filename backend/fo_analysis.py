@@ -318,6 +318,15 @@ def _labeled_scope(view, split: str | None):
     return dataset, spec, scope
 
 
+def computed_on(split: str | None) -> str:
+    """Which samples a metric was computed on, in words an analyst can weigh."""
+    if split == "val":
+        return "held-out tuning split (labeled tasks no version trained on)"
+    if split == "train":
+        return "training samples (optimistic: the model learned these labels)"
+    return "all labeled samples (optimistic: most are the model's own training samples)"
+
+
 def evaluate_model(view, version: str | None = None, split: str | None = "val", cohort: str | None = None,
                    confidence: float = 0.8, progress: Progress | None = None) -> dict[str, Any]:
     """Per-class precision/recall/F1 and a confusion matrix (a FiftyOne evaluation run: its cells open
@@ -343,7 +352,9 @@ def evaluate_model(view, version: str | None = None, split: str | None = "val", 
     matrix = results.confusion_matrix(classes=classes)
     out = {"eval_key": eval_key, "prediction_field": pred_field, "report": report,
            "confusion_matrix": {"classes": classes, "matrix": np.asarray(matrix).tolist()},
-           "high_confidence_mistakes": len(mistakes)}
+           "high_confidence_mistakes": len(mistakes), "samples": len(scope), "computed_on": computed_on(split)}
+    if spec.task_type == "classification":
+        out["accuracy"] = float(results.metrics()["accuracy"])
     if cohort:
         out["cohorts"] = cohort_metrics(scope, eval_key, cohort, spec)
     return out

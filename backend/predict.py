@@ -55,6 +55,7 @@ class LoadedModel:
     task: str  # classify | detect | segment
     names: dict[int, str]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    temperature: float = 1.0  # classification: probabilities are softmax(log p / T) (see calibration.py)
 
 
 _cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
@@ -76,13 +77,26 @@ def load_model(path: str | Path, version: str) -> LoadedModel:
             return cached
     YOLO = import_yolo()
     yolo = YOLO(str(path))
-    model = LoadedModel(yolo=yolo, path=path, version=version, task=yolo.task, names=dict(yolo.names))
+    model = LoadedModel(yolo=yolo, path=path, version=version, task=yolo.task, names=dict(yolo.names),
+                        temperature=_temperature_beside(path))
     log.info("loaded model %s (%s, %d classes) from %s", version, model.task, len(model.names), path)
     with _cache_lock:
         _cache[key] = model
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return model
+
+
+def _temperature_beside(weights: Path) -> float:
+    """The calibration temperature in the registry manifest next to ``weights`` (1.0 for foreign weights)."""
+    import json
+
+    try:
+        data = json.loads((weights.parent / "manifest.json").read_text())
+        temperature = float((data.get("calibration") or {}).get("temperature") or 1.0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1.0
+    return temperature if 0.0 < temperature < 1000.0 else 1.0
 
 
 _capture = threading.local()
@@ -178,7 +192,7 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
     height, width = (int(v) for v in result.orig_shape)
     pred = ImagePrediction(width=width, height=height)
     if model.task == "classify":
-        return _convert_classification(result, pred, label_of)
+        return _convert_classification(result, pred, label_of, model.temperature)
 
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
@@ -211,10 +225,15 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
     return pred
 
 
-def _convert_classification(result, pred: ImagePrediction, label_of: dict[int, str]) -> ImagePrediction:
+def _convert_classification(result, pred: ImagePrediction, label_of: dict[int, str],
+                            temperature: float = 1.0) -> ImagePrediction:
+    from .calibration import apply_temperature
+
     probs = result.probs.data.cpu().numpy().astype(float)
     indices = sorted(label_of)
     mapped = scoring.normalize([probs[i] for i in indices])
+    if temperature != 1.0:
+        mapped = apply_temperature(mapped, temperature)
     pred.class_probs = {label_of[i]: float(p) for i, p in zip(indices, mapped)}
     best = int(np.argmax(mapped))
     pred.regions.append(Region(label=label_of[indices[best]], score=float(mapped[best]), class_index=indices[best]))

@@ -50,6 +50,7 @@ class Manifest:
     base: str = ""  # yaml config or weights file training started from
     weights_sha256: str = ""
     data_fingerprint: str = ""  # what annotations it was trained on (see datasets.annotation_fingerprint)
+    calibration: dict[str, Any] = field(default_factory=dict)  # classification: temperature fitted on the tuning split
     path: str = ""  # directory (filled when read)
 
     @property

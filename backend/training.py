@@ -21,6 +21,7 @@ from PIL import Image
 
 from .config import Settings, settings as current_settings
 from .datasets import DatasetInfo
+from . import recipe
 from .labelconfig import ControlSpec
 from .yolo_env import import_yolo
 
@@ -29,20 +30,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 
 ULTRALYTICS_TASK = {"classification": "classify", "detection": "detect", "segmentation": "segment"}
-DEFAULT_CONFIG = {"classify": "yolov8n-cls.yaml", "detect": "yolov8n.yaml", "segment": "yolov8n-seg.yaml"}
 # Primary metric per task, on the tuning split: what "better" means when versions are compared.
 PRIMARY_METRIC = {"classify": "top1", "detect": "box_map50_95", "segment": "mask_map50_95"}
-# Images the model should see during one training, spread over epochs (CPU-friendly; small data gets
-# more epochs, large data fewer).
-TARGET_IMAGES_SEEN = 2400
-# Below this many training images there are only a few hundred optimizer steps: no warm-up, no mosaic
-# and a higher AdamW rate learn visibly sooner (measured on the shapes data, 80 images, 30 epochs).
-SMALL_DATA = 300
-SMALL_DATA_ARGS = {"optimizer": "AdamW", "lr0": 0.003, "warmup_epochs": 0, "mosaic": 0.0}
-# Classification: ultralytics' default crops (down to half the area), RandAugment and random erasing
-# often cut the object out of a small image; with little data that is noise, not augmentation
-# (measured: 240 simple shapes at 32 px, 40 epochs: 0.33 → 0.53 test accuracy without them).
-SMALL_DATA_CLASSIFY_ARGS = {"erasing": 0.0, "auto_augment": None, "scale": 0.0}
 
 
 class TrainingError(RuntimeError):
@@ -62,23 +51,22 @@ class TrainSettings:
 
 
 def choose_settings(n_train: int, image_sides: list[int], task: str, env: Settings | None = None) -> TrainSettings:
-    """Settings from the data; each one overridable through the environment."""
+    """Settings from the data (``recipe``); each one overridable through the environment."""
     env = env or current_settings()
     side = statistics.median(image_sides) if image_sides else 320
-    imgsz = int(min(640, max(64, math.ceil(side / 32) * 32)))
-    epochs = int(min(100, max(10, math.ceil(TARGET_IMAGES_SEEN / max(1, n_train)))))
-    batch = _batch_without_single_remainder(n_train)
+    imgsz = int(min(640, max(32, math.ceil(side / 32) * 32)))
+    batch = env.batch or _batch_without_single_remainder(n_train)
     settings = TrainSettings(
-        epochs=env.epochs or epochs,
+        epochs=env.epochs or recipe.epochs_for(n_train, batch),
         imgsz=env.imgsz or imgsz,
-        batch=env.batch or batch,
+        batch=batch,
         patience=0,
         device=env.device or _auto_device(),
         time_hours=(env.train_minutes / 60.0) if env.train_minutes else None,
-        extra={**(_small_data_args(task) if n_train < SMALL_DATA else {}), **env.train_args},
+        extra={**recipe.extra_args(task, n_train), **env.train_args},
     )
-    # Small data from scratch sits at chance for many epochs before it learns: no early stop there.
-    settings.patience = settings.epochs if n_train < SMALL_DATA else max(10, settings.epochs // 3)
+    # Small data from scratch sits near chance for many epochs before it learns: no early stop there.
+    settings.patience = settings.epochs if n_train < recipe.SELECT_BEST_EPOCH_FROM else max(10, settings.epochs // 3)
     return settings
 
 
@@ -88,10 +76,6 @@ def _batch_without_single_remainder(n_train: int, largest: int = 16) -> int:
     while batch > 2 and n_train % batch == 1:
         batch -= 1
     return batch
-
-
-def _small_data_args(task: str) -> dict[str, Any]:
-    return {**SMALL_DATA_ARGS, **(SMALL_DATA_CLASSIFY_ARGS if task == "classify" else {})}
 
 
 def _auto_device() -> str:
@@ -108,8 +92,9 @@ def image_sides(paths: list[Path], limit: int = 200) -> list[int]:
     return sides
 
 
-def choose_base(spec: ControlSpec, model_path: Path | None, env: Settings | None = None) -> str:
-    """What training starts from: the tag's model_path, else LABELLOOP_BASE_MODEL, else a yaml config."""
+def choose_base(spec: ControlSpec, model_path: Path | None, env: Settings | None = None, imgsz: int = 640) -> str:
+    """What training starts from: the tag's model_path, else LABELLOOP_BASE_MODEL, else a yaml config
+    (LABELLOOP_MODEL_CONFIG, or the recipe's architecture for this image size)."""
     env = env or current_settings()
     task = ULTRALYTICS_TASK[spec.task_type]
     if model_path is not None:
@@ -118,7 +103,7 @@ def choose_base(spec: ControlSpec, model_path: Path | None, env: Settings | None
         if not Path(env.base_model).is_file():
             raise TrainingError(f"LABELLOOP_BASE_MODEL={env.base_model} does not exist")
         return env.base_model
-    return env.model_config or DEFAULT_CONFIG[task]
+    return env.model_config or recipe.model_config(task, imgsz)
 
 
 def train(
@@ -167,6 +152,8 @@ def train(
     if train_settings.time_hours:
         kwargs["time"] = train_settings.time_hours
     kwargs.update(train_settings.extra)  # LABELLOOP_TRAIN_ARGS: any ultralytics train argument
+    if wanted == "classify":  # the small-data recipe's augmentation and label smoothing
+        kwargs["trainer"] = recipe.classification_trainer()
     try:
         model.train(**kwargs)
     except Exception as exc:

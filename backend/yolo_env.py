@@ -7,6 +7,7 @@ that imports ultralytics (through ``import_yolo()``), so no face can forget it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from .config import settings
 
 _prepared = False
+log = logging.getLogger(__name__)
 
 
 def prepare() -> Path:
@@ -49,12 +51,28 @@ def _provide_fonts(config_dir: Path) -> None:
             os.replace(tmp, target)
 
 
+class _SplitWithoutEveryClass(logging.Filter):
+    """ultralytics logs a red ERROR when a classification split lacks a class ("found 13 images in 3
+    classes (requires 4 ...)"). With a few dozen labels the tuning split often does: that is
+    expected, training and evaluation handle it, and the manifest's per-class counts show it. The
+    line is demoted to DEBUG on our own logger instead of alarming a labeler's admin."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR and " classes (requires " in message:
+            log.debug("ultralytics: %s", message)
+            return False
+        return True
+
+
 def import_yolo():
     """``ultralytics.YOLO``, imported only after ``prepare()``."""
     prepare()
     from ultralytics import YOLO
-    from ultralytics.utils import SETTINGS
+    from ultralytics.utils import LOGGER, SETTINGS
 
     if SETTINGS.get("sync"):
         SETTINGS.update({"sync": False})  # no analytics calls
+    if not any(isinstance(f, _SplitWithoutEveryClass) for f in LOGGER.filters):
+        LOGGER.addFilter(_SplitWithoutEveryClass())
     return YOLO

@@ -1,26 +1,27 @@
-"""Benchmark: active-learning curves on generated shapes classification, and scoring throughput.
+"""Benchmark: accuracy vs labels on the demo's data — our engine (random and uncertainty picking)
+against a plain-torch tiny CNN and HOG + logistic regression, on the same images, several seeds.
 
-A pool of generated 'simple' shapes (one object per image) with known labels and a fixed test set.
-Every strategy starts from the same random labeled set and adds ``--step`` labels per round:
+The data is what ``labelloop demo`` labels: 'simple' shapes at 64 px, a pool of 400 images whose
+labels are 10 % wrong (the simulated labeler's mistakes), and a fixed, correctly labeled test set
+of 150 images. For each seed:
 
-* ``random``                 — random unlabeled images;
-* ``uncertainty``            — highest ``scoring.least_confidence`` of the current model;
-* ``uncertainty+diversity``  — ``scoring.diverse_top_k`` over the uncertainty scores, on embeddings from
-                               ``predict.embed_images`` of the current model, away from the labeled ones.
+* ``random``      — the engine trained on a random subset of each budget (nested subsets);
+* ``uncertainty`` — the loop: the first budget random, then each round the most uncertain
+                    (``scoring.least_confidence`` of the calibrated probabilities of the version
+                    in service) unlabeled images;
+* ``tiny-cnn``    — ``baselines.tiny_cnn_accuracy`` (fixed recipe: 60 epochs, AdamW 3e-3, flips and
+                    90° turns) on the random strategy's labeled images of that budget;
+* ``hog-lr``      — ``baselines.hog_logreg_accuracy`` on the same images.
 
-Each round retrains with ``pipeline.train_new_version`` in ONE registry project per (strategy, seed),
-as the product does: a round fine-tunes the version in service and the new version is promoted only
-if it is not worse on the tuning split. The curve is the test accuracy of the version in service.
-The reference is one model trained on the whole labeled pool (per seed); the table reports how many
-labels each strategy needs to reach 95 % of it.
-
-Also measured: ms/image of our scoring path (``predict_images`` + classification_loss + uncertainty)
-against the raw ultralytics forward pass (``YOLO.predict``) on the same images.
+Every engine round calls ``pipeline.train_new_version`` in one registry project per (strategy,
+seed), as the product does (promotion only when not worse on the tuning split); the curve is the
+test accuracy of the version in service. "Full pool" is the random strategy's last budget (every
+label in the pool); the table gives the labels each strategy needs to reach 95 % of it.
 
 Usage::
 
-    .venv/bin/python bench/active_learning.py            # 2 seeds, 400 pool, 20 -> 160 labels (~20 min on 2 busy cores)
-    .venv/bin/python bench/active_learning.py --quick    # 1 seed, 20 -> 80 labels; figures go to bench/out/
+    .venv/bin/python bench/active_learning.py            # 3 seeds, 40 -> 400 labels (~45 min on 2 cores)
+    .venv/bin/python bench/active_learning.py --quick    # 1 seed, 40 -> 160 labels; figures go to bench/out/
 
 Full runs write bench/figures/active_learning.png and append the table to bench/figures/active_learning.md;
 raw numbers go to bench/out/active_learning-<stamp>.json.
@@ -42,32 +43,38 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("random", "uncertainty", "uncertainty+diversity")
+STRATEGIES = ("random", "uncertainty")
+BASELINES = ("tiny-cnn", "hog-lr")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="1,2", help="comma-separated seeds (default 1,2)")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     parser.add_argument("--pool", type=int, default=400)
     parser.add_argument("--test", type=int, default=150)
-    parser.add_argument("--start", type=int, default=20, help="random labels before the first round")
-    parser.add_argument("--step", type=int, default=20, help="labels added per round")
-    parser.add_argument("--max-labels", type=int, default=160)
+    parser.add_argument("--size", type=int, default=64, help="image side in px (the demo's: 64)")
+    parser.add_argument("--noise", type=float, default=0.1, help="share of wrong labels in the pool")
+    parser.add_argument("--budgets", default="40,80,120,160,240,320,400")
+    parser.add_argument("--baseline-budgets", default="80,160,400")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--imgsz", type=int, default=32)
+    parser.add_argument("--baselines", default=",".join(BASELINES))
     parser.add_argument("--target", type=float, default=0.95, help="share of the full-pool score to reach")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the throughput timing")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 20 -> 80 labels, pool 300; figures to bench/out/")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 40 -> 160 labels, pool 160; figures to bench/out/")
     parser.add_argument("--figures", default=None, help="where the .png/.md go (default bench/figures, quick: bench/out)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.max_labels, args.pool, args.repeats = "1", 80, 300, 2
+        args.seeds, args.budgets, args.baseline_budgets, args.pool, args.repeats = "1", "40,80,160", "160", 160, 2
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    args.baseline_budgets = [int(b) for b in args.baseline_budgets.split(",") if b.strip()]
     args.strategies = [s for s in args.strategies.split(",") if s.strip()]
-    unknown = set(args.strategies) - set(STRATEGIES)
+    args.baselines = [s for s in args.baselines.split(",") if s.strip()]
+    unknown = (set(args.strategies) - set(STRATEGIES)) | (set(args.baselines) - set(BASELINES))
     if unknown:
-        parser.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+        parser.error(f"unknown strategies/baselines {sorted(unknown)}; choose from {STRATEGIES} and {BASELINES}")
+    if max(args.budgets) > args.pool or sorted(args.budgets) != args.budgets:
+        parser.error("budgets must increase and stay within the pool")
     args.figures = Path(args.figures) if args.figures else HERE / ("out" if args.quick else "figures")
     return args
 
@@ -77,24 +84,21 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="labelloop-bench-al-"))
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
-    os.environ["LABELLOOP_IMGSZ"] = str(args.imgsz)
-    os.environ["LABELLOOP_EPOCHS"] = str(args.epochs)
 
-    from labelloop import scoring
+    from labelloop import baselines, scoring
     from labelloop.labelconfig import parse_label_config
     from labelloop.media import LocalFileFetcher
     from labelloop.pipeline import train_new_version
-    from labelloop.predict import embed_images, load_model, predict_images
+    from labelloop.predict import load_model, predict_images
     from labelloop.registry import Registry
-    from labelloop.shapes import generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()
     registry = Registry(work / "models")
-    test = generate_shapes(work / "test", n=args.test, seed=999, max_objects=1, style="simple")
+    test = generate_shapes(work / "test", n=args.test, seed=999, size=args.size, max_objects=1, style="simple")
     test_paths = [test.images_dir / im.file for im in test.images]
     test_labels = [im.label for im in test.images]
-    budgets = list(range(args.start, args.max_labels + 1, args.step))
     started = time.perf_counter()
 
     def accuracy(model) -> float:
@@ -105,56 +109,63 @@ def main(argv=None) -> int:
         manifest = registry.serving(project)
         return load_model(manifest.weights, manifest.version)
 
-    runs, references = [], {}
+    runs = []
     for seed in args.seeds:
-        pool = generate_shapes(work / f"pool{seed}", n=args.pool, seed=500 + seed, max_objects=1, style="simple")
+        pool = generate_shapes(work / f"pool{seed}", n=args.pool, seed=500 + seed, size=args.size, max_objects=1,
+                               style="simple")
         paths = [pool.images_dir / im.file for im in pool.images]
-        all_tasks = to_label_studio_tasks(pool, "classification")
-
-        t0 = time.perf_counter()
-        train_new_version(registry, f"full-{seed}", all_tasks, spec, fetcher)
-        references[seed] = accuracy(serving_model(f"full-{seed}"))
-        print(f"seed {seed}: full pool ({args.pool} labels) test accuracy {references[seed]:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-
-        initial = np.random.default_rng([seed, 31]).choice(args.pool, size=args.start, replace=False).tolist()
+        noisy, flipped = flip_image_labels(pool, args.noise, seed)
+        all_tasks = to_label_studio_tasks(pool, "classification", labels=noisy)
+        order = np.random.default_rng([seed, 31]).permutation(args.pool).tolist()
+        random_sets: dict[int, list[int]] = {}
         for strategy in args.strategies:
-            project = f"{strategy.replace('+', '-')}-{seed}"
-            rng = np.random.default_rng([seed, 41, STRATEGIES.index(strategy)])
-            labeled = list(initial)
+            project = f"{strategy}-{seed}"
+            labeled = order[: args.budgets[0]]
             curve = []
-            for budget in budgets:
+            for k, budget in enumerate(args.budgets):
+                if strategy == "random":
+                    labeled = order[:budget]
+                    random_sets[budget] = list(labeled)
                 t0 = time.perf_counter()
                 outcome = train_new_version(registry, project, [all_tasks[i] for i in labeled], spec, fetcher)
+                seconds = time.perf_counter() - t0
                 model = serving_model(project)
                 acc = accuracy(model)
                 curve.append({"labels": len(labeled), "accuracy": acc, "promoted": outcome.promoted,
-                              "version": outcome.manifest.version, "seconds": time.perf_counter() - t0})
-                print(f"seed {seed} {strategy:<22} {len(labeled):4d} labels: test accuracy {acc:.3f} "
-                      f"({'promoted' if outcome.promoted else 'kept previous'}, {curve[-1]['seconds']:.0f} s)",
-                      flush=True)
-                if budget == budgets[-1]:
-                    break
-                add = min(args.step, budgets[budgets.index(budget) + 1] - len(labeled))
+                              "version": outcome.manifest.version, "seconds": seconds,
+                              "temperature": outcome.manifest.calibration.get("temperature")})
+                print(f"seed {seed} {strategy:<12} {len(labeled):4d} labels: test accuracy {acc:.3f} "
+                      f"({'promoted' if outcome.promoted else 'kept previous'}, {seconds:.0f} s)", flush=True)
+                if k + 1 == len(args.budgets) or strategy == "random":
+                    continue
                 unlabeled = [i for i in range(args.pool) if i not in set(labeled)]
-                if strategy == "random":
-                    picked = rng.choice(unlabeled, size=add, replace=False).tolist()
-                else:
-                    preds = predict_images(model, [paths[i] for i in unlabeled], spec, 0.5)
-                    uncertainty = [scoring.least_confidence(list(p.class_probs.values())) for p in preds]
-                    if strategy == "uncertainty":
-                        order = np.argsort(-np.asarray(uncertainty), kind="stable")[:add]
-                    else:
-                        vectors = embed_images(model, [paths[i] for i in unlabeled + labeled])
-                        order = scoring.diverse_top_k(uncertainty, vectors[: len(unlabeled)], add,
-                                                      avoid=vectors[len(unlabeled):])
-                    picked = [unlabeled[int(j)] for j in order]
-                labeled += [int(i) for i in picked]
+                preds = predict_images(model, [paths[i] for i in unlabeled], spec, 0.5)
+                uncertainty = [scoring.least_confidence(list(p.class_probs.values())) for p in preds]
+                picked = np.argsort(-np.asarray(uncertainty), kind="stable")[: args.budgets[k + 1] - len(labeled)]
+                labeled = labeled + [unlabeled[int(j)] for j in picked]
             runs.append({"seed": seed, "strategy": strategy, "curve": curve})
 
-    throughput = measure_throughput(args, serving_model(f"full-{args.seeds[-1]}"), test_paths, test_labels, spec)
+        for name in args.baselines:
+            curve = []
+            for budget in args.baseline_budgets:
+                chosen = random_sets.get(budget) or order[:budget]
+                t0 = time.perf_counter()
+                train_paths, train_labels = [paths[i] for i in chosen], [noisy[i] for i in chosen]
+                if name == "tiny-cnn":
+                    acc = baselines.tiny_cnn_accuracy(train_paths, train_labels, test_paths, test_labels,
+                                                      size=args.size, seed=seed)
+                else:
+                    acc = baselines.hog_logreg_accuracy(train_paths, train_labels, test_paths, test_labels,
+                                                        size=args.size)
+                curve.append({"labels": budget, "accuracy": acc, "seconds": time.perf_counter() - t0})
+                print(f"seed {seed} {name:<12} {budget:4d} labels: test accuracy {acc:.3f} "
+                      f"({curve[-1]['seconds']:.0f} s)", flush=True)
+            runs.append({"seed": seed, "strategy": name, "curve": curve})
+
+    throughput = measure_throughput(args, serving_model(f"{args.strategies[0]}-{args.seeds[-1]}"), test_paths,
+                                    test_labels, spec)
     elapsed = time.perf_counter() - started
-    report(args, runs, references, budgets, throughput, elapsed)
+    report(args, runs, throughput, elapsed)
     return 0
 
 
@@ -172,14 +183,8 @@ def measure_throughput(args, model, paths, labels, spec):
 
     def ours():
         preds = predict_images(model, paths, spec, 0.5, batch=16)
-        return [(scoring.classification_loss(p.class_probs, y), scoring.least_confidence(list(p.class_probs.values())),
-                 scoring.entropy_uncertainty(list(p.class_probs.values()))) for p, y in zip(preds, labels)]
-
-    preds = predict_images(model, paths, spec, 0.5, batch=16)
-
-    def scores_only():
-        return [(scoring.classification_loss(p.class_probs, y), scoring.least_confidence(list(p.class_probs.values())),
-                 scoring.entropy_uncertainty(list(p.class_probs.values()))) for p, y in zip(preds, labels)]
+        return [(scoring.classification_loss(p.class_probs, y), scoring.least_confidence(list(p.class_probs.values())))
+                for p, y in zip(preds, labels)]
 
     def timed(fn):
         times = []
@@ -189,7 +194,7 @@ def measure_throughput(args, model, paths, labels, spec):
             times.append(time.perf_counter() - t0)
         return 1000 * statistics.median(times) / len(paths)
 
-    out = {"images": len(paths), "raw_ms": timed(raw), "ours_ms": timed(ours), "scores_only_ms": timed(scores_only)}
+    out = {"images": len(paths), "raw_ms": timed(raw), "ours_ms": timed(ours)}
     out["ratio"] = out["ours_ms"] / out["raw_ms"]
     return out
 
@@ -201,39 +206,72 @@ def labels_to_reach(curve, target):
     return None
 
 
-def report(args, runs, references, budgets, throughput, elapsed):
-    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+def summarize(args, runs):
+    """Per strategy: mean/min/max accuracy per budget over seeds, labels to reach the target per seed."""
+    references = {r["seed"]: r["curve"][-1]["accuracy"] for r in runs if r["strategy"] == "random"}
     summary = {}
-    for strategy in args.strategies:
-        mine = [r for r in runs if r["strategy"] == strategy]
+    for name in [*args.strategies, *args.baselines]:
+        mine = [r for r in runs if r["strategy"] == name]
+        if not mine:
+            continue
         matrix = np.array([[p["accuracy"] for p in r["curve"]] for r in mine])
-        reach = [labels_to_reach(r["curve"], args.target * references[r["seed"]]) for r in mine]
-        summary[strategy] = {"labels": [p["labels"] for p in mine[0]["curve"]], "mean": matrix.mean(0).tolist(),
-                             "min": matrix.min(0).tolist(), "max": matrix.max(0).tolist(), "reach": reach,
-                             "area": float(matrix.mean())}
-    ref_mean = float(np.mean(list(references.values())))
+        entry = {"labels": [p["labels"] for p in mine[0]["curve"]], "mean": matrix.mean(0).tolist(),
+                 "min": matrix.min(0).tolist(), "max": matrix.max(0).tolist()}
+        if name in STRATEGIES:
+            entry["reach"] = [labels_to_reach(r["curve"], args.target * references[r["seed"]]) if r["seed"] in references
+                              else None for r in mine]
+            seconds = [p["seconds"] for r in mine for p in r["curve"]]
+            entry["train_seconds_mean"], entry["train_seconds_max"] = float(np.mean(seconds)), float(np.max(seconds))
+        summary[name] = entry
+    return summary, references
+
+
+def report(args, runs, throughput, elapsed):
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    summary, references = summarize(args, runs)
+    budgets = sorted({b for s in summary.values() for b in s["labels"]})
+
+    def cell(s, budget):
+        if budget not in s["labels"]:
+            return "–"
+        i = s["labels"].index(budget)
+        return f"{s['mean'][i]:.3f} ({s['min'][i]:.2f}–{s['max'][i]:.2f})"
 
     def fmt_reach(values):
-        return ", ".join(str(v) if v is not None else f">{budgets[-1]}" for v in values)
+        return ", ".join(str(v) if v is not None else f">{args.budgets[-1]}" for v in values)
 
-    header = "| strategy | " + " | ".join(f"{b}" for b in budgets) + f" | mean over curve | labels to {int(100 * args.target)} % of full pool (per seed) |"
-    lines = [header, "|---|" + "---|" * (len(budgets) + 2)]
-    for strategy, s in summary.items():
-        cells = " | ".join(f"{m:.3f}" for m in s["mean"])
-        lines.append(f"| {strategy} | {cells} | {s['area']:.3f} | {fmt_reach(s['reach'])} |")
+    lines = ["| labels | " + " | ".join(map(str, budgets)) + f" | labels to {int(100 * args.target)} % of full pool (per seed) |",
+             "|---|" + "---|" * (len(budgets) + 1)]
+    for name, s in summary.items():
+        reach = fmt_reach(s["reach"]) if "reach" in s else "–"
+        lines.append(f"| {name} | " + " | ".join(cell(s, b) for b in budgets) + f" | {reach} |")
     table = "\n".join(lines)
-    settings = (f"seeds {','.join(map(str, args.seeds))}; pool {args.pool}, fixed test set {args.test}, 'simple' shapes, "
-                f"{args.start} random labels then +{args.step} per round; train_new_version fine-tuning per round "
-                f"({args.epochs} epochs at {args.imgsz} px); full-pool test accuracy per seed: "
-                + ", ".join(f"{s}: {v:.3f}" for s, v in references.items()) + f" (mean {ref_mean:.3f})")
+    ratio_line = ""
+    if "random" in summary and "uncertainty" in summary:
+        pairs = [(u, r) for u, r in zip(summary["uncertainty"]["reach"], summary["random"]["reach"]) if u and r]
+        if pairs:
+            ratio = np.mean([u for u, _ in pairs]) / np.mean([r for _, r in pairs])
+            ratio_line = (f"Labels to reach {int(100 * args.target)} % of the full-pool accuracy, uncertainty / random: "
+                          f"**{ratio:.2f}×** (mean over seeds). ")
+        not_below = [b for b in args.budgets if b >= 80 and cell(summary["uncertainty"], b) != "–"]
+        gaps = [summary["uncertainty"]["mean"][summary["uncertainty"]["labels"].index(b)]
+                - summary["random"]["mean"][summary["random"]["labels"].index(b)] for b in not_below]
+        if gaps:
+            ratio_line += f"Uncertainty minus random at budgets ≥ 80 (means): min {min(gaps):+.3f}, max {max(gaps):+.3f}. "
+    seconds_line = "; ".join(f"{n} {s['train_seconds_mean']:.0f} s mean / {s['train_seconds_max']:.0f} s max"
+                             for n, s in summary.items() if "train_seconds_mean" in s)
+    settings = (f"seeds {','.join(map(str, args.seeds))}; pool {args.pool} 'simple' shapes at {args.size} px with "
+                f"{int(100 * args.noise)} % wrong labels, fixed clean test set {args.test}; full-pool accuracy per seed: "
+                + ", ".join(f"{s}: {v:.3f}" for s, v in references.items()))
     tp = throughput
     throughput_line = (f"Scoring throughput on {tp['images']} images (batch 16, median of {args.repeats}): raw ultralytics "
                        f"predict {tp['raw_ms']:.2f} ms/image; predict_images + classification_loss + least_confidence "
-                       f"+ entropy {tp['ours_ms']:.2f} ms/image (ratio {tp['ratio']:.2f}x); the scores alone "
-                       f"{1000 * tp['scores_only_ms']:.1f} µs/image.")
+                       f"{tp['ours_ms']:.2f} ms/image (ratio {tp['ratio']:.2f}x).")
     print()
-    print(f"Test accuracy (mean over seeds) by number of labels. {settings}")
+    print(f"Test accuracy, mean (min–max) over seeds. {settings}")
     print(table)
+    print(ratio_line)
+    print(f"Engine training seconds per round: {seconds_line}")
     print(throughput_line)
     print(f"total {elapsed / 60:.1f} min")
 
@@ -252,14 +290,13 @@ def report(args, runs, references, budgets, throughput, elapsed):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for strategy, s in summary.items():
-        line, = ax.plot(s["labels"], s["mean"], marker="o", label=strategy)
+    for name, s in summary.items():
+        style = "o-" if name in STRATEGIES else "s--"
+        line, = ax.plot(s["labels"], s["mean"], style, label=name)
         ax.fill_between(s["labels"], s["min"], s["max"], color=line.get_color(), alpha=0.15)
-    ax.axhline(ref_mean, color="gray", linestyle="--", label=f"full pool ({args.pool} labels)")
-    ax.axhline(args.target * ref_mean, color="gray", linestyle=":", label=f"{int(100 * args.target)} % of full pool")
-    ax.set_xlabel("labeled images")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"Active learning, shapes classification ({len(args.seeds)} seed(s), band = min/max)")
+    ax.set_xlabel("labeled images (10 % of labels wrong)")
+    ax.set_ylabel("test accuracy (clean test set)")
+    ax.set_title(f"Learning curve, shapes at {args.size} px ({len(args.seeds)} seed(s), band = min/max)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -271,9 +308,9 @@ def report(args, runs, references, budgets, throughput, elapsed):
         if md.stat().st_size == 0:
             f.write("# Active learning on shapes classification\n\n")
         f.write(f"## Run {stamp} ({platform.node() or 'this machine'}, {os.cpu_count()} CPU cores, "
-                f"{elapsed / 60:.0f} min)\n\nTest accuracy (mean over seeds) by number of labels. {settings}.\n\n"
-                f"{table}\n\n{throughput_line}\n\nReproduce: `.venv/bin/python bench/active_learning.py "
-                f"--seeds {','.join(map(str, args.seeds))} --pool {args.pool} --max-labels {args.max_labels}`\n\n")
+                f"{elapsed / 60:.0f} min)\n\nTest accuracy, mean (min–max) over seeds. {settings}.\n\n"
+                f"{table}\n\n{ratio_line}\n\nEngine training seconds per round: {seconds_line}.\n\n{throughput_line}\n\n"
+                f"Reproduce: `.venv/bin/python bench/active_learning.py --seeds {','.join(map(str, args.seeds))}`\n\n")
     print(f"table appended to {md}")
 
 

@@ -1,7 +1,8 @@
 """Benchmark: how well do mislabel scores find flipped classification labels?
 
-Generated 'simple' shapes (one object per image, 32 px training), image labels flipped at several
-noise rates (``flip_image_labels``). Every method ranks the SAME model outputs:
+The demo's data — generated 'simple' shapes at 64 px, one object per image — with image labels flipped
+at several noise rates (``flip_image_labels``); the engine chooses every training setting itself
+(``recipe.py``), as for a user. Every method but the last ranks the SAME model outputs:
 
 * ``loss in-sample``   — ``scoring.classification_loss`` (-log p(label)) from one model trained on all
                          the noisy labels (what the plugin's fast mode does: the model has seen them);
@@ -13,7 +14,9 @@ noise rates (``flip_image_labels``). Every method ranks the SAME model outputs:
                          the negated label quality score;
 * ``fiftyone mistakenness (logits | confidence)`` — ``fiftyone.brain.compute_mistakenness`` on a
                          FiftyOne dataset holding the noisy label and the out-of-sample prediction
-                         (label = argmax, confidence = max p, logits = log p), use_logits True / False.
+                         (label = argmax, confidence = max p, logits = log p), use_logits True / False;
+* ``cleanlab on a linear model`` — the plain baseline: cleanlab's ranking of out-of-sample class
+                         probabilities from HOG features + logistic regression (``baselines.py``).
 
 Metrics: AUROC (``ranking.auroc``) and precision@k with k = number of flipped labels
 (``ranking.precision_at_k``; random picking gets the noise rate), averaged over seeds.
@@ -48,17 +51,19 @@ METHODS = [
     ("cleanlab", "cleanlab find_label_issues (self_confidence)"),
     ("fo_logits", "FiftyOne Brain mistakenness (use_logits=True)"),
     ("fo_conf", "FiftyOne Brain mistakenness (use_logits=False)"),
+    ("cleanlab_lr", "baseline: cleanlab on HOG + logistic regression (out-of-sample)"),
 ]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1,2", help="comma-separated seeds (default 1,2)")
-    parser.add_argument("--noise", default="0.05,0.1,0.2", help="comma-separated flip rates")
+    parser.add_argument("--noise", default="0.1,0.2", help="comma-separated flip rates (the demo: 0.1)")
     parser.add_argument("--n", type=int, default=240, help="images per seed")
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--imgsz", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64, help="image side in px (the demo's: 64)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the engine's choice")
+    parser.add_argument("--imgsz", type=int, default=None, help="override the engine's choice")
     parser.add_argument("--quick", action="store_true", help="1 seed, noise 0.2, 150 images")
     parser.add_argument("--no-markdown", action="store_true", help="do not write bench/figures/mislabels.md")
     args = parser.parse_args(argv)
@@ -118,8 +123,9 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="labelloop-bench-mislabels-"))
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
-    os.environ["LABELLOOP_IMGSZ"] = str(args.imgsz)
-    os.environ["LABELLOOP_EPOCHS"] = str(args.epochs)
+    for name, value in (("LABELLOOP_IMGSZ", args.imgsz), ("LABELLOOP_EPOCHS", args.epochs)):
+        if value:
+            os.environ[name] = str(value)
 
     from labelloop.localstack import start_mongod
 
@@ -153,7 +159,8 @@ def run(args, work, fo, fob):
     fetcher = LocalFileFetcher()
     rows = []
     for seed in args.seeds:
-        data = generate_shapes(work / f"data{seed}", n=args.n, seed=100 + seed, max_objects=1, style="simple")
+        data = generate_shapes(work / f"data{seed}", n=args.n, seed=100 + seed, size=args.size, max_objects=1,
+                               style="simple")
         classes = list(data.classes)
         paths = [data.images_dir / im.file for im in data.images]
         clean = [im.label for im in data.images]
@@ -184,11 +191,16 @@ def run(args, work, fo, fob):
             top_cleanlab, cleanlab_auroc_scores, flagged = cleanlab_scores(noisy, probs, classes, k)
             scores["cleanlab"] = cleanlab_auroc_scores
             scores.update(fiftyone_scores(fo, fob, paths, noisy, probs, classes, f"bench-mislabels-{seed}-{noise}"))
+            from labelloop.baselines import logreg_probabilities
+
+            lr_probs = logreg_probabilities(paths, noisy, classes, folds=args.folds, size=args.size)
+            top_lr, scores["cleanlab_lr"], _ = cleanlab_scores(noisy, lr_probs, classes, k)
 
             metrics = {}
             for key, _ in METHODS:
-                if key == "cleanlab":
-                    p_at_k = float(is_flip[top_cleanlab].mean()) if k else 0.0
+                if key in ("cleanlab", "cleanlab_lr"):
+                    top = top_cleanlab if key == "cleanlab" else top_lr
+                    p_at_k = float(is_flip[top].mean()) if k else 0.0
                 else:
                     p_at_k = ranking.precision_at_k(scores[key], is_flip, k)
                 metrics[key] = {"auroc": ranking.auroc(scores[key], is_flip), "precision_at_k": p_at_k}
@@ -229,7 +241,9 @@ def markdown(args, rows, table, stamp):
         f"Run {stamp} on {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores), "
         f"`bench/mislabels.py` with seeds {','.join(map(str, args.seeds))}, {args.n} 'simple' images per seed "
         f"(one object each), noise {', '.join(f'{int(round(100 * x))} %' for x in args.noise)}, "
-        f"{args.folds}-fold out-of-sample outputs, training from scratch at {args.imgsz} px for {args.epochs} epochs.",
+        f"{args.folds}-fold out-of-sample outputs, training from scratch "
+        + (f"at {args.imgsz or args.size} px for {args.epochs or 'the engine-chosen'} epochs." if args.epochs or args.imgsz
+           else f"with the engine's own settings ({args.size} px images)."),
         "",
         "Every method ranks the same model outputs (cleanlab and FiftyOne get the out-of-sample probabilities). "
         "k = number of flipped labels; random picking gets precision@k = noise rate and AUROC = 0.5. "

@@ -1,9 +1,10 @@
-"""Automatic training settings: chosen from the data, overridable by environment."""
+"""Automatic training settings and architecture: chosen from the data, overridable by environment."""
 
 import pytest
 
+from labelloop import recipe
 from labelloop.config import settings
-from labelloop.training import SMALL_DATA_CLASSIFY_ARGS, choose_settings
+from labelloop.training import choose_settings
 
 
 @pytest.mark.parametrize("n_train", range(2, 120))
@@ -16,9 +17,43 @@ def test_settings_follow_the_data():
     small = choose_settings(24, [150, 160, 170], "classify", settings())
     large = choose_settings(2000, [640, 900], "detect", settings())
     assert small.imgsz == 160 and large.imgsz == 640  # median side, multiple of 32, capped at 640
-    assert small.epochs == 100 and large.epochs == 10  # more passes over little data
-    assert small.patience == small.epochs  # no early stop while small data is still at chance
-    assert SMALL_DATA_CLASSIFY_ARGS.items() <= small.extra.items() and "mosaic" not in large.extra
+    assert small.epochs == recipe.MAX_EPOCHS and large.epochs == recipe.MIN_EPOCHS  # by optimizer steps
+    assert small.patience == small.epochs  # no early stop while small data is still near chance
+    assert recipe.SMALL_DATA_CLASSIFY_ARGS.items() <= small.extra.items() and "mosaic" not in large.extra
+
+
+def test_epochs_follow_optimizer_steps_not_images():
+    # 120 labels and 400 labels get about the same number of optimizer steps (fewer passes over more data)
+    for n_train, batch in ((96, 16), (192, 16), (320, 16)):
+        steps = recipe.epochs_for(n_train, batch) * -(-n_train // batch)
+        assert recipe.TARGET_STEPS <= steps < recipe.TARGET_STEPS + 2 * -(-n_train // batch)
+    assert recipe.epochs_for(8, 8) == recipe.MAX_EPOCHS and recipe.epochs_for(100_000, 16) == recipe.MIN_EPOCHS
+
+
+def test_small_images_get_the_small_architecture():
+    assert recipe.model_config("classify", 64).endswith("labelloop-cls-small.yaml")
+    assert recipe.model_config("classify", 224) == "yolov8n-cls.yaml"
+    assert recipe.model_config("detect", 64) == "yolov8n.yaml"
+    described = recipe.describe("classify", 64, 100, recipe.model_config("classify", 64))
+    assert described["architecture"] == "labelloop-cls-small.yaml" and "stride-2" in described["architecture_reason"]
+
+
+def test_small_architecture_builds_and_keeps_a_feature_map_at_64_px():
+    import torch
+    from ultralytics.nn.tasks import ClassificationModel
+
+    model = ClassificationModel(recipe.model_config("classify", 64), nc=4, verbose=False)
+    features = model.model[:-1](torch.zeros(1, 3, 64, 64))
+    assert features.shape[-2:] == (4, 4)
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_turns_and_shifts_keep_the_size_and_range():
+    from PIL import Image
+
+    augment = recipe.TurnsAndShifts(32)
+    out = augment(Image.new("RGB", (50, 40), (200, 10, 10)))
+    assert tuple(out.shape) == (3, 32, 32) and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
 
 
 def test_environment_overrides_win(monkeypatch):

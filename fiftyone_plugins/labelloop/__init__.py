@@ -174,6 +174,11 @@ class EvaluateModel(foo.Operator):
             ctx.target_view(), p.get("version") or None, None if p.get("split") == "all" else "val",
             p.get("cohort") or None, float(p.get("confidence", 0.8)), _progress(ctx)))
 
+    def resolve_output(self, ctx):
+        # which samples the figures come from leads: held-out and training-sample figures differ a lot
+        return _output(ctx, [("computed_on", "Computed on"), ("samples", "Samples"), ("accuracy", "Accuracy"),
+                             ("high_confidence_mistakes", "High-confidence mistakes (saved view)")])
+
 
 class CompareVersions(foo.Operator):
     @property
