@@ -232,7 +232,13 @@ def run_demo(args) -> int:
     summary = json.loads((out.parent / "summary.json").read_text())
     jobs = httpx.get(f"{backend}/jobs", params={"project": project, "limit": 500}, timeout=10).json()["jobs"]
     promoted = sorted({j["version"] for j in jobs if j.get("promoted")}, key=lambda v: int(v.rsplit("v", 1)[1]))
-    summary.update(project=project, versions=promoted, label_studio=ls_url, backend=backend, dataset=report.dataset)
+    # wall time of each training job in the loop (export, fetch, train, evaluate, calibrate, register)
+    train_seconds = sorted(round(float(j["finished_at"]) - float(j["started_at"]), 1) for j in jobs
+                           if j["kind"] == "train" and j["state"] == "done" and j.get("started_at") and j.get("finished_at"))
+    summary.update(project=project, versions=promoted, label_studio=ls_url, backend=backend, dataset=report.dataset,
+                   training_seconds=train_seconds)
+    if train_seconds:
+        _say(f"training jobs took {min(train_seconds):.0f}-{max(train_seconds):.0f} s each ({len(train_seconds)} jobs)")
     (out.parent / "summary.json").write_text(json.dumps(summary, indent=2))
     app = services.get("fiftyone", {}).get("url")
     print(f"""
