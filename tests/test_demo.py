@@ -33,6 +33,10 @@ def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home
             assert (report / name).stat().st_size > 5000
         assert len(summary["versions"]) >= 2, "several versions promoted by the loop"
         assert summary["uncertainty_curve"][-1] > summary["uncertainty_curve"][0]
+        # the bar for 160 labels with 10 % of them wrong, on images no labeler saw
+        assert summary["held_out_accuracy"] >= 0.85, summary["uncertainty_curve"]
+        assert summary["per_class_computed_on"] == "held-out test images"
+        assert "held-out test images" in (report / "report.md").read_text()
         project = summary["project"]
         newest = httpx.get(f"{summary['backend']}/versions", params={"project": project}).json()["serving"][str(project)]
         state = json.loads((home / "stack" / "state.json").read_text())
