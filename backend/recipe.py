@@ -1,11 +1,13 @@
 """What to train and how, chosen from the data: architecture, schedule, augmentation, regularization.
 
-Users are data people: none of this needs a knob. Each choice was measured on the small-data regime
-(tens to hundreds of labels, ``bench/learning_curve.py``) and is recorded in the version's manifest
-(``settings.recipe``) so an analyst can see why a version learned what it learned.
+Users are data people: none of this needs a knob. The recipe as a whole is measured against plain
+baselines on the small-data regime (tens to hundreds of labels, ``bench/active_learning.py``,
+``bench/detection_recipe.py``; the single choices that were measured apart are in README's figures)
+and is recorded in each version's manifest (``settings.recipe``) so an analyst can see why a
+version learned what it learned.
 
 * **Architecture**: images of at most ``SMALL_IMAGE`` px get labelloop's own ultralytics yaml with
-  fewer stride-2 stages (``model_configs/``), so a 64 px image keeps an 8×8 feature map; larger
+  fewer stride-2 stages (``model_configs/``), so a 64 px image keeps a 4×4 feature map; larger
   images keep the standard yolov8n configs.
 * **Schedule**: epochs follow optimizer *steps* (``TARGET_STEPS``), not images, so 40 labels get
   as many updates as 400; AdamW with a cosine decay, a short warm-up, EMA (ultralytics' own).
