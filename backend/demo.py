@@ -105,18 +105,12 @@ def _accuracy(predicted: list[str], test) -> float:
 
 def held_out_metrics(predicted: list[str], truth: list[str], classes: list[str]) -> dict[str, Any]:
     """Accuracy, per-class precision/recall/F1/support and the confusion matrix on a held-out set."""
-    matrix = [[sum(1 for p, t in zip(predicted, truth) if t == row and p == col) for col in classes] for row in classes]
-    report = {}
-    for k, c in enumerate(classes):
-        tp = matrix[k][k]
-        predicted_c = sum(matrix[r][k] for r in range(len(classes)))
-        support = sum(matrix[k])
-        precision = tp / predicted_c if predicted_c else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        report[c] = {"precision": precision, "recall": recall, "f1-score": f1, "support": support}
-    accuracy = sum(p == t for p, t in zip(predicted, truth)) / max(1, len(truth))
-    return {"accuracy": accuracy, "report": report, "confusion_matrix": {"classes": classes, "matrix": matrix}}
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
+
+    report = classification_report(truth, predicted, labels=classes, output_dict=True, zero_division=0)
+    matrix = confusion_matrix(truth, predicted, labels=classes).tolist()
+    return {"accuracy": float(accuracy_score(truth, predicted)), "report": {c: {**report[c], "support": int(report[c]["support"])} for c in classes},
+            "confusion_matrix": {"classes": classes, "matrix": matrix}}
 
 
 def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: int) -> list[float]:

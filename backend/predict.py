@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scoring
+from .calibration import apply_temperature
 from .labelconfig import ULTRALYTICS_TASKS, ControlSpec, LabelConfigError
 from .yolo_env import import_yolo
 
@@ -227,8 +228,6 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
 
 def _convert_classification(result, pred: ImagePrediction, label_of: dict[int, str],
                             temperature: float = 1.0) -> ImagePrediction:
-    from .calibration import apply_temperature
-
     probs = result.probs.data.cpu().numpy().astype(float)
     indices = sorted(label_of)
     mapped = scoring.normalize([probs[i] for i in indices])

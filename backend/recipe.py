@@ -23,6 +23,7 @@ version learned what it learned.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,7 @@ def describe(task: str, imgsz: int, n_train: int, base: str) -> dict[str, Any]:
     return {
         "architecture": Path(base).name,
         "architecture_reason": (f"images <= {SMALL_IMAGE} px: fewer stride-2 stages"
-                                if imgsz <= SMALL_IMAGE and task in SMALL_IMAGE_CONFIG and base.endswith(".yaml")
-                                and Path(base).name == SMALL_IMAGE_CONFIG[task] else "standard"),
+                                if Path(base).name == SMALL_IMAGE_CONFIG.get(task) else "standard"),
         "schedule": f"~{TARGET_STEPS} optimizer steps, cosine decay, EMA",
         "weights": "best epoch on the tuning split" if n_train >= SELECT_BEST_EPOCH_FROM else "last epoch",
         "augmentation": ("flips, 90-degree turns, small shifts, mild colour jitter (no crops)" if task == "classify"
@@ -99,8 +99,10 @@ class TurnsAndShifts:
     """
 
     def __init__(self, size: int):
+        import torch
         import torchvision.transforms as T
 
+        self.rot90 = torch.rot90
         self.size = size
         self.resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR)
         self.shift = T.RandomCrop(size, padding=max(1, size // 8), padding_mode="edge")
@@ -108,14 +110,10 @@ class TurnsAndShifts:
         self.to_tensor = T.ToTensor()
 
     def __call__(self, image):
-        import random
-
-        import torch
-
         tensor = self.to_tensor(self.jitter(self.shift(self.resize(image))))
         if random.random() < 0.5:
             tensor = tensor.flip(2)
-        return torch.rot90(tensor, random.randrange(4), (1, 2))
+        return self.rot90(tensor, random.randrange(4), (1, 2))
 
 
 class SmoothedClassificationLoss:

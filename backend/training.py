@@ -65,7 +65,8 @@ def choose_settings(n_train: int, image_sides: list[int], task: str, env: Settin
         time_hours=(env.train_minutes / 60.0) if env.train_minutes else None,
         extra={**recipe.extra_args(task, n_train), **env.train_args},
     )
-    # Small data from scratch sits near chance for many epochs before it learns: no early stop there.
+    # While the last weights are kept (small data sits near chance for many epochs before it
+    # learns), no early stop either.
     settings.patience = settings.epochs if n_train < recipe.SELECT_BEST_EPOCH_FROM else max(10, settings.epochs // 3)
     return settings
 
