@@ -74,8 +74,19 @@ class Settings:
     score_threshold: float
     predict_batch: int
     max_body_bytes: int
+    # the HTTP face (service.py): who may call it and how much one caller can make it do
+    insecure: bool  # LABELLOOP_INSECURE=true: serve without auth on a non-loopback address, on purpose
+    webhook_secret: str  # shared secret Label Studio's webhook sends in X-Labelloop-Webhook-Secret
+    max_webhook_bytes: int
+    trigger_burst: int  # per-project token bucket for webhook-triggered jobs: capacity ...
+    trigger_rate: float  # ... and refill (tokens per second)
+    max_tasks_per_predict: int
+    predict_workers: int  # threads doing /predict work, apart from the pool that serves the rest
     fetch_timeout: float
     max_image_bytes: int
+    max_image_pixels: int  # width x height read from the header, refused before decoding
+    fetch_deadline: float  # seconds for one whole image fetch (httpx timeouts are per read)
+    image_cache_bytes: int  # the media cache's size cap; least recently used files go first
     device: str
     epochs: int | None
     imgsz: int | None
@@ -84,6 +95,9 @@ class Settings:
     train_args: dict
     redis_url: str
     visibility_timeout: int
+    keep_versions: int  # registry retention: newest versions kept per project (plus serving and hand-promoted)
+    max_job_attempts: int  # a job whose worker died this many times is failed, not delivered again
+    pending_ttl: int  # seconds a pending (coalescing) job slot lives unless re-confirmed alive
     log_level: str
 
 
@@ -107,8 +121,18 @@ def settings() -> Settings:
         score_threshold=_env_float("LABELLOOP_SCORE_THRESHOLD", 0.5),
         predict_batch=_env_int("LABELLOOP_PREDICT_BATCH", 16),
         max_body_bytes=int(_env_float("LABELLOOP_MAX_BODY_MB", 32.0) * 1024 * 1024),
+        insecure=_env("LABELLOOP_INSECURE").lower() == "true",
+        webhook_secret=_env("LABELLOOP_WEBHOOK_SECRET"),
+        max_webhook_bytes=int(_env_float("LABELLOOP_MAX_WEBHOOK_MB", 4.0) * 1024 * 1024),
+        trigger_burst=max(1, _env_int("LABELLOOP_TRIGGER_BURST", 200)),
+        trigger_rate=max(0.0, _env_float("LABELLOOP_TRIGGER_RATE", 2.0)),
+        max_tasks_per_predict=max(1, _env_int("LABELLOOP_MAX_TASKS_PER_PREDICT", 1000)),
+        predict_workers=max(1, _env_int("LABELLOOP_PREDICT_WORKERS", 2)),
         fetch_timeout=_env_float("LABELLOOP_FETCH_TIMEOUT", 10.0),
         max_image_bytes=int(_env_float("LABELLOOP_MAX_IMAGE_MB", 50.0) * 1024 * 1024),
+        max_image_pixels=_env_int("LABELLOOP_MAX_IMAGE_PIXELS", 50_000_000),
+        fetch_deadline=_env_float("LABELLOOP_FETCH_DEADLINE_S", 30.0),
+        image_cache_bytes=int(_env_float("LABELLOOP_IMAGE_CACHE_MB", 2048.0) * 1024 * 1024),
         device=_env("LABELLOOP_DEVICE"),
         epochs=_env_int("LABELLOOP_EPOCHS", None),
         imgsz=_env_int("LABELLOOP_IMGSZ", None),
@@ -117,5 +141,8 @@ def settings() -> Settings:
         train_args=_env_json("LABELLOOP_TRAIN_ARGS"),
         redis_url=_env("REDIS_URL", "redis://127.0.0.1:6379/0"),
         visibility_timeout=_env_int("LABELLOOP_VISIBILITY_TIMEOUT", 7200),
+        keep_versions=max(1, _env_int("LABELLOOP_KEEP_VERSIONS", 10)),
+        max_job_attempts=max(1, _env_int("LABELLOOP_MAX_JOB_ATTEMPTS", 3)),
+        pending_ttl=max(10, _env_int("LABELLOOP_PENDING_TTL", 900)),
         log_level=_env("LOG_LEVEL", "INFO").upper(),
     )

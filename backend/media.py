@@ -10,7 +10,15 @@ So every fetch is treated as hostile input:
   the address that was checked, so a second DNS answer cannot swap it;
 * redirects are followed by hand, each hop checked again; the token is sent to the Label Studio
   host only, never to another host;
-* bodies are streamed with a size cap and must decode as an image before they enter the cache.
+* bodies are streamed with a size cap counted on the bytes we keep: we ask for no transfer
+  compression, and a host that compresses anyway is inflated 64 KB at a time under the same cap
+  (a few KB of gzip or brotli can inflate to gigabytes in one call of a library decoder);
+* every fetch has a total deadline: each connect, read and write waits at most until then, so a host
+  that drips one byte a second cannot hold a worker (httpx's own timeouts are per read);
+* an image enters the cache only after a full decode under a pixel cap checked from the header
+  first: a decompression bomb, a corrupt PNG or a truncated JPEG is that task's ``MediaError``,
+  never an exception in the middle of a batch's prediction;
+* the cache is capped in size and evicts the least recently used files, never one used recently.
 
 Label Studio 1.23 turns legacy tokens off by default; the default personal access token (PAT)
 is a JWT *refresh* token that must be exchanged for 300-s access tokens (see
@@ -31,13 +39,20 @@ import socket
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
+import httpcore
 import httpx
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+try:  # optional (httpx[brotli]); without it a brotli-encoded body is refused, never inflated unbounded
+    import brotli
+except ImportError:  # pragma: no cover - depends on the environment
+    brotli = None
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +69,19 @@ _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _SECRET_PARAM_RE = re.compile(r"sig|token|key|secret|pass|credential|auth|session|x-amz-|x-goog-", re.I)
 _CHUNK = 64 * 1024
 _ALLOW_HINT = "LABELLOOP_ALLOWED_HOSTS"
+
+DEFAULT_MAX_PIXELS = 50_000_000  # a 48/50-MP phone photo passes; the 13000x13000 PNG bomb (169 MP) does not
+DEFAULT_FETCH_DEADLINE = 30.0  # seconds for a whole fetch: DNS aside, connect + redirects + body
+DEFAULT_CACHE_MAX_BYTES = 2048 * 2**20
+# A cached file used this recently is never evicted: the path a fetch returned is read by the caller
+# (prediction, or a hard link into a training set) soon after, possibly from another process.
+CACHE_EVICTION_GRACE = 600.0
+_CACHE_LOW_WATER = 0.9  # evict down to 90 % of the cap, so a full cache is not rescanned on every commit
+_STALE_TEMP_AGE = 3600.0  # a ".part" file this old was left by a process that died mid-download
+# Full decodes at once in this process: each may hold up to max_pixels x 4 bytes (200 MB at 50 MP),
+# and eight parallel downloads must not all hold one at the same time.
+_DECODE_SLOTS = threading.BoundedSemaphore(2)
+_CACHE_LOCK = threading.Lock()  # a cache hit's touch vs. eviction's re-check + unlink, in this process
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -303,6 +331,229 @@ class _LabelStudioAuth:
         return access, lifetime
 
 
+# --------------------------------------------------------------------------- total deadline per fetch
+
+_fetch_deadline = threading.local()  # .at: time.monotonic() by which this thread's fetch must be done
+
+
+def _within_deadline(timeout: float | None, timeout_error: type[Exception]) -> float | None:
+    """``timeout`` shortened to what is left of this thread's fetch deadline (unchanged outside a fetch)."""
+    deadline = getattr(_fetch_deadline, "at", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise timeout_error("the fetch deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A socket stream whose every read and write waits no longer than the fetch deadline allows."""
+
+    def __init__(self, inner: httpcore.NetworkStream):
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _within_deadline(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _within_deadline(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> "_DeadlineStream":
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str):
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend with the fetch deadline applied to connects and to every stream."""
+
+    def __init__(self):
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):  # pragma: no cover - no uds here
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _DeadlineTransport(httpx.HTTPTransport):
+    """httpx's own transport (request building, exception mapping) over the deadline backend.
+
+    httpx's timeouts are per read, and a slow host can send headers or body one byte per read
+    forever; checking the clock between body chunks would not stop a drip inside the headers. So
+    the deadline sits under httpx, where every socket wait is. httpx has no parameter for the
+    network backend: the pool is replaced, and the check below makes an httpx upgrade that renames
+    it fail loudly here instead of silently losing the deadline.
+    """
+
+    def __init__(self):
+        super().__init__(trust_env=False)
+        if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
+            raise RuntimeError("this httpx version's HTTPTransport has no connection pool at ._pool; "
+                               "labelloop.media cannot apply LABELLOOP_FETCH_DEADLINE_S")
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=_DeadlineBackend(),
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)  # httpx's defaults
+
+
+# --------------------------------------------------------------------------- bounded body decoding
+
+
+class _Identity:
+    coding = ""
+
+    def feed(self, data: bytes):
+        yield data
+
+    def finish(self):
+        return ()
+
+
+class _Zlib:
+    """gzip or deflate, inflated at most 64 KB per step so the size cap stops a bomb in time."""
+
+    def __init__(self, coding: str):
+        self.coding = coding
+        self._inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib header, detected
+
+    def feed(self, data: bytes):
+        while True:
+            out = self._inflate.decompress(data, _CHUNK)
+            if out:
+                yield out
+            data = self._inflate.unconsumed_tail
+            if not data and len(out) < _CHUNK:
+                return
+
+    def finish(self):
+        rest = self._inflate.flush()  # small: every step above drained its output
+        return (rest,) if rest else ()
+
+
+class _Brotli:
+    """brotli, 64 KB of output per step (brotli >= 1.2's ``output_buffer_limit``)."""
+
+    coding = "br"
+
+    def __init__(self):
+        self._inflate = brotli.Decompressor()
+
+    def feed(self, data: bytes):
+        out = self._inflate.process(data, output_buffer_limit=_CHUNK)
+        while True:
+            if out:
+                yield out
+            if self._inflate.can_accept_more_data() or not out:
+                return
+            out = self._inflate.process(b"", output_buffer_limit=_CHUNK)
+
+    def finish(self):
+        return ()
+
+
+_BODY_DECODE_ERRORS = (zlib.error,) + ((brotli.error,) if brotli is not None else ())
+
+
+def _bounded_brotli_available() -> bool:
+    return brotli is not None and hasattr(getattr(brotli, "Decompressor", None), "can_accept_more_data")
+
+
+def _body_decoder(content_encoding: str):
+    """The decoder for a response's Content-Encoding; MediaError for one we cannot inflate boundedly."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return _Identity()
+    if len(codings) > 1:
+        raise MediaError(f"Content-Encoding {content_encoding!r} is not supported (one coding at most)")
+    coding = codings[0]
+    if coding in ("gzip", "x-gzip", "deflate"):
+        return _Zlib(coding)
+    if coding == "br" and _bounded_brotli_available():
+        return _Brotli()
+    raise MediaError(f"Content-Encoding {coding} is not supported")
+
+
+# --------------------------------------------------------------------------- image checks
+
+_verified: dict[tuple, bool] = {}  # files already fully decoded in this process (see _check_image_once)
+_VERIFIED_MAX = 100_000
+_verified_lock = threading.Lock()
+
+
+def _pixel_cap_reason(width: int, height: int, max_pixels: int) -> str:
+    return (f"image is {width}x{height} pixels ({width * height / 1e6:.3g} megapixels), over the "
+            f"{max_pixels / 1e6:g}-megapixel cap (LABELLOOP_MAX_IMAGE_PIXELS)")
+
+
+def _check_image(path: Path, max_pixels: int) -> str:
+    """Extension for the detected format, once the file is known to decode fully; else MediaError.
+
+    The pixel count is read from the header and checked *before* anything is decoded. PIL has its
+    own bomb check, but as a warning up to 2x its limit, and ultralytics sets that limit to None
+    process-wide, so it is not relied on. Then a full decode: ``verify()`` alone checks PNG chunk
+    CRCs only, so a PNG with valid CRCs and broken deflate data, or a truncated JPEG, passed it and
+    then failed inside a batch's prediction, taking the other tasks down with it.
+    """
+    with _DECODE_SLOTS:
+        try:
+            with Image.open(path) as image:
+                fmt = image.format or ""
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise MediaError(_pixel_cap_reason(width, height, max_pixels))
+                image.verify()  # container-level checks (PNG CRCs), cheap
+            with Image.open(path) as image:  # verify() leaves the image unusable: open again
+                image.load()
+        except MediaError:
+            raise
+        except Image.DecompressionBombError as exc:  # only if PIL's own limit is below ours
+            raise MediaError(f"image refused by PIL's decompression-bomb check: {exc}") from exc
+        except UnidentifiedImageError as exc:
+            raise MediaError("not a decodable image") from exc
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error...
+            raise MediaError(f"corrupt {fmt or 'image'} data: {exc}") from exc
+    return _PIL_EXTS.get(fmt, "." + fmt.lower() if fmt else ".img")
+
+
+def _file_key(path: Path, with_mtime: bool = True) -> tuple:
+    """Identity of a file's content for the verified memo: a replaced or rewritten file gets a new key.
+
+    Cache files are never rewritten (write-then-rename) but their mtime moves on every hit (LRU),
+    so they are keyed without it.
+    """
+    st = path.stat()
+    return (str(path), st.st_dev, st.st_ino, st.st_size) + ((st.st_mtime_ns,) if with_mtime else ())
+
+
+def _remember_verified(key: tuple) -> None:
+    with _verified_lock:
+        if len(_verified) >= _VERIFIED_MAX:
+            _verified.clear()  # a memo, not a record: forgetting costs one more decode per file
+        _verified[key] = True
+
+
+def _check_image_once(path: Path, max_pixels: int, key: tuple) -> None:
+    """``_check_image`` unless this process already checked the same file under the same key."""
+    with _verified_lock:
+        if key in _verified:
+            return
+    _check_image(path, max_pixels)
+    _remember_verified(key)
+
+
 # --------------------------------------------------------------------------- the fetcher
 
 
@@ -310,7 +561,8 @@ class MediaFetcher:
     """Turns task image URLs into local file paths, safely. Thread-safe; one per process is enough."""
 
     def __init__(self, label_studio_url: str = "", api_key: str = "", allowed_hosts=(), cache_dir=None,
-                 timeout: float = 10.0, max_bytes: int = 50 * 2**20):
+                 timeout: float = 10.0, max_bytes: int = 50 * 2**20, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 deadline: float = DEFAULT_FETCH_DEADLINE, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES):
         self._ls_url = (label_studio_url or "").strip().rstrip("/")
         self._ls_origin = self._parse_ls_origin(self._ls_url)
         self._allow = _AllowList.parse(allowed_hosts)
@@ -319,13 +571,22 @@ class MediaFetcher:
 
             cache_dir = settings().cache_dir
         self._media_dir = Path(cache_dir) / "media"
-        self._max_bytes = int(max_bytes)
+        self._max_bytes = _positive(max_bytes, "LABELLOOP_MAX_IMAGE_MB", int)
+        self._max_pixels = _positive(max_pixels, "LABELLOOP_MAX_IMAGE_PIXELS", int)
+        self._deadline = _positive(deadline, "LABELLOOP_FETCH_DEADLINE_S", float)
+        self._cache_max_bytes = _positive(cache_max_bytes, "LABELLOOP_IMAGE_CACHE_MB", int)
+        self._cache_bytes: int | None = None  # running estimate of the cache's size; None until scanned
+        self._rescan_above = self._cache_max_bytes  # estimate that triggers the next scan + eviction
+        self._evicting = threading.Lock()
         # Cookies are refused: with connections pinned to IPs a jar could hand one host's cookie to
         # another. trust_env=False: a proxy would resolve names itself and undo the address checks.
+        # Accept-Encoding identity: images are compressed already, and what a host sends compressed
+        # anyway is inflated by us under the size cap (httpx would inflate a whole read at once).
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False,
+            transport=_DeadlineTransport(),
             cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
-            headers={"User-Agent": "labelloop-media"},
+            headers={"User-Agent": "labelloop-media", "Accept-Encoding": "identity"},
         )
         self._auth = _LabelStudioAuth(self._ls_url, api_key, self._client)
 
@@ -338,7 +599,8 @@ class MediaFetcher:
             s = settings()
         return cls(label_studio_url=s.label_studio_url, api_key=s.label_studio_api_key,
                    allowed_hosts=s.allowed_hosts, cache_dir=s.cache_dir, timeout=s.fetch_timeout,
-                   max_bytes=s.max_image_bytes)
+                   max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, deadline=s.fetch_deadline,
+                   cache_max_bytes=s.image_cache_bytes)
 
     def close(self) -> None:
         self._client.close()
@@ -392,14 +654,24 @@ class MediaFetcher:
         if cached is not None:
             log.debug("media cache hit %s", _redact(absolute))
             return cached
+        deadline = time.monotonic() + self._deadline
+        _fetch_deadline.at = deadline  # read by every socket wait of this thread (_DeadlineStream)
         try:
-            return self._download(absolute, digest)
+            return self._download(absolute, digest, deadline)
         except httpx.TimeoutException as exc:
+            if time.monotonic() >= deadline - 0.05:  # a wait cut short by the deadline, not a slow read
+                raise self._past_deadline(absolute) from exc
             raise MediaError(f"timed out fetching {_redact(absolute)}") from exc
         except httpx.HTTPError as exc:
             raise MediaError(f"error fetching {_redact(absolute)}: {type(exc).__name__}") from exc
         except OSError as exc:
             raise MediaError(f"cannot write the media cache: {exc.strerror or exc}") from exc
+        finally:
+            _fetch_deadline.at = None
+
+    def _past_deadline(self, url: httpx.URL) -> MediaError:
+        return MediaError(f"fetch took longer than the {self._deadline:g}-s deadline "
+                          f"(LABELLOOP_FETCH_DEADLINE_S) for {_redact(url)}")
 
     def _absolute_url(self, url: str) -> httpx.URL:
         """Absolute http(s) URL for any URL kind found in task data; other schemes are refused."""
@@ -476,13 +748,13 @@ class MediaFetcher:
 
     # ----------------------------------------------------------------------- network
 
-    def _download(self, url: httpx.URL, digest: str) -> Path:
+    def _download(self, url: httpx.URL, digest: str, deadline: float) -> Path:
         response = self._open(url)
         try:
             if not 200 <= response.status_code < 300:
                 raise MediaError(self._status_reason(response.status_code, url))
             shard = self._media_dir / digest[:2]
-            tmp = self._stream_to_temp(response, shard, digest)
+            tmp = self._stream_to_temp(response, url, shard, digest, deadline)
         finally:
             response.close()
         return self._commit(tmp, shard, digest, _ext_from_url(url))
@@ -551,59 +823,178 @@ class MediaFetcher:
     # ----------------------------------------------------------------------- cache
 
     def _cached(self, digest: str) -> Path | None:
+        """The cached file, touched as just used (LRU), or None. A file this process has not decoded
+        yet (cached by an older labelloop, or by another process) is checked once; a bad one is
+        dropped so the caller fetches again and gets the reason."""
         shard = self._media_dir / digest[:2]
         for path in shard.glob(f"{digest}.*"):  # temp files start with "." and never match
-            if path.is_file():
-                return path
+            with _CACHE_LOCK:  # eviction re-checks the mtime under the same lock before unlinking
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    continue  # evicted (or replaced) just now, by another thread or process
+            try:
+                _check_image_once(path, self._max_pixels, _file_key(path, with_mtime=False))
+            except MediaError as exc:
+                log.warning("dropping cached %s: %s", path.name, exc.reason)
+                path.unlink(missing_ok=True)
+                continue
+            except FileNotFoundError:
+                continue
+            return path
         return None
 
-    def _stream_to_temp(self, response: httpx.Response, shard: Path, digest: str) -> Path:
-        """Body -> temp file next to its final place, aborting past max_bytes (decoded bytes)."""
+    def _stream_to_temp(self, response: httpx.Response, url: httpx.URL, shard: Path, digest: str,
+                        deadline: float) -> Path:
+        """Body -> temp file next to its final place, aborting past max_bytes of what is written.
+
+        Read raw and inflated here (``_body_decoder``), so the cap counts decoded bytes as they are
+        produced, 64 KB at a time, and the raw bytes too.
+        """
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self._max_bytes:
             raise self._too_large()
+        decoder = _body_decoder(response.headers.get("content-encoding", ""))
         shard.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{digest}.", suffix=".part", dir=shard)
         tmp = Path(name)
         try:
-            total = 0
+            received = written = 0
             with os.fdopen(fd, "wb") as out:
-                for chunk in response.iter_bytes(_CHUNK):
-                    total += len(chunk)
-                    if total > self._max_bytes:
+
+                def keep(pieces) -> None:
+                    nonlocal written
+                    for piece in pieces:
+                        written += len(piece)
+                        if written > self._max_bytes:
+                            raise self._too_large(decoder.coding)
+                        out.write(piece)
+
+                for raw in response.iter_raw():
+                    if time.monotonic() > deadline:
+                        raise self._past_deadline(url)
+                    received += len(raw)
+                    if received > self._max_bytes:
                         raise self._too_large()
-                    out.write(chunk)
+                    keep(decoder.feed(raw))
+                keep(decoder.finish())
+        except _BODY_DECODE_ERRORS as exc:
+            tmp.unlink(missing_ok=True)
+            raise MediaError(f"body is not valid {decoder.coding} data: {exc}") from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return tmp
 
-    def _too_large(self) -> MediaError:
-        return MediaError(f"image larger than {self._max_bytes / 2**20:.3g} MB")
+    def _too_large(self, coding: str = "") -> MediaError:
+        reason = f"image larger than {self._max_bytes / 2**20:.3g} MB"
+        return MediaError(reason + (f" after decoding Content-Encoding {coding}" if coding else ""))
 
     def _commit(self, tmp: Path, shard: Path, digest: str, url_ext: str | None) -> Path:
-        """Verify the temp file is an image, then move it into place atomically."""
+        """Check the temp file decodes fully as an image, then move it into place atomically."""
         try:
-            detected = _image_ext(tmp)
+            detected = _check_image(tmp, self._max_pixels)
             ext = url_ext or detected
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; other local workers may read the cache
             final = shard / f"{digest}{ext}"
             os.replace(tmp, final)
-            return final
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        _remember_verified(_file_key(final, with_mtime=False))
+        self._note_cached(final.stat().st_size)
+        return final
+
+    # ----------------------------------------------------------------------- cache size cap
+
+    def _note_cached(self, size: int) -> None:
+        """Count a committed file; evict when the running estimate passes the cap."""
+        with _CACHE_LOCK:
+            if self._cache_bytes is not None:
+                self._cache_bytes += size
+            over = self._cache_bytes is None or self._cache_bytes > self._rescan_above
+        if over:  # first commit of this fetcher (unknown size: scan once) or over the cap
+            self.evict_cache()
+
+    def evict_cache(self) -> int:
+        """Bring the image cache under its cap; returns the bytes it holds afterwards.
+
+        Least recently used first (mtime: set at commit, touched on every hit; atime is often not
+        kept). Never a file used in the last CACHE_EVICTION_GRACE seconds, so the cap can be
+        exceeded while a working set larger than it is in use. One thread evicts at a time; the
+        others go on (their files are counted at the next scan).
+        """
+        if not self._evicting.acquire(blocking=False):
+            return self._cache_bytes or 0
+        try:
+            now = time.time()
+            files, total = [], 0
+            for path, st in self._cache_files():
+                if path.name.startswith("."):  # a download in flight, or one left by a dead process
+                    if now - st.st_mtime > _STALE_TEMP_AGE:
+                        path.unlink(missing_ok=True)
+                    continue
+                files.append((st.st_mtime, st.st_size, path))
+                total += st.st_size
+            if total > self._cache_max_bytes:
+                target = int(self._cache_max_bytes * _CACHE_LOW_WATER)
+                for mtime, size, path in sorted(files, key=lambda f: f[0]):
+                    if total <= target or now - mtime < CACHE_EVICTION_GRACE:
+                        break  # sorted oldest first: every file after this one is more recent
+                    if self._evict_if_unused(path, mtime):
+                        total -= size
+                log.info("media cache: %.1f MB after eviction (cap %.0f MB)", total / 2**20,
+                         self._cache_max_bytes / 2**20)
+            with _CACHE_LOCK:
+                self._cache_bytes = total
+                # When recent files alone exceed the cap, wait for another 10 % of it before the
+                # next scan, instead of rescanning the whole cache on every commit.
+                self._rescan_above = max(self._cache_max_bytes,
+                                         total + int(self._cache_max_bytes * (1 - _CACHE_LOW_WATER)))
+            return total
+        finally:
+            self._evicting.release()
+
+    def _cache_files(self):
+        """(path, stat) of every file in the cache's shards; files vanishing meanwhile are skipped."""
+        try:
+            shards = [e for e in os.scandir(self._media_dir) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        yield Path(entry.path), entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+
+    @staticmethod
+    def _evict_if_unused(path: Path, seen_mtime: float) -> bool:
+        """Unlink ``path`` unless it was touched since the scan (a hit is returning it right now)."""
+        with _CACHE_LOCK:
+            try:
+                if path.stat().st_mtime != seen_mtime:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
+                return False
+        return True
 
 
-def _image_ext(path: Path) -> str:
-    """Extension for the detected image format; MediaError if PIL cannot make sense of the file."""
+def _positive(value, env_name: str, kind):
+    """``value`` as ``kind`` if it is > 0; else a ValueError that names the setting."""
     try:
-        with Image.open(path) as image:
-            fmt = image.format or ""
-            image.verify()
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad input
-        raise MediaError("not a decodable image") from exc
-    return _PIL_EXTS.get(fmt, "." + fmt.lower() if fmt else ".img")
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number <= 0:
+        raise ValueError(f"{env_name} must be a positive number, got {value!r}")
+    return number
 
 
 class LocalFileFetcher:
@@ -611,7 +1002,27 @@ class LocalFileFetcher:
 
     Only for code we run ourselves on data we generated: the HTTP service never uses it, because a
     task's data is written by whoever imported it and must not reach the backend's filesystem.
+    Each file gets the same checks as a downloaded image (pixel cap, full decode), once per process.
     """
 
+    def __init__(self, max_pixels: int | None = None):
+        if max_pixels is None:
+            from labelloop.config import settings
+
+            max_pixels = settings().max_image_pixels
+        self._max_pixels = _positive(max_pixels, "LABELLOOP_MAX_IMAGE_PIXELS", int)
+
     def fetch_many(self, paths: list[str], workers: int = 0) -> list[Path | MediaError]:
-        return [Path(p) if p and Path(p).is_file() else MediaError(f"no such file: {p}") for p in paths]
+        return [self._checked(p) for p in paths]
+
+    def _checked(self, value) -> Path | MediaError:
+        path = Path(value) if isinstance(value, str) and value else None
+        if path is None or not path.is_file():
+            return MediaError(f"no such file: {value}")
+        try:
+            _check_image_once(path, self._max_pixels, _file_key(path))
+        except MediaError as exc:
+            return MediaError(f"{exc.reason}: {path}")
+        except OSError as exc:
+            return MediaError(f"cannot read {path}: {exc.strerror or exc}")
+        return path
