@@ -27,8 +27,36 @@ def _progress_bar(desc: str):
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from .service import bind_refusal
+
+    env = settings()
+    refusal = bind_refusal(args.host, env)
+    if refusal:  # secure by default: no unauthenticated backend on a reachable address by accident
+        print(f"labelloop serve: {refusal}", file=sys.stderr)
+        return 2
+    if env.insecure and not env.basic_auth_user:
+        logging.getLogger("labelloop").warning("LABELLOOP_INSECURE=true: serving on %s without authentication",
+                                               args.host)
     uvicorn.run("labelloop.service:build_app_with_limits", factory=True, host=args.host, port=args.port,
                 log_level=settings().log_level.lower(), access_log=args.access_log)
+    return 0
+
+
+def cmd_install_webhook_secret(args) -> int:
+    """Add LABELLOOP_WEBHOOK_SECRET to the webhook Label Studio made when the backend was connected."""
+    from .studio import StudioClient, StudioError
+
+    env = settings()
+    if not env.webhook_secret:
+        print("LABELLOOP_WEBHOOK_SECRET is not set: nothing to install", file=sys.stderr)
+        return 2
+    try:
+        hook = StudioClient.from_settings(env).install_webhook_secret(args.project, args.backend_url,
+                                                                      env.webhook_secret)
+    except StudioError as exc:
+        print(f"cannot install the webhook secret: {exc}", file=sys.stderr)
+        return 1
+    print(f"webhook {hook.get('id')} of project {args.project} ({hook.get('url')}) now sends the secret header")
     return 0
 
 
@@ -179,10 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the Label Studio ML backend (HTTP)")
-    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default loopback); any other needs BASIC_AUTH_USER/PASS "
+                            "or LABELLOOP_INSECURE=true")
     serve.add_argument("--port", type=int, default=9090)
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=cmd_serve)
+
+    hook = sub.add_parser("install-webhook-secret",
+                          help="make a project's Label Studio webhook send LABELLOOP_WEBHOOK_SECRET (after "
+                               "connecting the backend in the Label Studio UI)")
+    hook.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    hook.add_argument("--backend-url", required=True,
+                      help="the backend URL as entered in Label Studio's model connection, e.g. http://backend:9090")
+    hook.set_defaults(func=cmd_install_webhook_secret)
 
     worker = sub.add_parser("worker", help="run a Celery worker for training and/or prediction jobs")
     worker.add_argument("--queues", default="train,predict",

@@ -172,6 +172,10 @@ def run_demo(args) -> int:
     image_of = {t["id"]: next(i for i, im in enumerate(data.images) if t["data"]["image"].endswith(im.file))
                 for t in tasks}
     studio.call("POST", "/api/ml", json={"url": backend, "project": project, "title": "labelloop"})
+    if settings().webhook_secret:  # Label Studio made the webhook without it: add it, or events get 401
+        from .studio import install_webhook_secret
+
+        install_webhook_secret(studio.call, project, backend, settings().webhook_secret)
 
     _say(f"4/6 active learning: {first} random labels, then {rounds - 1} rounds of the {per_round} least-confident")
     labeled: set[int] = set()

@@ -9,6 +9,15 @@ from prometheus_client.core import GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# Every label value comes from a fixed set: a label fed from the request (any method name, path or
+# action a client invents) would make a new time series per value and grow the scrape without end.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+REFUSAL_REASONS = ("unauthenticated", "start_training_unauthenticated", "unknown_project", "rate_limited")
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
 
 class ServiceMetrics:
     def __init__(self) -> None:
@@ -35,6 +44,11 @@ class ServiceMetrics:
         self.webhooks_dropped = Counter("labelloop_webhook_dropped_total",
                                         "Webhook events not queued because Redis was unavailable", ["action"],
                                         registry=r)
+        self.webhooks_refused = Counter("labelloop_webhook_refused_total",
+                                        "Webhook events refused or ignored, by reason (a fixed set)", ["reason"],
+                                        registry=r)
+        for reason in REFUSAL_REASONS:
+            self.webhooks_refused.labels(reason)
         self.models_loaded = Gauge("labelloop_models_loaded", "Models held in this process's cache", registry=r)
 
     def watch_jobs(self, source: Callable[[], list[dict]]) -> None:

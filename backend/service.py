@@ -4,17 +4,27 @@ Endpoints: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions
 GET /metrics. The contract (request and response shapes, timeouts) is recorded in README.md.
 Every request body is validated here; the engine (pipeline.py) only sees well-formed input.
 A bad request gets a 4xx with ``{"error": "..."}`` and the server keeps serving.
+
+Secure and bounded by default (README "Security"): ``labelloop serve`` refuses a non-loopback address
+without basic auth unless LABELLOOP_INSECURE=true; /webhook checks LABELLOOP_WEBHOOK_SECRET when set,
+honours START_TRAINING only from an authenticated caller, ignores projects it does not know and
+rate-limits the jobs a project's events can start; /predict work runs in its own small thread pool so
+/health, /webhook and /metrics keep answering in milliseconds while predictions run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import binascii
+import functools
+import ipaddress
 import json
 import logging
+import math
 import secrets
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,10 +35,11 @@ from . import __version__
 from .config import Settings, settings as current_settings
 from .labelconfig import LabelConfigError, parse_label_config
 from .media import MediaFetcher
-from .metrics import CONTENT_TYPE, ServiceMetrics
+from .metrics import CONTENT_TYPE, ServiceMetrics, method_label
 from .pipeline import predict_tasks, resolve_model
 from .predict import cached_model_count
 from .registry import Registry, RegistryError
+from .studio import WEBHOOK_SECRET_HEADER  # installed on the project's webhook by studio.py
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,8 @@ WEBHOOK_ACTIONS = {
     "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED",
 }
 NO_MODEL_VERSION = "labelloop-untrained"
+MAX_ID = 2**53  # Label Studio ids are database integers; anything larger (or <= 0) is invented
+KNOWN_PROJECTS_CAP = 10_000  # projects remembered from /setup (oldest forgotten first)
 
 
 class BadRequest(Exception):
@@ -57,17 +70,22 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 class LimitBodyMiddleware:
-    """Refuse bodies over the limit with 413, also when no Content-Length is sent (chunked)."""
+    """Refuse bodies over the limit with 413, also when no Content-Length is sent (chunked).
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    ``path_limits`` maps a path to its own (lower) limit and the variable that sets it: a webhook is a
+    hint of a few KB, a /predict may carry hundreds of tasks.
+    """
+
+    def __init__(self, app, max_bytes: int, path_limits: dict[str, tuple[int, str]] | None = None):
+        self.app, self.max_bytes, self.path_limits = app, max_bytes, path_limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit, variable = self.path_limits.get(scope.get("path", ""), (self.max_bytes, "LABELLOOP_MAX_BODY_MB"))
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_413(send, self.max_bytes)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _send_413(send, limit, variable)
         seen, exceeded = 0, False
 
         async def limited_receive():
@@ -75,7 +93,7 @@ class LimitBodyMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     exceeded = True  # the app sees a disconnect; the client gets our 413
                     return {"type": "http.disconnect"}
             return message
@@ -90,12 +108,12 @@ class LimitBodyMiddleware:
             if not exceeded:
                 raise
         if exceeded:
-            await _send_413(send, self.max_bytes)
+            await _send_413(send, limit, variable)
 
 
-async def _send_413(send, max_bytes: int) -> None:
-    body = json.dumps({"error": f"request body larger than {max_bytes // (1024 * 1024)} MB "
-                                "(LABELLOOP_MAX_BODY_MB)"}).encode()
+async def _send_413(send, max_bytes: int, variable: str = "LABELLOOP_MAX_BODY_MB") -> None:
+    size = f"{max_bytes / (1024 * 1024):g} MB" if max_bytes >= 1024 * 1024 else f"{max_bytes / 1024:g} KB"
+    body = json.dumps({"error": f"request body larger than {size} ({variable})"}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -109,7 +127,9 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         raise BadRequest("request body is empty; expected a JSON object")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:  # Python's parser recurses per nesting level
+        raise BadRequest("request body is nested too deeply to be a Label Studio request") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and integers over 4300 digits
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
@@ -123,20 +143,52 @@ def project_key(value: Any, field: str = "project") -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise BadRequest(f"'{field}' must be a string like \"12.1700000000\" or an integer id", 422)
     key = str(value).split(".")[0]
+    if len(key) > 64:  # becomes a directory name and a Redis key: keep it short
+        raise BadRequest(f"'{field}' is not a valid project id: longer than 64 characters", 422)
     if not key.isdigit() and not key.replace("-", "").replace("_", "").isalnum():
         raise BadRequest(f"'{field}' is not a valid project id: {value!r}", 422)
     return key
 
 
-def validate_tasks(tasks: Any) -> list[dict[str, Any]]:
+def validate_tasks(tasks: Any, limit: int | None = None) -> list[dict[str, Any]]:
     if not isinstance(tasks, list):
         raise BadRequest("'tasks' must be a list of task objects", 422)
+    if limit is not None and len(tasks) > limit:
+        raise BadRequest(f"{len(tasks)} tasks in one /predict, more than the {limit} allowed "
+                         "(LABELLOOP_MAX_TASKS_PER_PREDICT): select fewer tasks in the Data Manager", 413)
     for i, task in enumerate(tasks):
         if not isinstance(task, dict):
             raise BadRequest(f"tasks[{i}] must be an object, got {type(task).__name__}", 422)
         if not isinstance(task.get("data"), dict):
             raise BadRequest(f"tasks[{i}].data must be an object holding the image URL", 422)
     return tasks
+
+
+def webhook_id(value: Any) -> int | None:
+    """A Label Studio id from a webhook body, or None: only validated integers reach the event log."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_ID:
+        return None
+    return value
+
+
+class TokenBuckets:
+    """One token bucket per key, in memory: ``take(key)`` is 0.0 when a token was taken, else the
+    seconds until the next one. Only called on the event loop (no lock) and only for known projects,
+    so the dict stays as small as the set of projects."""
+
+    def __init__(self, capacity: int, rate: float, clock=time.monotonic):
+        self.capacity, self.rate, self.clock = float(capacity), float(rate), clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str) -> float:
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate if self.rate > 0 else 3600.0
 
 
 # -- the app ----------------------------------------------------------------------------------------
@@ -148,17 +200,31 @@ def create_app(env: Settings | None = None) -> FastAPI:
     registry = Registry(env.model_dir)
     fetcher = MediaFetcher.from_settings(env)
     schemas: dict[str, str] = {}  # project -> label config seen at /setup (fallback for /predict)
-    events: deque[dict[str, Any]] = deque(maxlen=1000)
+    setup_projects: dict[str, None] = {}  # projects seen at an (authenticated) /setup, oldest first
+    events: deque[dict[str, Any]] = deque(maxlen=1000)  # validated scalars only (see webhook())
+    buckets = TokenBuckets(env.trigger_burst, env.trigger_rate)
+    # Prediction work (model load, image fetches, inference) gets its own few threads: with it in
+    # the shared pool, a few slow /predicts took every thread and /webhook answers (1 s budget in
+    # Label Studio) and /metrics waited behind them.
+    predict_pool = ThreadPoolExecutor(max_workers=env.predict_workers, thread_name_prefix="labelloop-predict")
+    app.router.on_shutdown.append(lambda: predict_pool.shutdown(wait=False, cancel_futures=True))
+    auth_on = bool(env.basic_auth_user or env.basic_auth_pass)
     started = time.time()
     app.state.metrics, app.state.registry, app.state.events = metrics, registry, events
     jobs = _LazyJobStore()
     metrics.watch_jobs(jobs.list_quietly)
 
+    async def in_predict_pool(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(predict_pool, functools.partial(fn, *args))
+
+    def known_project(project: str) -> bool:
+        return project in setup_projects or project in registry.projects()
+
     @app.middleware("http")
     async def observe(request: Request, call_next):
         path = request.url.path
-        endpoint = path if path in KNOWN_PATHS else "other"
-        if path not in OPEN_PATHS and env.basic_auth_user and not _authorized(request, env):
+        endpoint = _endpoint_label(path)
+        if path not in OPEN_PATHS and auth_on and not _authorized(request, env):
             response = JSONResponse({"error": "authentication required"}, status_code=401,
                                     headers={"WWW-Authenticate": 'Basic realm="labelloop"'})
         else:
@@ -169,7 +235,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
                 log.exception("unhandled error on %s", path)
                 response = error(500, "internal error; see the backend log")
             metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        metrics.requests.labels(endpoint, method_label(request.method), str(response.status_code)).inc()
         if response.status_code >= 400:
             metrics.errors.labels(endpoint, str(response.status_code)).inc()
         return response
@@ -217,6 +283,11 @@ def create_app(env: Settings | None = None) -> FastAPI:
         project = project_key(body.get("project"))
         if project:
             schemas[project] = schema
+            # passed the auth middleware: Label Studio connected this project, its webhooks count
+            setup_projects.pop(project, None)
+            setup_projects[project] = None
+            while len(setup_projects) > KNOWN_PROJECTS_CAP:
+                setup_projects.pop(next(iter(setup_projects)))
         model = await run_in_threadpool(resolve_model, registry, project, spec, env)
         if model is None:
             return {"model_version": NO_MODEL_VERSION, "model_ready": False,
@@ -226,7 +297,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request):
         body = await read_json_object(request)
-        tasks = validate_tasks(body.get("tasks"))
+        tasks = validate_tasks(body.get("tasks"), env.max_tasks_per_predict)
         project = project_key(body.get("project"))
         config = body.get("label_config")
         if config is None and project in schemas:
@@ -239,12 +310,17 @@ def create_app(env: Settings | None = None) -> FastAPI:
             raise BadRequest("'params' must be an object", 422)
         if not tasks:
             return {"results": []}
-        model = await run_in_threadpool(resolve_model, registry, project, spec, env)
+        model = await in_predict_pool(resolve_model, registry, project, spec, env)
         if model is None:
             metrics.no_model.inc()
             return {"results": [], "message": _no_model_message(project)}
         t0 = time.perf_counter()
-        preds = await run_in_threadpool(predict_tasks, tasks, spec, model, fetcher)
+        # In chunks: a big request holds a thread (and its images) one chunk at a time, and
+        # concurrent requests take turns between chunks instead of waiting for a whole batch.
+        chunk = max(1, env.predict_batch or 1) * 4
+        preds = []
+        for start in range(0, len(tasks), chunk):
+            preds += await in_predict_pool(predict_tasks, tasks[start : start + chunk], spec, model, fetcher)
         metrics.predict_seconds.observe(time.perf_counter() - t0)
         results = []
         for p in preds:
@@ -260,22 +336,61 @@ def create_app(env: Settings | None = None) -> FastAPI:
 
     @app.post("/webhook")
     async def webhook(request: Request):
-        # Untrusted hint: Label Studio sends it without auth. Validate the shape, record, answer fast.
+        # An untrusted hint unless authenticated: Label Studio's webhooks carry only the headers set on
+        # the webhook (our secret, when labelloop installed it); "Start training" comes through its ML
+        # connector, which sends the backend's basic auth. Validate, keep scalars, answer fast.
+        authenticated = (_secret_ok(request, env) if env.webhook_secret else False) or \
+            (auth_on and _authorized(request, env))
+        # No secret and no basic auth configured: an open service by the operator's choice (loopback, or
+        # LABELLOOP_INSECURE), where nobody can authenticate; the local stack's "Start training" must work.
+        open_service = not env.webhook_secret and not auth_on
+        if env.webhook_secret and not authenticated:
+            metrics.webhooks_refused.labels("unauthenticated").inc()
+            return error(401, f"webhook not authenticated: the {WEBHOOK_SECRET_HEADER} header must carry "
+                              "LABELLOOP_WEBHOOK_SECRET (labelloop installs it on the project's Label Studio "
+                              "webhook) or the request must carry the backend's basic auth")
         body = await read_json_object(request)
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise BadRequest("'action' (string) is required", 422)
         if action not in WEBHOOK_ACTIONS:
-            raise BadRequest(f"unknown webhook action {action!r}", 422)
+            raise BadRequest(f"unknown webhook action {action[:64]!r}", 422)
         project = body.get("project")
         project_id = project.get("id") if isinstance(project, dict) else project
         if isinstance(project_id, bool) or not isinstance(project_id, int):
             raise BadRequest("'project.id' (integer) is required", 422)
-        event = {"action": action, "project": str(project_id), "received_at": time.time()}
-        if isinstance(body.get("annotation"), dict):
-            event["annotation"] = body["annotation"].get("id")
-        if isinstance(body.get("task"), dict):
-            event["task"] = body["task"].get("id")
+        if webhook_id(project_id) is None:
+            raise BadRequest(f"'project.id' must be a positive integer below {MAX_ID}", 422)
+        if action == "START_TRAINING" and not (authenticated or open_service):
+            metrics.webhooks_refused.labels("start_training_unauthenticated").inc()
+            return error(403, "START_TRAINING refused: it forces a training, so it is honoured only from an "
+                              "authenticated caller; set BASIC_AUTH_USER/PASS here and in Label Studio's model "
+                              "connection (its Start training button sends them), or send the "
+                              f"{WEBHOOK_SECRET_HEADER} header with LABELLOOP_WEBHOOK_SECRET set")
+        if not known_project(str(project_id)):
+            metrics.webhooks_refused.labels("unknown_project").inc()
+            return {"status": "ignored", "action": action, "project": project_id,
+                    "reason": f"project {project_id} is unknown to this backend: it becomes known when Label "
+                              "Studio calls /setup for it (connect the backend to the project) or once it has "
+                              "a model in the registry"}
+        serving = registry.serving(str(project_id)) if action == "TASKS_CREATED" else None
+        if action in TRAINING_ACTIONS or serving is not None:  # this event would start (or join) a job
+            wait = buckets.take(str(project_id))
+            if wait > 0:
+                metrics.webhooks_refused.labels("rate_limited").inc()
+                retry = max(1, math.ceil(wait))
+                return JSONResponse(
+                    {"error": f"too many job-triggering events for project {project_id}: at most "
+                              f"{env.trigger_burst} at once, then {env.trigger_rate:g} per second "
+                              f"(LABELLOOP_TRIGGER_BURST, LABELLOOP_TRIGGER_RATE); retry in {retry} s"},
+                    status_code=429, headers={"Retry-After": str(retry)})
+        # Only validated scalars are kept: a body can be megabytes of anything.
+        event: dict[str, Any] = {"action": action, "project": str(project_id), "received_at": time.time(),
+                                 "authenticated": authenticated}
+        for field in ("annotation", "task"):
+            value = webhook_id(body[field].get("id")) if isinstance(body.get(field), dict) else None
+            if value is not None:
+                event[field] = value
         events.append(event)
         metrics.webhooks.labels(action).inc()
         answer = {"status": "accepted", "action": action, "project": project_id}
@@ -290,11 +405,11 @@ def create_app(env: Settings | None = None) -> FastAPI:
                 log.error("webhook %s for project %s dropped: job queue unavailable: %s", action, project_id, exc)
                 return error(503, f"job queue unavailable, event not queued: {type(exc).__name__}: {exc}")
             answer.update(job=job["id"], coalesced=not created)
-        elif action == "TASKS_CREATED" and registry.serving(str(project_id)) is not None:
+        elif serving is not None:
             # new tasks get the served version's predictions without anyone pressing a button
             from labelloop.tasks.jobs import request_prediction
 
-            version = registry.serving(str(project_id)).version
+            version = serving.version
             try:
                 job = await run_in_threadpool(request_prediction, str(project_id), version, action, jobs.store())
             except Exception as exc:
@@ -362,7 +477,8 @@ def create_app(env: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        # rendering reads the job store (Redis): off the event loop, so a slow Redis stalls only this
+        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
 
     return app
 
@@ -400,18 +516,72 @@ def _reason_kind(reason: str) -> str:
     return "other"
 
 
+def _endpoint_label(path: str) -> str:
+    """A fixed set of label values: a label per invented path would grow the metrics without end."""
+    if path in KNOWN_PATHS:
+        return path
+    if path.startswith("/jobs/"):
+        return "/jobs/{id}"
+    if path.startswith("/versions/") and path.endswith("/promote"):
+        return "/versions/{version}/promote"
+    return "other"
+
+
+def _matches(given: bytes, configured: str) -> bool:
+    """Constant-time comparison of raw bytes with a configured credential.
+
+    Bytes, not str: compare_digest raises TypeError on non-ASCII str (a 500 for any client sending
+    one). UTF-8 is what browsers and httpx send; latin-1 what requests' HTTPBasicAuth (Label Studio)
+    sends for characters it can encode.
+    """
+    ok = secrets.compare_digest(given, configured.encode("utf-8"))
+    try:
+        latin = configured.encode("latin-1")
+    except UnicodeEncodeError:
+        return ok
+    return ok | secrets.compare_digest(given, latin)
+
+
 def _authorized(request: Request, env: Settings) -> bool:
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("basic "):
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
         return False
     try:
-        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+        raw = base64.b64decode(token.strip(), validate=True)
+    except ValueError:  # binascii.Error, and non-ASCII characters in the header
         return False
-    return secrets.compare_digest(user, env.basic_auth_user) and secrets.compare_digest(password, env.basic_auth_pass)
+    user, colon, password = raw.partition(b":")
+    return bool(colon) & _matches(user, env.basic_auth_user) & _matches(password, env.basic_auth_pass)
+
+
+def _secret_ok(request: Request, env: Settings) -> bool:
+    # Starlette decodes header bytes as latin-1: encoding back gives the bytes that were sent.
+    given = request.headers.get(WEBHOOK_SECRET_HEADER, "").encode("latin-1")
+    return bool(given) and _matches(given, env.webhook_secret)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything, so it is not loopback
+        return False
+
+
+def bind_refusal(host: str, env: Settings) -> str | None:
+    """Why ``labelloop serve`` must not listen on ``host`` with these settings (one line), or None."""
+    if bool(env.basic_auth_user) != bool(env.basic_auth_pass):
+        return "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together: one of them is empty"
+    if env.basic_auth_user or env.insecure or _is_loopback(host):
+        return None
+    return (f"refusing to listen on {host} without authentication: set BASIC_AUTH_USER and BASIC_AUTH_PASS "
+            "(and the same in Label Studio's model connection), or listen on loopback (--host 127.0.0.1), "
+            "or set LABELLOOP_INSECURE=true to serve without authentication on purpose")
 
 
 def build_app_with_limits(env: Settings | None = None):
     """The ASGI app as served: the FastAPI app wrapped by the body-size limit."""
     env = env or current_settings()
-    return LimitBodyMiddleware(create_app(env), env.max_body_bytes)
+    return LimitBodyMiddleware(create_app(env), env.max_body_bytes,
+                               {"/webhook": (env.max_webhook_bytes, "LABELLOOP_MAX_WEBHOOK_MB")})

@@ -111,5 +111,29 @@ class StudioClient:
         data = {"title": title, "filters": {"conjunction": "or", "items": items}, "ordering": ["tasks:id"]}
         return self.request("POST", "/api/dm/views", json={"project": int(project_id), "data": data})
 
+    def install_webhook_secret(self, project_id: int | str, backend_url: str, secret: str) -> dict[str, Any]:
+        return install_webhook_secret(self.request, project_id, backend_url, secret)
+
     def close(self) -> None:
         self._http.close()
+
+
+WEBHOOK_SECRET_HEADER = "X-Labelloop-Webhook-Secret"  # checked by service.py's /webhook
+
+
+def install_webhook_secret(call, project_id: int | str, backend_url: str, secret: str) -> dict[str, Any]:
+    """Make the project's webhook to ``<backend_url>/webhook`` send LABELLOOP_WEBHOOK_SECRET.
+
+    Label Studio creates that webhook itself when the backend is connected (``POST /api/ml``), with
+    ``headers={}``: without our header its events are indistinguishable from forged ones. Its other
+    headers are kept; the webhook is created when missing. ``call(method, path, **kwargs)`` is any
+    Label Studio API caller returning the decoded JSON (StudioClient.request, the demo's client).
+    """
+    url = backend_url.rstrip("/") + "/webhook"
+    for hook in call("GET", "/api/webhooks/", params={"project": int(project_id)}) or []:
+        if hook.get("url") == url:
+            headers = {**(hook.get("headers") or {}), WEBHOOK_SECRET_HEADER: secret}
+            return call("PATCH", f"/api/webhooks/{int(hook['id'])}/", json={"headers": headers})
+    return call("POST", "/api/webhooks/", json={"project": int(project_id), "url": url, "send_payload": True,
+                                                "send_for_all_actions": True,
+                                                "headers": {WEBHOOK_SECRET_HEADER: secret}})
