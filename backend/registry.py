@@ -109,12 +109,23 @@ class Registry:
     def _versions_dir(self, project: str | int) -> Path:
         return self.project_dir(project) / "versions"
 
+    def warm_start_path(self, project: str | int, architecture: str) -> Path:
+        """Where the project's self-supervised warm start for ``architecture`` (a yaml name) lives."""
+        return self.project_dir(project) / "warm-start" / f"{Path(architecture).stem}.pt"
+
+    def warm_start(self, project: str | int, architecture: str) -> Path | None:
+        path = self.warm_start_path(project, architecture)
+        return path if path.is_file() else None
+
     # -- reading -------------------------------------------------------------------------------
     def projects(self) -> list[str]:
         base = self.root / "projects"
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
 
     def get(self, project: str | int, version: str) -> Manifest:
+        # Names come from forms and URLs and end in a pickle load: one path component of our own shape only.
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+            raise RegistryError(f"not a labelloop version name: {version!r} (expected p<project>-v<n>, e.g. p12-v3)")
         directory = self._versions_dir(project) / version
         try:
             data = json.loads((directory / MANIFEST).read_text())
@@ -215,4 +226,80 @@ class Registry:
                 if time.time() - tmp.stat().st_mtime > older_than_s:
                     shutil.rmtree(tmp, ignore_errors=True)
                     removed += 1
+        return removed
+
+    # -- retention -------------------------------------------------------------------------------
+    def promote_by_hand(self, project: str | int, version: str, reason: str = "", by: str = "") -> Manifest:
+        """``promote`` for a person's choice (the API, a rollback): the promotion is also appended to
+        ``projects/<project>/promotions.jsonl``, and ``prune`` never deletes a version listed there.
+
+        The line is written (and fsynced) before the serving pointer moves, so a version can never
+        serve by hand without being on record.
+        """
+        self.get(project, version)  # raises before anything is recorded
+        record = {"version": version, "promoted_at": time.time(), "reason": reason, "by": by, "manual": True}
+        with open(self.project_dir(project) / "promotions.jsonl", "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return self.promote(project, version, reason)
+
+    def manual_promotions(self, project: str | int) -> list[dict[str, Any]]:
+        """Every promotion made by hand (``promote_by_hand``), oldest first; a torn last line is skipped."""
+        path = self.project_dir(project) / "promotions.jsonl"
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("version"), str):
+                found.append(record)
+        return found
+
+    def prune(self, project: str | int, keep_last: int = 10) -> list[str]:
+        """Delete old versions of a project; returns the names removed, oldest first.
+
+        Kept: the serving version, the ``keep_last`` newest versions, and every version ever promoted
+        by hand (``promote_by_hand``). A version is removed by renaming its directory to
+        ``projects/<project>/.trash-*`` first (atomic: readers see the whole version or none) and
+        deleting that afterwards; a pruner that crashes in between leaves only a ``.trash-*`` dir,
+        which the next ``prune`` of the project deletes. If the version was promoted while it was
+        being renamed, it is renamed back. Run it where trainings of the project are serialised (the
+        training job, under the project lock): two pruners of one project at once are not supported.
+        """
+        keep_last = max(1, int(keep_last))
+        project_dir = self.project_dir(project)
+        for leftover in project_dir.glob(".trash-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+        def protected(versions: list[Manifest]) -> set[str]:
+            keep = {m.version for m in versions[-keep_last:]}
+            keep |= {p["version"] for p in self.manual_promotions(project)}
+            serving = self.serving_info(project)
+            if serving and isinstance(serving.get("version"), str):
+                keep.add(serving["version"])
+            return keep
+
+        versions = self.versions(project)
+        keep = protected(versions)
+        removed = []
+        for manifest in versions:
+            if manifest.version in keep:
+                continue
+            source = Path(manifest.path)
+            trash = project_dir / f".trash-{manifest.version}-{uuid.uuid4().hex}"
+            try:
+                os.rename(source, trash)
+            except FileNotFoundError:
+                continue
+            if manifest.version in protected(versions):  # promoted meanwhile: put it back
+                os.rename(trash, source)
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(manifest.version)
         return removed

@@ -4,19 +4,31 @@ Both are thin: the work is the engine's (labelloop.pipeline); a job adds the loc
 progress, and what happens next (a promotion enqueues a prediction job).
 
 Delivery is at least once (acks_late; a killed worker's job is delivered again), so a job must be
-safe to run twice: a finished job record ends a second delivery at once; a training waits for the
-project lock, which a dead holder stops renewing; predictions already pushed for a version are
-not pushed again; a registry version is written atomically, so a killed training leaves none.
+safe to run twice: a finished job record ends a second delivery at once; a training (and a
+prediction job) waits for the project's lock, which a dead holder stops renewing; predictions
+already pushed for a version are not pushed again; a registry version is written atomically, so a
+killed training leaves none.
+
+But not without end: a job that kills its worker (an image that exhausts memory, a native crash)
+would be delivered, kill, be delivered again forever. Every delivery that starts running a job
+counts one attempt in its record (before any work); a delivery that finds the job still "running"
+after ``LABELLOOP_MAX_JOB_ATTEMPTS`` attempts (each one ended by its worker dying) fails it with
+that reason and is acknowledged.
+
+After each training the project's registry is pruned (``Registry.prune``): the serving version,
+the ``LABELLOOP_KEEP_VERSIONS`` newest and every version promoted by hand are kept.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
 from typing import Any
 
+from labelloop.config import settings
 from labelloop.tasks.celery_app import PREDICT_QUEUE, TRAIN_QUEUE, app
 from labelloop.tasks.jobstore import FINISHED, LOCK_TTL, JobStore
 
@@ -28,36 +40,50 @@ LOCK_WAIT_S = 5  # a training waiting for its project's lock looks again this of
 DEBOUNCE_S = 5
 
 
-# -- what the service calls (fast: one or two Redis round trips) -------------------------------------
+# -- what the service calls (fast: a few Redis round trips) -------------------------------------------
 
 def request_training(project: str, trigger: str, force: bool = False,
                      store: JobStore | None = None) -> tuple[dict[str, Any], bool]:
     """(job, created): enqueue a training of ``project`` or join the one already pending."""
     store = store or JobStore()
-    job, created = store.claim_pending(str(project), trigger, force)
+    countdown = 0 if force else DEBOUNCE_S
+    job, created = store.claim_pending(str(project), trigger, force, countdown=countdown)
     if created:
-        try:
-            train_project.apply_async(args=[job["id"], str(project)], task_id=job["id"], queue=TRAIN_QUEUE,
-                                      countdown=0 if force else DEBOUNCE_S, retry=False)
-        except Exception as exc:
-            store.release_pending(str(project), job["id"])
-            store.update(job["id"], state="failed", reason=f"could not enqueue: {exc}", finished_at=time.time())
-            raise
+        _enqueue(store, train_project, job, [job["id"], str(project)], TRAIN_QUEUE, countdown)
     return job, created
 
 
-def request_prediction(project: str, version: str, trigger: str, store: JobStore | None = None) -> dict[str, Any]:
+def request_prediction_job(project: str, version: str, trigger: str, store: JobStore | None = None,
+                           countdown: float = DEBOUNCE_S) -> tuple[dict[str, Any], bool]:
+    """(job, created): enqueue predictions of ``version`` for the project's unlabeled tasks, or join
+    the job already pending for that (project, version). ``countdown``: new tasks come in bursts
+    (one ``TASKS_CREATED`` per import), so by default the job starts a few seconds late and sees them all."""
     store = store or JobStore()
-    job = store.create("predict", str(project), version=version, trigger=trigger)
-    predict_project.apply_async(args=[job["id"], str(project), version], task_id=job["id"], queue=PREDICT_QUEUE,
-                                retry=False)
-    return job
+    job, created = store.claim_pending(str(project), trigger, kind="predict", version=version, countdown=countdown)
+    if created:
+        _enqueue(store, predict_project, job, [job["id"], str(project), version], PREDICT_QUEUE, countdown)
+    return job, created
+
+
+def request_prediction(project: str, version: str, trigger: str, store: JobStore | None = None,
+                       countdown: float = DEBOUNCE_S) -> dict[str, Any]:
+    """The prediction job for ``version`` (a new one, or the pending one it joined)."""
+    return request_prediction_job(project, version, trigger, store, countdown)[0]
+
+
+def _enqueue(store: JobStore, task, job: dict[str, Any], args: list, queue: str, countdown: float) -> None:
+    try:
+        task.apply_async(args=args, task_id=job["id"], queue=queue, countdown=countdown, retry=False)
+    except Exception as exc:
+        store.release_pending(job["project"], job["id"], job["kind"], job.get("version"))
+        store.update(job["id"], state="failed", reason=f"could not enqueue: {exc}", finished_at=time.time())
+        raise
 
 
 # -- the jobs -------------------------------------------------------------------------------------------
 
 class _Heartbeat(threading.Thread):
-    """Renews the project lock while the training runs; stops when told or when the lock is lost."""
+    """Renews the project lock while the job runs; stops when told or when the lock is lost."""
 
     def __init__(self, lock):
         super().__init__(daemon=True)
@@ -65,8 +91,13 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(LOCK_TTL / 4):
-            if not self.lock.renew():
-                log.error("lost the training lock %s", self.lock.key)
+            try:
+                renewed = self.lock.renew()
+            except Exception as exc:  # a Redis hiccup: try again next beat (the TTL leaves three more)
+                log.warning("could not renew the lock %s: %s", self.lock.key, exc)
+                continue
+            if not renewed:
+                log.error("lost the lock %s", self.lock.key)
                 return
 
 
@@ -84,6 +115,37 @@ def _progress(task, store: JobStore, job_id: str):
     return report
 
 
+def _start_attempt(task, store: JobStore, job: dict[str, Any]) -> dict[str, Any] | None:
+    """Count this delivery as an attempt, or end a job whose worker died too often (None: go on)."""
+    attempts = int(job.get("attempts", 0))
+    limit = settings().max_job_attempts
+    if job.get("state") == "running" and attempts >= limit:
+        # Every earlier attempt set "running" and none finished: each ended with its worker dying.
+        where = job.get("worker") or "an unknown host"
+        reason = (f"worker died {attempts} times while running this job; last seen on host {where}"
+                  + (f" (pid {job['pid']})" if job.get("pid") else "")
+                  + f"; not delivered again (LABELLOOP_MAX_JOB_ATTEMPTS={limit})")
+        log.error("job %s of project %s: %s", job["id"], job["project"], reason)
+        return store.update(job["id"], state="failed", reason=reason, message="failed: its worker kept dying",
+                            finished_at=time.time())
+    store.update(job["id"], state="running", started_at=time.time(), attempts=attempts + 1,
+                 worker=task.request.hostname or socket.gethostname(), pid=os.getpid(), message="starting")
+    return None
+
+
+def _prune(project: str) -> dict[str, Any]:
+    """Registry retention after a training; a failure is reported in the job, never fails it."""
+    from labelloop.registry import Registry
+
+    env = settings()
+    try:
+        removed = Registry(env.model_dir).prune(project, keep_last=env.keep_versions)
+    except Exception as exc:
+        log.exception("pruning the registry of project %s failed", project)
+        return {"prune_warning": f"old versions not pruned: {exc}"}
+    return {"pruned": removed} if removed else {}
+
+
 @app.task(name="labelloop.train_project", bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def train_project(self, job_id: str, project: str) -> dict[str, Any]:
     from labelloop.pipeline import NothingNew, train_project as train_from_label_studio
@@ -95,14 +157,19 @@ def train_project(self, job_id: str, project: str) -> dict[str, Any]:
         return job  # a second delivery of a job that already ended
     lock = store.training_lock(project, job_id)
     if not lock.acquire():
+        store.renew_pending(project, job_id)  # in a worker's hands: the slot it holds stays valid
         store.update(job_id, message=f"waiting: another training of project {project} is running")
         raise self.retry(countdown=LOCK_WAIT_S)
     heartbeat = _Heartbeat(lock)
     heartbeat.start()
     try:
         store.release_pending(project, job_id)  # from now on, new events make a new pending job
-        job = store.update(job_id, state="running", started_at=time.time(), attempts=int(job.get("attempts", 0)) + 1,
-                           worker=socket.gethostname(), message="starting")
+        job = store.get(job_id) or job  # as it is now that this delivery holds the lock
+        if job["state"] in FINISHED:
+            return job
+        ended = _start_attempt(self, store, job)
+        if ended is not None:
+            return ended
         try:
             outcome = train_from_label_studio(project, _progress(self, store, job_id), force=bool(job.get("force")))
         except (DatasetError, NothingNew) as exc:
@@ -118,9 +185,10 @@ def train_project(self, job_id: str, project: str) -> dict[str, Any]:
             try:
                 follow_up["prediction_job"] = request_prediction(
                     project, outcome.manifest.version, trigger=f"promotion of {outcome.manifest.version}",
-                    store=store)["id"]
+                    store=store, countdown=0)["id"]
             except Exception as exc:
                 follow_up["warning"] = f"predictions not queued: {exc}"
+        follow_up.update(_prune(project))
         return store.update(job_id, state="done", progress=1.0, message=outcome.reason, reason=outcome.reason,
                             version=outcome.manifest.version, promoted=outcome.promoted,
                             metrics=outcome.manifest.metrics, compared_with=outcome.compared_with,
@@ -138,17 +206,50 @@ def predict_project(self, job_id: str, project: str, version: str) -> dict[str, 
     job = store.get(job_id) or store.create("predict", project, job_id=job_id, version=version, trigger="direct")
     if job["state"] in FINISHED:
         return job
-    store.update(job_id, state="running", started_at=time.time(), attempts=int(job.get("attempts", 0)) + 1,
-                 worker=socket.gethostname(), message="starting")
+    lock = store.prediction_lock(project, job_id)
+    if not lock.acquire():
+        store.renew_pending(project, job_id, "predict", version)
+        store.update(job_id, message=f"waiting: another prediction job of project {project} is running")
+        raise self.retry(countdown=LOCK_WAIT_S)
+    heartbeat = _Heartbeat(lock)
+    heartbeat.start()
     try:
-        counts = predict_unlabeled(project, version, _progress(self, store, job_id))
-    except Exception as exc:
-        log.exception("prediction job %s of project %s failed", job_id, project)
-        return store.update(job_id, state="failed", reason=training_error_reason(exc), message="failed",
+        store.release_pending(project, job_id, "predict", version)  # later tasks make a new pending job
+        job = store.get(job_id) or job  # as it is now that this delivery holds the lock
+        if job["state"] in FINISHED:
+            return job
+        ended = _start_attempt(self, store, job)
+        if ended is not None:
+            return ended
+        try:
+            counts = predict_unlabeled(project, version, _progress(self, store, job_id))
+        except Exception as exc:
+            log.exception("prediction job %s of project %s failed", job_id, project)
+            return store.update(job_id, state="failed", reason=training_error_reason(exc), message="failed",
+                                finished_at=time.time())
+        message = (f"{counts['pushed']} predictions of {version} pushed to Label Studio"
+                   + (f"; {counts['errors']} task(s) without prediction" if counts["errors"] else ""))
+        return store.update(job_id, state="done", progress=1.0, message=message, counts=counts,
                             finished_at=time.time())
-    message = (f"{counts['pushed']} predictions of {version} pushed to Label Studio"
-               + (f"; {counts['errors']} task(s) without prediction" if counts["errors"] else ""))
-    return store.update(job_id, state="done", progress=1.0, message=message, counts=counts, finished_at=time.time())
+    finally:
+        heartbeat.stopped.set()
+        lock.release()
+
+
+def _count_fold_attempt(task) -> None:
+    """Folds have no job record: a counter key per Celery task id ends a redelivery loop the same way."""
+    from labelloop.tasks.jobstore import PREFIX, RECORD_TTL
+
+    store = JobStore()
+    key = f"{PREFIX}:attempts:{task.request.id}"
+    pipe = store.r.pipeline()
+    pipe.incr(key)
+    pipe.expire(key, RECORD_TTL)
+    attempts = int(pipe.execute()[0])
+    limit = settings().max_job_attempts
+    if attempts > limit:
+        raise RuntimeError(f"worker died {attempts - 1} times while running this fold; not run again "
+                           f"(LABELLOOP_MAX_JOB_ATTEMPTS={limit})")
 
 
 @app.task(name="labelloop.crossval_fold", bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -159,6 +260,7 @@ def crossval_fold(self, project: str, folds: int, fold: int) -> dict[str, Any]:
     from labelloop.pipeline import train_fold_and_predict
     from labelloop.studio import StudioClient
 
+    _count_fold_attempt(self)
     client = StudioClient.from_settings()
     try:
         spec = parse_label_config(client.project(project)["label_config"])

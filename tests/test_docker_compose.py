@@ -15,11 +15,14 @@ What is checked:
   configuration table or a known third-party one; Label Studio's are names Label Studio 1.23.2
   reads (checked against its source when its venv is installed);
 * every ``${VAR}`` is in docker/.env.example with a comment, the same default everywhere, and no
-  unused entry; the interpolated environment gives valid labelloop settings;
+  unused entry; every secret is required (``${VAR:?...}``) and empty in .env.example, so an
+  untouched copy makes Compose refuse to start; docker/README's one-liner fills them; the
+  interpolated environment (secrets filled) gives valid labelloop settings;
 * named volumes declared == used; the shared volumes sit at the same paths in backend, both
   workers and the App, and those are MODEL_DIR / LABELLOOP_CACHE_DIR / MODEL_ROOT;
 * depends_on targets exist (and have healthchecks where they must be healthy), host ports are
-  unique and match the ports the commands listen on, every service has a healthcheck;
+  unique, bound to 127.0.0.1 unless configured, and match the ports the commands listen on; the
+  FiftyOne App only runs with its profile; every service has a healthcheck;
 * the services are wired to each other (Label Studio URL, token, Redis, MongoDB, PostgreSQL);
 * the Dockerfile(s) that ``build:`` names exist, have the targets and ARGs used, COPY only paths
   that exist and that their .dockerignore lets through;
@@ -239,9 +242,18 @@ def required_vars(node) -> set[str]:
     return {name for text in _strings(node) for name in re.findall(r"\$\{(" + _NAME + r"):?\?", text)}
 
 
+SECRETS = {"POSTGRES_PASSWORD", "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN", "BASIC_AUTH_PASS",
+           "LABELLOOP_WEBHOOK_SECRET"}
+
+
+def filled_env() -> dict[str, str]:
+    """docker/.env as an operator makes it: .env.example with every secret set."""
+    return {**env_example_active(), **{name: f"secret-of-{name.lower()}" for name in SECRETS}}
+
+
 def resolved_stack(extra_env: dict[str, str] | None = None) -> dict:
-    """The compose file as Compose sees it with docker/.env made from .env.example."""
-    return resolve(compose(), {**env_example_active(), **(extra_env or {})})
+    """The compose file as Compose sees it with docker/.env made from .env.example, secrets filled."""
+    return resolve(compose(), {**filled_env(), **(extra_env or {})})
 
 
 def environment(service: dict) -> dict[str, str]:
@@ -487,7 +499,7 @@ def test_compose_files_match_the_compose_spec_schema(path):
     import jsonschema
 
     schema = _compose_schema()
-    data = resolve(_load(path), env_example_active())  # Compose validates after interpolation
+    data = resolve(_load(path), filled_env())  # Compose validates after interpolation
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:20])
@@ -506,23 +518,80 @@ def _compose_binary() -> list[str] | None:
     return None
 
 
+def _write_env(path: Path, values: dict[str, str]) -> Path:
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
 @pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, GPU_OVERRIDE]], ids=["base", "base+gpu"])
-def test_docker_compose_config_accepts_the_stack(files):
+def test_docker_compose_config_accepts_the_stack(files, tmp_path):
     binary = _compose_binary()
     if binary is None:
         pytest.skip("no `docker compose` / `docker-compose` binary (it needs no engine for `config`)")
-    argv = [*binary, "--project-directory", str(DOCKER), "--env-file", str(ENV_EXAMPLE)]
+    env_file = _write_env(tmp_path / ".env", filled_env())
+    argv = [*binary, "--project-directory", str(DOCKER), "--env-file", str(env_file)]
     for f in files:
         argv += ["-f", str(f)]
     done = subprocess.run([*argv, "config", "--quiet"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
 
+def test_docker_compose_refuses_an_untouched_env_example(tmp_path):
+    """`cp .env.example .env` and nothing else: Compose itself refuses, naming a missing secret."""
+    binary = _compose_binary()
+    if binary is None:
+        pytest.skip("no `docker compose` / `docker-compose` binary (it needs no engine for `config`)")
+    project = tmp_path / "docker"
+    project.mkdir()
+    shutil.copy(ENV_EXAMPLE, project / ".env")
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    done = subprocess.run([*binary, "--project-directory", str(project), "-f", str(COMPOSE), "config", "--quiet"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode != 0, "docker compose accepted the stack with .env.example's empty secrets"
+    assert re.search(r"set (\w+) in docker/\.env", done.stderr), done.stderr
+
+
 def test_stack_needs_its_secrets():
     """No default admin password or token: Compose refuses to start without them."""
-    assert required_vars(compose()) >= {"POSTGRES_PASSWORD", "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN"}
+    assert required_vars(compose()) == SECRETS
     with pytest.raises(MissingVariable):
         resolve(compose(), {})
+
+
+def test_untouched_env_example_makes_compose_refuse():
+    """.env.example copied to .env as it is: every secret is missing, each with a message naming it."""
+    env = env_example_active()
+    for name in SECRETS:
+        assert name in env and env[name] == "", f".env.example must leave {name} empty, not {env.get(name)!r}"
+    missing = set()
+    for name in SECRETS:  # Compose reports one at a time: fill the others and look at each
+        with pytest.raises(MissingVariable) as raised:
+            resolve(compose(), {**filled_env(), name: env[name]})
+        assert str(raised.value).startswith(f"{name}: set {name} in docker/.env"), str(raised.value)
+        missing.add(name)
+    assert missing == SECRETS
+    resolve(compose(), filled_env())  # and with them set it resolves
+
+
+def test_readme_one_liner_fills_every_secret(tmp_path):
+    """docker/README.md's command, run on a fresh copy of .env.example, makes a .env Compose accepts."""
+    readme = (DOCKER / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("python3 -c") and "docker/.env" in ln)
+    argv = shlex.split(line)
+    (tmp_path / "docker").mkdir()
+    shutil.copy(ENV_EXAMPLE, tmp_path / "docker" / ".env")
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    values = {}
+    for raw in (tmp_path / "docker" / ".env").read_text().splitlines():
+        if m := re.match(rf"^({_NAME})=(.*)$", raw):
+            values[m.group(1)] = m.group(2)
+    for name in SECRETS:
+        assert re.fullmatch(r"[0-9a-f]{40}", values[name]), f"{name}={values[name]!r}"
+    assert len({values[name] for name in SECRETS}) == len(SECRETS), "each secret must be its own"
+    assert {k: v for k, v in values.items() if k not in SECRETS} == \
+        {k: v for k, v in env_example_active().items() if k not in SECRETS}, "it must change nothing else"
+    resolve(compose(), values)
 
 
 @pytest.mark.parametrize("name", OUR_SERVICES)
@@ -638,7 +707,7 @@ def test_env_example_values_are_the_compose_defaults():
         assert example.get(name) == next(iter(values)), \
             f".env.example sets {name}={example.get(name)!r}, the compose default is {next(iter(values))!r}"
     for name in required_vars(compose()):
-        assert example.get(name), f"{name} is required: .env.example must show a (placeholder) value"
+        assert example.get(name) == "", f"{name} is required: .env.example must leave it empty (no usable default)"
 
 
 def _volume_mounts(service: dict) -> dict[str, str]:
@@ -682,7 +751,7 @@ def test_shared_volumes_are_at_the_same_paths_as_the_settings():
 
 
 @pytest.mark.parametrize("extra", [{}, {k: "" for k in env_example_active() if not k.startswith("LABEL_STUDIO_")
-                                         and not k.endswith("PASSWORD")}], ids=["env-example", "all-defaults"])
+                                         and k not in SECRETS}], ids=["env-example", "all-defaults"])
 def test_interpolated_environment_gives_valid_settings(monkeypatch, extra):
     """The containers' environment (with .env.example, and with every optional value empty) parses."""
     from labelloop.config import settings
@@ -735,15 +804,57 @@ def test_depends_on_targets_exist():
 
 
 def _published(service: dict) -> list[tuple[int, int]]:
+    return [(port, target) for _, port, target in _bindings(service)]
+
+
+def _bindings(service: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port; "" = every interface."""
     out = []
     for entry in service.get("ports") or []:
         if isinstance(entry, dict):
-            out.append((int(entry["published"]), int(entry["target"])))
+            out.append((str(entry.get("host_ip", "")), int(entry["published"]), int(entry["target"])))
             continue
         parts = str(entry).split("/")[0].split(":")
         assert len(parts) >= 2, f"port {entry} is not published on a fixed host port"
-        out.append((int(parts[-2]), int(parts[-1])))
+        out.append((":".join(parts[:-2]), int(parts[-2]), int(parts[-1])))
     return out
+
+
+def test_published_ports_bind_to_loopback_unless_configured():
+    """An untouched stack is reachable from this host only; each service opens with its own variable."""
+    stack = resolved_stack()["services"]
+    for name, svc in stack.items():
+        for address, port, _ in _bindings(svc):
+            assert address == "127.0.0.1", f"{name} publishes {port} on {address or 'every interface'}"
+    for name, variable in {"label-studio": "LABEL_STUDIO_BIND", "backend": "LABELLOOP_BIND",
+                           "fiftyone": "FIFTYONE_BIND"}.items():
+        opened = resolved_stack({variable: "0.0.0.0"})["services"]
+        assert {a for a, _, _ in _bindings(opened[name])} == {"0.0.0.0"}, f"{variable} does not open {name}"
+        others = [n for n, svc in opened.items() if n != name and any(a != "127.0.0.1" for a, _, _ in _bindings(svc))]
+        assert not others, f"{variable} also opens {others}"
+
+
+def test_fiftyone_app_runs_only_with_its_profile():
+    """No login, the Label Studio token, cached images: the App is opt-in (`--profile fiftyone`)."""
+    for name, svc in services().items():
+        assert ("profiles" in svc) == (name == "fiftyone"), f"{name}: profiles {svc.get('profiles')}"
+    assert services()["fiftyone"]["profiles"] == ["fiftyone"]
+    for name, svc in services().items():  # a default service must not need it
+        deps = svc.get("depends_on") or {}
+        assert "fiftyone" not in deps, f"{name} depends on the optional fiftyone service"
+    readme = (DOCKER / "README.md").read_text()
+    assert "--profile fiftyone" in readme and "COMPOSE_PROFILES=fiftyone" in readme
+
+
+def test_backend_is_authenticated_in_the_stack():
+    """It listens on 0.0.0.0 in its container: basic auth and the webhook secret are required."""
+    env = environment(resolved_stack()["services"]["backend"])
+    assert env["BASIC_AUTH_USER"] and env["BASIC_AUTH_PASS"] == "secret-of-basic_auth_pass"
+    assert env["LABELLOOP_WEBHOOK_SECRET"] == "secret-of-labelloop_webhook_secret"
+    assert env["LABELLOOP_INSECURE"] == ""
+    for name in OUR_SERVICES:
+        assert {"LABELLOOP_WEBHOOK_SECRET", "LABELLOOP_INSECURE", "LABELLOOP_MAX_JOB_ATTEMPTS",
+                "LABELLOOP_KEEP_VERSIONS"} <= set(environment(services()[name])), name
 
 
 def test_published_ports_are_unique_and_match_the_commands():
