@@ -1,8 +1,9 @@
 """The engine's two workflows, shared by the HTTP service, the CLI and the Celery jobs.
 
 * ``predict_tasks``: Label Studio tasks → one scored prediction per task (or a reason why not).
-* ``train_new_version``: Label Studio tasks with annotations → a new registry version, promoted only
-  when it is not worse than the version in service on the same held-out tuning split.
+* ``train_new_version``: Label Studio tasks with annotations → a new registry version, promoted unless
+  it is worse than the version in service on the same held-out tuning split by more than that split's
+  noise (``gate.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .datasets import (DatasetError, annotation_fingerprint, build_dataset, firs
                        labeled_tasks, latest_human_annotation)
 from .labelconfig import ControlSpec, LabelConfigError, resolve_model_path
 from .predict import LoadedModel, load_model, predict_images, to_label_studio
-from . import recipe
+from . import gate, recipe
 from .registry import Manifest, Registry
 from .training import (
     ULTRALYTICS_TASK,
@@ -158,7 +159,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         # chain was no better (0.79-1.00 vs 0.83-0.99 per round), and a version that depends only on
         # its labels and its base cannot inherit an early bad optimum.
         base = choose_base(spec, resolve_model_path(spec, env.allow_custom_model_path, env.model_root), env,
-                           chosen.imgsz)
+                           chosen.imgsz, warm_start=lambda architecture: registry.warm_start(project, architecture))
         parent = serving.version if serving is not None else None
         say(0.02, f"training from {Path(base).name}: {dataset.counts['train']} train / "
                   f"{dataset.counts['val']} tuning images, {chosen.epochs} epochs at {chosen.imgsz} px")
@@ -226,11 +227,16 @@ def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, servi
     # Re-evaluate the version in service on today's tuning split: both numbers on the same tasks.
     old_metrics = evaluate(serving.weights, dataset, chosen.imgsz, chosen.device)
     old = old_metrics["primary"]
-    if new >= old:
-        reason = f"{manifest.version} promoted: {new:.3f} >= {old:.3f} of {serving.version} on the same tuning split"
+    n = int(dataset.counts["val"])
+    allowed = gate.tolerance(old, n)
+    if gate.should_promote(new, old, n):
+        relation = ">=" if new >= old else f"within {allowed:.3f} (noise of {n} images) of"
+        reason = (f"{manifest.version} promoted: {new:.3f} {relation} {old:.3f} of {serving.version} "
+                  f"on the same tuning split")
         registry.promote(project, manifest.version, reason)
         return TrainOutcome(manifest, True, reason, serving.version, old_metrics)
-    reason = f"{manifest.version} kept out of service: {new:.3f} < {old:.3f} of {serving.version} on the same tuning split"
+    reason = (f"{manifest.version} kept out of service: {new:.3f} < {old:.3f} of {serving.version} on the same "
+              f"tuning split, by more than the {allowed:.3f} a split of {n} images can tell")
     log.info("project %s: %s", project, reason)
     return TrainOutcome(manifest, False, reason, serving.version, old_metrics)
 
@@ -267,6 +273,79 @@ def train_project(project_id: int | str, progress: Progress | None = None, env: 
     min_train = 2 if force or not first else first_training_minimum(spec)
     return train_new_version(registry, project_id, tasks, spec, MediaFetcher.from_settings(env), progress,
                              min_train=min_train, skip_if_unchanged=not force)
+
+
+WARM_START_MIN_IMAGES = 32  # fewer images than this teach a contrastive pretraining nothing useful
+WARM_START_REFRESH = 1.5  # rebuild when the project has this many times the images the last one saw
+
+
+def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[str, Any]], spec: ControlSpec,
+                     fetcher, progress: Progress | None = None, env: Settings | None = None,
+                     steps: int | None = None) -> dict[str, Any]:
+    """The project's self-supervised warm start (``pretrain.py``) from every task image, labeled or not.
+
+    Every later training of the project starts from it (``training.choose_base``). Measured on the
+    demo's data (bench/pretraining.py): it is what makes 40–80 labels useful. Only for classification
+    trained from the recipe's own architecture: a project with the user's weights or config keeps
+    them, and detection/segmentation have no warm start yet. Returns what was done, or why not.
+    """
+    import json
+    import random
+
+    from . import pretrain
+
+    env = env or current_settings()
+    say = progress or (lambda fraction, message: None)
+    if spec.task_type != "classification":
+        return {"skipped": f"no warm start for {spec.task_type} yet"}
+    if resolve_model_path(spec, env.allow_custom_model_path, env.model_root) or env.base_model or env.model_config:
+        return {"skipped": "the project trains from the user's weights or model config"}
+    urls = [u for u in ((t.get("data") or {}).get(spec.value_key) for t in tasks) if isinstance(u, str) and u]
+    if len(urls) < WARM_START_MIN_IMAGES:
+        return {"skipped": f"{len(urls)} images; a warm start needs at least {WARM_START_MIN_IMAGES}"}
+    sample = random.Random(0).sample(urls, min(len(urls), pretrain.MAX_IMAGES))
+    say(0.0, f"fetching {len(sample)} images")
+    paths = [p for p in fetcher.fetch_many(sample) if not isinstance(p, Exception)]
+    if len(paths) < WARM_START_MIN_IMAGES:
+        return {"skipped": f"only {len(paths)} of {len(sample)} images could be fetched"}
+    imgsz = choose_settings(len(paths), image_sides(paths), "classify", env).imgsz
+    target = registry.warm_start_path(project, recipe.model_config("classify", imgsz))
+    info_path = target.with_suffix(".json")
+    try:
+        previous = json.loads(info_path.read_text()) if target.is_file() else None
+    except (OSError, ValueError):
+        previous = None
+    if previous and len(paths) < WARM_START_REFRESH * int(previous.get("images", 0)):
+        return {"skipped": f"up to date: built from {previous['images']} images", **previous}
+
+    def pretrain_progress(fraction: float, message: str) -> None:
+        say(0.05 + 0.95 * fraction, message)
+
+    steps = steps or pretrain.TARGET_STEPS
+    pretrain.pretrain_classifier(paths, imgsz, target, steps=steps, progress=pretrain_progress)
+    info = {"images": len(paths), "imgsz": imgsz, "steps": steps, "architecture": target.stem, "path": str(target)}
+    partial = info_path.with_name(info_path.name + ".partial")
+    partial.write_text(json.dumps(info))
+    partial.replace(info_path)
+    return {"built": True, **info}
+
+
+def warm_start_project(project_id: int | str, progress: Progress | None = None,
+                       env: Settings | None = None) -> dict[str, Any]:
+    """``build_warm_start`` for a Label Studio project, reading its tasks from the API."""
+    from .labelconfig import parse_label_config
+    from .media import MediaFetcher
+    from .studio import StudioClient
+
+    env = env or current_settings()
+    client = StudioClient.from_settings(env)
+    try:
+        spec = parse_label_config(client.project(project_id)["label_config"])
+        tasks = client.export_tasks(project_id)
+    finally:
+        client.close()
+    with MediaFetcher.from_settings(env) as fetcher:
+        return build_warm_start(Registry(env.model_dir), project_id, tasks, spec, fetcher, progress, env)
 
 
 def predict_unlabeled(project_id: int | str, version: str, progress: Progress | None = None,

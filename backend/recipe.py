@@ -75,10 +75,14 @@ def extra_args(task: str, n_train: int) -> dict[str, Any]:
 
 def describe(task: str, imgsz: int, n_train: int, base: str) -> dict[str, Any]:
     """The recipe in words and numbers, for the manifest."""
+    warm = Path(base).suffix == ".pt" and Path(base).parent.name == "warm-start"
+    architecture = Path(model_config(task, imgsz)).name if warm else Path(base).name
     return {
-        "architecture": Path(base).name,
+        "architecture": architecture,
         "architecture_reason": (f"images <= {SMALL_IMAGE} px: fewer stride-2 stages"
-                                if Path(base).name == SMALL_IMAGE_CONFIG.get(task) else "standard"),
+                                if architecture == SMALL_IMAGE_CONFIG.get(task) else "standard"),
+        "start": ("self-supervised warm start on the project's images" if warm
+                  else "user weights" if Path(base).suffix == ".pt" else "from scratch"),
         "schedule": f"~{TARGET_STEPS} optimizer steps, cosine decay, EMA",
         "weights": "best epoch on the tuning split" if n_train >= SELECT_BEST_EPOCH_FROM else "last epoch",
         "augmentation": ("flips, 90-degree turns, small shifts, mild colour jitter (no crops)" if task == "classify"

@@ -93,9 +93,11 @@ def image_sides(paths: list[Path], limit: int = 200) -> list[int]:
     return sides
 
 
-def choose_base(spec: ControlSpec, model_path: Path | None, env: Settings | None = None, imgsz: int = 640) -> str:
-    """What training starts from: the tag's model_path, else LABELLOOP_BASE_MODEL, else a yaml config
-    (LABELLOOP_MODEL_CONFIG, or the recipe's architecture for this image size)."""
+def choose_base(spec: ControlSpec, model_path: Path | None, env: Settings | None = None, imgsz: int = 640,
+                warm_start: Callable[[str], Path | None] | None = None) -> str:
+    """What training starts from: the tag's model_path, else LABELLOOP_BASE_MODEL, else LABELLOOP_MODEL_CONFIG,
+    else the recipe's architecture for this image size — from the project's self-supervised warm start
+    of that architecture when ``warm_start(architecture)`` has one (``pretrain.py``)."""
     env = env or current_settings()
     task = ULTRALYTICS_TASK[spec.task_type]
     if model_path is not None:
@@ -104,7 +106,11 @@ def choose_base(spec: ControlSpec, model_path: Path | None, env: Settings | None
         if not Path(env.base_model).is_file():
             raise TrainingError(f"LABELLOOP_BASE_MODEL={env.base_model} does not exist")
         return env.base_model
-    return env.model_config or recipe.model_config(task, imgsz)
+    if env.model_config:
+        return env.model_config
+    architecture = recipe.model_config(task, imgsz)
+    warm = warm_start(architecture) if warm_start is not None else None
+    return str(warm) if warm is not None else architecture
 
 
 def train(
