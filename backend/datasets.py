@@ -7,8 +7,10 @@ tuning split of version n is a subset of version n+1's, and versions compare on 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,10 +20,43 @@ from typing import Any
 from .labelconfig import ControlSpec
 
 VAL_FRACTION = 0.2
+MAX_NAME_BYTES = 255  # NAME_MAX of Linux and macOS filesystems
+# ultralytics' own layout for class names a folder cannot hold: {split}/{class index}/ folders, the
+# names in this file at the dataset root (ultralytics/data/converter.py writes it, check_cls_dataset reads it)
+INDEXED_NAMES_FILE = ".ndjson.yaml"
 
 
 class DatasetError(ValueError):
     """The annotations cannot make a training set (too few, no labels...); the message says why."""
+
+
+def is_safe_name(text: str) -> bool:
+    """Whether ``text`` (a label, from outside) can be one path component as it is: not empty, ``.``
+    or ``..``, no separator, NUL or control character, at most MAX_NAME_BYTES in UTF-8."""
+    return (isinstance(text, str) and text not in ("", ".", "..") and not re.search(r"[/\\\x00-\x1f\x7f]", text)
+            and len(text.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES)
+
+
+def class_dir_names(labels: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """label → folder of a classification dataset.
+
+    The label itself when every label is a safe folder name and no two differ only by case (a
+    case-insensitive filesystem would merge them): the layout training always used, so nothing
+    changes for ordinary labels. Otherwise every class gets its index as folder name ("0", "1", ...)
+    and ``build_dataset`` writes the real labels to INDEXED_NAMES_FILE, which ultralytics reads as the
+    model's class names: a label like ``../x``, ``/abs`` or ``a/b`` never becomes a path.
+    """
+    labels = list(labels)
+    folded = [label.casefold() for label in labels if isinstance(label, str)]
+    if all(is_safe_name(label) for label in labels) and len(set(folded)) == len(set(labels)):
+        return {label: label for label in labels}
+    return {label: str(index) for index, label in enumerate(labels)}
+
+
+def _file_stem(task_id) -> str:
+    """A task's file name stem: its id when it is an integer (Label Studio's), else a digest of it."""
+    text = str(task_id)
+    return text if re.fullmatch(r"-?[0-9]{1,30}", text) else "task-" + hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
 def split_of(task_id: int | str, val_fraction: float = VAL_FRACTION) -> str:
@@ -125,6 +160,11 @@ class DatasetInfo:
     classes: list[str]
     counts: dict[str, Any] = field(default_factory=dict)
     task_ids: dict[str, list[int]] = field(default_factory=dict)  # split -> task ids
+    class_dirs: dict[str, str] = field(default_factory=dict)  # classification: label -> folder name
+
+    def class_dir(self, split: str, label: str) -> Path:
+        """The folder of ``label``'s images in ``split`` (classification); never the label as a path."""
+        return Path(self.root) / split / self.class_dirs[label]
 
 
 def build_dataset(
@@ -138,11 +178,13 @@ def build_dataset(
 
     Tasks whose image could not be fetched (absent from ``image_paths``) are left out and counted.
     Every class of the label config is a model class, in config order, so class indices are stable
-    across versions even when a class has no example yet.
+    across versions even when a class has no example yet. Labels come from outside and never become
+    paths as they are: classification folders are named by ``class_dir_names``, files by task id.
     """
     out.mkdir(parents=True, exist_ok=True)
     classes = list(spec.labels)
     class_index = {label: i for i, label in enumerate(classes)}
+    dirs = class_dir_names(classes) if spec.task_type == "classification" else {}
     rows = labeled_tasks(tasks, spec)
     missing = [t["id"] for t, _ in rows if t["id"] not in image_paths]
     rows = [(t, r) for t, r in rows if t["id"] in image_paths]
@@ -159,23 +201,27 @@ def build_dataset(
     for split, items in splits.items():
         for task, regions in items:
             source = image_paths[task["id"]]
-            name = f"{task['id']}{source.suffix.lower() or '.png'}"
+            stem = _file_stem(task["id"])
+            name = f"{stem}{source.suffix.lower() or '.png'}"
             if spec.task_type == "classification":
                 label = next(_choice(r, spec) for r in regions if _choice(r, spec))
                 per_class[label] += 1
-                _link(source, out / split / label / name)
+                link_or_copy(source, out / split / dirs[label] / name)
             else:
-                _link(source, out / "images" / split / name)
+                link_or_copy(source, out / "images" / split / name)
                 lines = yolo_label_lines(regions, spec, class_index)
                 per_class.update(classes[int(line.split()[0])] for line in lines)
-                label_file = out / "labels" / split / f"{task['id']}.txt"
+                label_file = out / "labels" / split / f"{stem}.txt"
                 label_file.parent.mkdir(parents=True, exist_ok=True)
                 label_file.write_text("\n".join(lines) + ("\n" if lines else ""))
 
     if spec.task_type == "classification":
         for split in splits:  # ultralytics reads the class list from the folder names of each split
             for label in classes:
-                (out / split / label).mkdir(parents=True, exist_ok=True)
+                (out / split / dirs[label]).mkdir(parents=True, exist_ok=True)
+        if any(folder != label for label, folder in dirs.items()):  # indexed folders: the names live here
+            names = "\n".join(f"  {i}: {_yaml_text(label)}" for i, label in enumerate(classes))
+            (out / INDEXED_NAMES_FILE).write_text(f"names:\n{names}\n", encoding="utf-8")
         data = str(out)
     else:
         names = "\n".join(f"  {i}: {_yaml_str(label)}" for i, label in enumerate(classes))
@@ -191,7 +237,7 @@ def build_dataset(
         "per_class": dict(per_class),
     }
     task_ids = {s: sorted(t["id"] for t, _ in items) for s, items in splits.items()}
-    return DatasetInfo(root=out, data=data, classes=classes, counts=counts, task_ids=task_ids)
+    return DatasetInfo(root=out, data=data, classes=classes, counts=counts, task_ids=task_ids, class_dirs=dirs)
 
 
 def _ensure_both_splits(splits: dict[str, list]) -> None:
@@ -203,7 +249,9 @@ def _ensure_both_splits(splits: dict[str, list]) -> None:
         splits["train"].append(splits["val"].pop())
 
 
-def _link(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` at ``target`` (no bytes copied, and the file outlives ``source``'s name);
+    copy where a link is impossible (another filesystem)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
@@ -213,3 +261,9 @@ def _link(source: Path, target: Path) -> None:
 
 def _yaml_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _yaml_text(text: str) -> str:
+    """A YAML double-quoted scalar (JSON's escapes are YAML's): any label, newlines and NUL included,
+    reads back as itself; ultralytics strips unprintable characters from a file that fails to parse."""
+    return json.dumps(text, ensure_ascii=False)

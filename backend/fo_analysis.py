@@ -286,6 +286,24 @@ def compute_embeddings(view, method: str = "umap", visualize: bool = True, simil
 
 # -- error analysis -----------------------------------------------------------------------------------
 
+def check_version(dataset, version: str) -> str:
+    """``version`` when it names a version of the dataset's project (``p<project>-v<n>``), else an
+    AnalysisError that says so. A name typed into an operator's form becomes a registry path, field
+    names and, at the end, a pickle load: only the registry's own shape goes further."""
+    from .registry import _VERSION_RE
+
+    match = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
+    if match is None:
+        raise AnalysisError(f"{version!r} is not a labelloop version name (expected p<project>-v<n>, e.g. p12-v3)")
+    if "project" not in ((dataset.info or {}).get("labelloop") or {}):
+        raise AnalysisError(f"dataset {dataset.name} was not synced from Label Studio (run 'Sync from Label Studio')")
+    project = str(project_of(dataset))
+    if match["project"] != project:
+        raise AnalysisError(f"version {version} belongs to project {match['project']}, not to this dataset's "
+                            f"project {project}")
+    return version
+
+
 def version_field(version: str | None) -> str:
     return "predictions" if not version else "pred_" + version.replace("-", "_")
 
@@ -298,7 +316,7 @@ def ensure_version_predictions(dataset, view, version: str | None, progress: Pro
         _require(view, "prediction_version", "sync with predictions first")
         return "predictions"
     spec = spec_of(dataset)
-    prefix = version_field(version) + "_"
+    prefix = version_field(check_version(dataset, version)) + "_"
     predict_samples(view, spec, model_for_version(project_of(dataset), version), fields_prefix=prefix,
                     progress=progress)
     return prefix + "predictions"
@@ -334,6 +352,8 @@ def evaluate_model(view, version: str | None = None, split: str | None = "val", 
     metrics per cohort of any field or tag (``cohort="tags"`` or a field name)."""
     from fiftyone import ViewField as F
 
+    if version:
+        check_version(root_dataset(view), version)
     dataset, spec, scope = _labeled_scope(view, split)
     pred_field = ensure_version_predictions(dataset, scope, version, progress)
     eval_key = "eval_" + (version or "serving").replace("-", "_")
@@ -383,6 +403,8 @@ def compare_versions(view, version_a: str, version_b: str, split: str | None = "
                      progress: Progress | None = None) -> dict[str, Any]:
     """Samples that gained or lost correctness from ``version_a`` to ``version_b``, and changed
     predictions: tags ``diff:gained``/``diff:lost``/``diff:changed`` and a saved view each."""
+    for version in (version_a, version_b):  # both, before the first one's predictions are computed
+        check_version(root_dataset(view), version)
     dataset, spec, scope = _labeled_scope(view, split)
     errors = {}
     fields = {}

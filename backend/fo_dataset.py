@@ -18,18 +18,25 @@ is never touched, and samples of tasks deleted in Label Studio are tagged ``ls:d
 =======================  =====================================================================
 
 Predictions are made by the engine (predict.py), the same code that answers Label Studio.
+
+A sample's ``filepath`` is the dataset's own copy of the image (``<home>/fiftyone-media/<project>/``,
+named by its content, hard-linked from the media cache where possible): the media cache evicts its
+least recently used files, and a persistent dataset must not lose its images with them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Settings, settings as current_settings
-from .datasets import latest_human_annotation, rectangle_to_polygon, split_of
+from .datasets import latest_human_annotation, link_or_copy, rectangle_to_polygon, split_of
 from .fo_env import dataset_name, import_fiftyone, root_dataset
 from .labelconfig import ControlSpec, parse_label_config
 from .predict import ImagePrediction, LoadedModel, load_model, predict_images
@@ -42,6 +49,33 @@ DELETED_TAG = "ls:deleted"
 
 def dataset_name_for(project_id: int | str) -> str:
     return f"labelloop-project-{project_id}"
+
+
+def media_dir_for(project_id: int | str, env: Settings | None = None) -> Path:
+    """The folder holding a project's FiftyOne images (the samples' ``filepath``), under the home."""
+    env = env or current_settings()
+    return env.home / "fiftyone-media" / str(int(project_id))  # int: a project id never makes a path
+
+
+def own_copy(source: Path, folder: Path) -> Path:
+    """``source`` hard-linked (or copied) into ``folder`` as ``<sha256 of its bytes><ext>``.
+
+    The name comes from the content, so an image already there is reused, and the file appears
+    whole or not at all (written beside, then renamed), whatever runs at the same time.
+    """
+    digest = hashlib.sha256()
+    with open(source, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    target = folder / f"{digest.hexdigest()}{source.suffix.lower()}"
+    if not target.exists():
+        tmp = folder / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            link_or_copy(source, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
 
 
 def annotation_key(task: dict[str, Any]) -> str | None:
@@ -149,6 +183,7 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     spec = parse_label_config(project["label_config"])
     name = dataset_name or dataset_name_for(project_id)
     dataset = load_or_create(name)
+    _declare_fields(dataset, spec)
     dataset.info["labelloop"] = {"project": int(project_id), "label_studio_url": env.label_studio_url,
                                  "task_type": spec.task_type, "label_config": project["label_config"]}
     dataset.save()
@@ -159,15 +194,20 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     new_tasks = [t for tid, t in by_id.items() if tid not in known]
     say(0.05, f"{len(new_tasks)} new task(s); fetching images")
     fetcher = MediaFetcher.from_settings(env)
+    media = media_dir_for(project_id, env)
     urls = [(t.get("data") or {}).get(spec.value_key) or "" for t in new_tasks]
     fo = import_fiftyone()
     samples = []
     for task, fetched in zip(new_tasks, fetcher.fetch_many(urls)):
-        if isinstance(fetched, Exception):
+        try:
+            if isinstance(fetched, Exception):
+                raise fetched
+            filepath = own_copy(fetched, media)
+        except Exception as exc:  # noqa: BLE001 - one image (unfetchable, disk full) is that task's problem
             report.missing_images += 1
-            report.errors.append(f"task {task['id']}: {fetched}")
+            report.errors.append(f"task {task['id']}: {exc}")
             continue
-        sample = fo.Sample(filepath=str(fetched), ls_task_id=int(task["id"]), ls_project=int(project_id),
+        sample = fo.Sample(filepath=str(filepath), ls_task_id=int(task["id"]), ls_project=int(project_id),
                            ls_image_url=(task.get("data") or {}).get(spec.value_key),
                            ls_annotation=annotation_key(task), tuning_split=split_of(task["id"]))
         for key, value in ground_truth_labels(task, spec).items():
@@ -176,6 +216,7 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     if samples:
         dataset.add_samples(samples)
     report.added = len(samples)
+    _own_cached_images(dataset, fetcher, env, media, report)
     say(0.3, f"added {len(samples)} sample(s); updating changed annotations")
 
     for sample in dataset.select_fields(["ls_task_id", "ls_annotation", "ground_truth", "tags"]).iter_samples(
@@ -204,6 +245,42 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     say(1.0, f"synced {name}: +{report.added} samples, {report.updated_ground_truth} annotation(s) updated, "
              f"{report.predicted} predicted")
     return report
+
+
+def _declare_fields(dataset, spec: ControlSpec) -> None:
+    """Declare the fields the update pass selects: a project synced before anything is labeled has
+    only None values in them, which declare nothing, and selecting an undeclared field fails."""
+    fo = import_fiftyone()
+    kinds = {"ls_annotation": (fo.StringField, {}),
+             "ground_truth": (fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Classification
+                                                         if spec.task_type == "classification" else fo.Detections})}
+    if spec.task_type == "segmentation":
+        kinds["ground_truth_polygons"] = (fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Polylines})
+    for field_name, (kind, kwargs) in kinds.items():
+        if not dataset.has_sample_field(field_name):
+            dataset.add_sample_field(field_name, kind, **kwargs)
+
+
+def _own_cached_images(dataset, fetcher, env: Settings, media: Path, report: SyncReport) -> None:
+    """Move samples synced before the dataset owned its images off the media cache: each gets its own
+    copy (fetched again if the cache has evicted it); only ``filepath`` changes."""
+    if not len(dataset) or not dataset.has_field("ls_image_url"):
+        return
+    cache = os.path.abspath(env.cache_dir / "media") + os.sep
+    ids, urls, paths = dataset.values(["id", "ls_image_url", "filepath"])
+    stale = [(i, u) for i, u, p in zip(ids, urls, paths) if p and os.path.abspath(p).startswith(cache)]
+    if not stale:
+        return
+    moved = {}
+    for (sample_id, url), fetched in zip(stale, fetcher.fetch_many([u or "" for _, u in stale])):
+        try:
+            if isinstance(fetched, Exception):
+                raise fetched
+            moved[sample_id] = str(own_copy(fetched, media))
+        except Exception as exc:  # noqa: BLE001 - the sample keeps its old path; the report says why
+            report.errors.append(f"sample {sample_id}: image not moved off the media cache: {exc}")
+    if moved:
+        dataset.set_values("filepath", moved, key_field="id")
 
 
 def _refresh_polygons(dataset, by_id, spec) -> None:

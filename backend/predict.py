@@ -76,6 +76,9 @@ def load_model(path: str | Path, version: str) -> LoadedModel:
         if cached is not None:
             _cache.move_to_end(key)
             return cached
+    from .safe_load import check_weights
+
+    check_weights(path)  # weights from outside the registry: refuse a pickle that would run code
     YOLO = import_yolo()
     yolo = YOLO(str(path))
     model = LoadedModel(yolo=yolo, path=path, version=version, task=yolo.task, names=dict(yolo.names),
@@ -151,10 +154,17 @@ def predict_images(
     threshold: float,
     batch: int = 16,
     imgsz: int | None = None,
+    tta: bool = False,
 ) -> list[ImagePrediction]:
-    """Predict every image, in batches of ``batch``; one ImagePrediction per image, in order."""
+    """Predict every image, in batches of ``batch``; one ImagePrediction per image, in order.
+
+    ``tta`` (classification): average the calibrated probabilities over the image and three
+    label-preserving views (the training augmentation's flips and 90° turns), four forward passes.
+    """
     check_compatible(model, spec)
     label_of = spec.require_label_map(model.names)
+    if tta and model.task == "classify":
+        return _predict_classification_tta(model, images, label_of, batch, imgsz)
     floor = min(scoring.CANDIDATE_FLOOR, threshold)
     out: list[ImagePrediction] = []
     for start in range(0, len(images), batch):
@@ -174,6 +184,41 @@ def predict_images(
         for k, result in enumerate(results):
             scores = box_scores[k] if k < len(box_scores) else None
             out.append(_convert(result, model, spec, label_of, threshold, floor, scores))
+    return out
+
+
+TTA_VIEWS = 4  # the image, flipped left-right, flipped up-down, turned 90°
+
+
+def _views(image: np.ndarray) -> list[np.ndarray]:
+    return [image, np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(image[::-1]),
+            np.ascontiguousarray(np.rot90(image))]
+
+
+def _predict_classification_tta(model: LoadedModel, images: list[Path], label_of: dict[int, str], batch: int,
+                                imgsz: int | None) -> list[ImagePrediction]:
+    import cv2
+
+    out: list[ImagePrediction] = []
+    per_chunk = max(1, batch // TTA_VIEWS)
+    for start in range(0, len(images), per_chunk):
+        arrays = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in images[start : start + per_chunk]]
+        for p, a in zip(images[start : start + per_chunk], arrays):
+            if a is None:
+                raise ValueError(f"cannot decode image {p}")
+        views = [v for a in arrays for v in _views(a)]
+        kwargs = dict(verbose=False, batch=len(views))
+        if imgsz:
+            kwargs["imgsz"] = imgsz
+        with model.lock:
+            results = model.yolo.predict(views, **kwargs)
+        for k in range(len(arrays)):
+            group = [_convert_classification(r, ImagePrediction(), label_of, model.temperature)
+                     for r in results[k * TTA_VIEWS : (k + 1) * TTA_VIEWS]]
+            height, width = arrays[k].shape[:2]
+            mean = np.mean([[g.class_probs[label] for label in group[0].class_probs] for g in group], axis=0)
+            out.append(_classification_prediction(ImagePrediction(width=width, height=height),
+                                                   list(group[0].class_probs), mean, label_of))
     return out
 
 
@@ -233,11 +278,17 @@ def _convert_classification(result, pred: ImagePrediction, label_of: dict[int, s
     mapped = scoring.normalize([probs[i] for i in indices])
     if temperature != 1.0:
         mapped = apply_temperature(mapped, temperature)
-    pred.class_probs = {label_of[i]: float(p) for i, p in zip(indices, mapped)}
-    best = int(np.argmax(mapped))
-    pred.regions.append(Region(label=label_of[indices[best]], score=float(mapped[best]), class_index=indices[best]))
-    pred.candidate_scores = [float(mapped[best])]
-    pred.score = scoring.classification_task_score(mapped)
+    return _classification_prediction(pred, [label_of[i] for i in indices], mapped, label_of)
+
+
+def _classification_prediction(pred: ImagePrediction, labels: list[str], probs, label_of: dict[int, str]
+                               ) -> ImagePrediction:
+    index_of = {label: i for i, label in label_of.items()}
+    pred.class_probs = {label: float(p) for label, p in zip(labels, probs)}
+    best = int(np.argmax(probs))
+    pred.regions.append(Region(label=labels[best], score=float(probs[best]), class_index=index_of[labels[best]]))
+    pred.candidate_scores = [float(probs[best])]
+    pred.score = scoring.classification_task_score(list(probs))
     return pred
 
 

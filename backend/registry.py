@@ -113,6 +113,10 @@ class Registry:
         """Where the project's self-supervised warm start for ``architecture`` (a yaml name) lives."""
         return self.project_dir(project) / "warm-start" / f"{Path(architecture).stem}.pt"
 
+    def has_warm_start(self, project: str | int) -> bool:
+        directory = self.project_dir(project) / "warm-start"
+        return directory.is_dir() and any(directory.glob("*.pt"))
+
     def warm_start(self, project: str | int, architecture: str) -> Path | None:
         path = self.warm_start_path(project, architecture)
         return path if path.is_file() else None

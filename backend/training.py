@@ -23,6 +23,7 @@ from .config import Settings, settings as current_settings
 from .datasets import DatasetInfo
 from . import recipe
 from .labelconfig import ControlSpec
+from .safe_load import check_weights
 from .yolo_env import import_yolo
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ def train(
     """Train from ``base`` (yaml config or .pt) on ``dataset``; returns the best weights file."""
     YOLO = import_yolo()
     try:
+        if not base.endswith((".yaml", ".yml")):
+            check_weights(base)  # a user's or registry checkpoint: refuse a malicious pickle before ultralytics unpickles it
         model = YOLO(base, task=ULTRALYTICS_TASK[spec.task_type] if base.endswith((".yaml", ".yml")) else None)
     except Exception as exc:
         raise TrainingError(f"cannot load base model {base}: {exc}") from exc

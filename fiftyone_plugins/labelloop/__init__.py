@@ -10,6 +10,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from labelloop import fo_analysis, fo_dataset
+from labelloop.registry import RegistryError
 
 METHODS = ("least_confidence", "margin", "entropy")
 
@@ -30,10 +31,22 @@ def _run(ctx, action):
     """Run an analysis; turn a missing prerequisite into a message rather than a stack trace."""
     try:
         result = action()
-    except (fo_analysis.AnalysisError, ValueError) as exc:
+    except (fo_analysis.AnalysisError, ValueError, RegistryError) as exc:  # RegistryError: no such version
         return {"error": str(exc)}
     ctx.ops.reload_dataset()
     return result
+
+
+def _version_input(ctx, inputs, key, label, required):
+    """A version-name field that says in the form, before Execute, when the name is not one of ours."""
+    value = ctx.params.get(key)
+    problem = None
+    if value and ctx.dataset is not None:
+        try:
+            fo_analysis.check_version(ctx.dataset, value)
+        except fo_analysis.AnalysisError as exc:
+            problem = str(exc)
+    inputs.str(key, label=label, required=required, invalid=problem is not None, error_message=problem or "")
 
 
 def _output(ctx, keys):
@@ -159,7 +172,7 @@ class EvaluateModel(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         _view_choice(ctx, inputs)
-        inputs.str("version", label="Version (empty: the one in service)", required=False)
+        _version_input(ctx, inputs, "version", "Version (empty: the one in service)", required=False)
         split = types.RadioGroup()
         split.add_choice("val", label="Tuning split (held out)")
         split.add_choice("all", label="All labeled samples")
@@ -189,8 +202,8 @@ class CompareVersions(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         _view_choice(ctx, inputs)
-        inputs.str("version_a", label="Older version", required=True)
-        inputs.str("version_b", label="Newer version", required=True)
+        _version_input(ctx, inputs, "version_a", "Older version", required=True)
+        _version_input(ctx, inputs, "version_b", "Newer version", required=True)
         return types.Property(inputs, view=types.View(label="Which samples gained or lost correctness"))
 
     def execute(self, ctx):
