@@ -98,6 +98,7 @@ class Settings:
     keep_versions: int  # registry retention: newest versions kept per project (plus serving and hand-promoted)
     max_job_attempts: int  # a job whose worker died this many times is failed, not delivered again
     pending_ttl: int  # seconds a pending (coalescing) job slot lives unless re-confirmed alive
+    warm_start_steps: int  # contrastive steps of a project's self-supervised warm start; 0: no warm start
     log_level: str
 
 
@@ -144,5 +145,6 @@ def settings() -> Settings:
         keep_versions=max(1, _env_int("LABELLOOP_KEEP_VERSIONS", 10)),
         max_job_attempts=max(1, _env_int("LABELLOOP_MAX_JOB_ATTEMPTS", 3)),
         pending_ttl=max(10, _env_int("LABELLOOP_PENDING_TTL", 900)),
+        warm_start_steps=min(10_000, max(0, _env_int("LABELLOOP_WARM_START_STEPS", 300))),
         log_level=_env("LOG_LEVEL", "INFO").upper(),
     )

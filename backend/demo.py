@@ -113,8 +113,11 @@ def held_out_metrics(predicted: list[str], truth: list[str], classes: list[str])
             "confusion_matrix": {"classes": classes, "matrix": matrix}}
 
 
-def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: int) -> list[float]:
-    """The same budgets spent on random tasks, trained in-process with the same engine."""
+def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: int,
+                  warm_start_dir: Path | None = None) -> list[float]:
+    """The same budgets spent on random tasks, trained in-process with the same engine (and the same
+    self-supervised warm start as the live project, when it has one)."""
+    import shutil
     import tempfile
 
     from .pipeline import train_new_version
@@ -126,6 +129,8 @@ def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: 
     curve = []
     with tempfile.TemporaryDirectory(prefix="labelloop-demo-random-") as tmp:
         registry = Registry(tmp)
+        if warm_start_dir is not None and warm_start_dir.is_dir():
+            shutil.copytree(warm_start_dir, registry.project_dir("random") / "warm-start")
         for budget in budgets:
             tasks = to_label_studio_tasks(data, TASK_TYPE, labels=noisy, indices=order[:budget])
             outcome = train_new_version(registry, "random", tasks, spec, LocalFileFetcher())
@@ -202,7 +207,10 @@ def run_demo(args) -> int:
         test_predicted = _test_predictions(version, project, test, spec)
         curve.append(_accuracy(test_predicted, test))
         _say(f"  {version} serves; held-out test accuracy {curve[-1]:.2f}")
-    random_curve = _random_curve(data, noisy, test, spec, budgets, seed=7)
+    from .registry import Registry
+
+    warm_start_dir = Registry(settings().model_dir).project_dir(project) / "warm-start"
+    random_curve = _random_curve(data, noisy, test, spec, budgets, seed=7, warm_start_dir=warm_start_dir)
 
     _say("5/6 FiftyOne: sync, mislabels, uncertainty (sent to Label Studio), embeddings")
     from . import fo_analysis
@@ -233,8 +241,14 @@ def run_demo(args) -> int:
     # wall time of each training job in the loop (export, fetch, train, evaluate, calibrate, register)
     train_seconds = sorted(round(float(j["finished_at"]) - float(j["started_at"]), 1) for j in jobs
                            if j["kind"] == "train" and j["state"] == "done" and j.get("started_at") and j.get("finished_at"))
+    warm_jobs = [j for j in jobs if j["kind"] == "warm-start" and j["state"] == "done"]
+    warm_start = ({**warm_jobs[0].get("warm_start", {}),
+                   "seconds": round(float(warm_jobs[0]["finished_at"]) - float(warm_jobs[0]["started_at"]), 1)}
+                  if warm_jobs else None)
     summary.update(project=project, versions=promoted, label_studio=ls_url, backend=backend, dataset=report.dataset,
-                   training_seconds=train_seconds)
+                   training_seconds=train_seconds, warm_start=warm_start)
+    if warm_start:
+        _say(f"warm start: pretrained on {warm_start['images']} images in {warm_start['seconds']:.0f} s")
     if train_seconds:
         _say(f"training jobs took {min(train_seconds):.0f}-{max(train_seconds):.0f} s each ({len(train_seconds)} jobs)")
     (out.parent / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -200,7 +200,7 @@ def calibrate_on_tuning_split(weights: Path, dataset, spec: ControlSpec) -> dict
 
     images, labels = [], []
     for index, label in enumerate(dataset.classes):
-        for path in sorted((Path(dataset.root) / "val" / label).glob("*")):
+        for path in sorted(dataset.class_dir("val", label).glob("*")):
             images.append(path)
             labels.append(index)
     if not images:
@@ -296,6 +296,9 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
+    steps = env.warm_start_steps if steps is None else steps
+    if steps <= 0:
+        return {"skipped": "warm start switched off (LABELLOOP_WARM_START_STEPS=0)"}
     if spec.task_type != "classification":
         return {"skipped": f"no warm start for {spec.task_type} yet"}
     if resolve_model_path(spec, env.allow_custom_model_path, env.model_root) or env.base_model or env.model_config:
@@ -321,7 +324,6 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
     def pretrain_progress(fraction: float, message: str) -> None:
         say(0.05 + 0.95 * fraction, message)
 
-    steps = steps or pretrain.TARGET_STEPS
     pretrain.pretrain_classifier(paths, imgsz, target, steps=steps, progress=pretrain_progress)
     info = {"images": len(paths), "imgsz": imgsz, "steps": steps, "architecture": target.stem, "path": str(target)}
     partial = info_path.with_name(info_path.name + ".partial")

@@ -23,7 +23,6 @@ import numpy as np
 from . import recipe
 
 MAX_IMAGES = 5000  # a sample of a large project is enough for a warm start, and bounds memory
-TARGET_STEPS = 300  # contrastive steps (batch BATCH): ~2-5 min on 2 CPU cores at 64 px
 BATCH = 128
 TEMPERATURE = 0.2  # NT-Xent temperature (SimCLR's range for small batches)
 PROJECTION_DIM = 128
@@ -104,7 +103,7 @@ def nt_xent(z1, z2, temperature: float = TEMPERATURE):
     return F.cross_entropy(similarity, targets)
 
 
-def pretrain_classifier(images: list[Path], imgsz: int, out: Path, steps: int = TARGET_STEPS, seed: int = 0,
+def pretrain_classifier(images: list[Path], imgsz: int, out: Path, steps: int, seed: int = 0,
                         progress: Callable[[float, str], None] | None = None) -> Path:
     """Pretrain the recipe's classifier for ``imgsz`` on ``images``; writes an ultralytics checkpoint to ``out``.
 
@@ -112,6 +111,10 @@ def pretrain_classifier(images: list[Path], imgsz: int, out: Path, steps: int = 
     """
     import torch
     from torch import nn
+
+    from .yolo_env import prepare
+
+    prepare()  # ultralytics offline, in labelloop's config dir, before its first import
     from ultralytics.nn.tasks import ClassificationModel
 
     say = progress or (lambda fraction, message: None)

@@ -273,6 +273,27 @@ def create_app(env: Settings | None = None) -> FastAPI:
             "model_ready": any(projects.values()) or bool(env.base_model),
         }
 
+    warm_start_asked: set[str] = set()  # projects whose warm start this process queued (bounded below)
+
+    def _ask_for_warm_start(project: str, spec, trigger: str) -> dict[str, Any] | None:
+        """Queue the project's self-supervised warm start (classification trained from the recipe's own
+        architecture) once: at connect and on imports. Never fails the request that asked."""
+        if spec.task_type != "classification" or env.base_model or env.model_config or not env.warm_start_steps:
+            return None
+        if trigger == "setup" and (project in warm_start_asked or registry.has_warm_start(project)):
+            return None
+        from labelloop.tasks.jobs import request_warm_start
+
+        if len(warm_start_asked) >= KNOWN_PROJECTS_CAP:
+            warm_start_asked.clear()
+        warm_start_asked.add(project)  # asked once per process even if the queue is down: /setup stays fast
+        try:
+            job, _ = request_warm_start(project, trigger, jobs.store())
+        except Exception as exc:  # the queue is down: trainings simply start from scratch
+            log.warning("project %s: warm start not queued: %s", project, exc)
+            return None
+        return job
+
     @app.post("/setup")
     async def setup(request: Request):
         body = await read_json_object(request)
@@ -288,6 +309,8 @@ def create_app(env: Settings | None = None) -> FastAPI:
             setup_projects[project] = None
             while len(setup_projects) > KNOWN_PROJECTS_CAP:
                 setup_projects.pop(next(iter(setup_projects)))
+        if project:
+            await run_in_threadpool(_ask_for_warm_start, project, spec, "setup")
         model = await run_in_threadpool(resolve_model, registry, project, spec, env)
         if model is None:
             return {"model_version": NO_MODEL_VERSION, "model_ready": False,
@@ -374,7 +397,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
                               "Studio calls /setup for it (connect the backend to the project) or once it has "
                               "a model in the registry"}
         serving = registry.serving(str(project_id)) if action == "TASKS_CREATED" else None
-        if action in TRAINING_ACTIONS or serving is not None:  # this event would start (or join) a job
+        if action in TRAINING_ACTIONS or action == "TASKS_CREATED":  # this event would start (or join) a job
             wait = buckets.take(str(project_id))
             if wait > 0:
                 metrics.webhooks_refused.labels("rate_limited").inc()
@@ -416,6 +439,12 @@ def create_app(env: Settings | None = None) -> FastAPI:
                 metrics.webhooks_dropped.labels(action).inc()
                 return error(503, f"job queue unavailable, event not queued: {type(exc).__name__}: {exc}")
             answer.update(job=job["id"])
+        if action == "TASKS_CREATED" and str(project_id) in schemas:
+            # new images: the warm start is rebuilt when the project has grown enough (build_warm_start)
+            warm = await run_in_threadpool(_ask_for_warm_start, str(project_id),
+                                           parse_label_config(schemas[str(project_id)]), action)
+            if warm is not None:
+                answer.update(warm_start_job=warm["id"])
         return answer
 
     @app.get("/jobs")

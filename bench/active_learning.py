@@ -9,6 +9,11 @@ of 150 images. For each seed:
 * ``uncertainty`` — the loop: the first budget random, then each round the most uncertain
                     (``scoring.least_confidence`` of the calibrated probabilities of the version
                     in service) unlabeled images;
+* ``uncertainty-tta`` — the same, with probabilities averaged over four label-preserving views
+                    (``predict_images(tta=True)``: the image, two flips, a 90° turn);
+* ``random-scratch`` — random picks without the self-supervised warm start (every other strategy
+                    starts each training from the warm start pretrained once per seed on the pool's
+                    images, as the product does once a project's tasks are imported);
 * ``tiny-cnn``    — ``baselines.tiny_cnn_accuracy`` (fixed recipe: 60 epochs, AdamW 3e-3, flips and
                     90° turns) on the random strategy's labeled images of that budget;
 * ``hog-lr``      — ``baselines.hog_logreg_accuracy`` on the same images.
@@ -43,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("random", "uncertainty")
+STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "random-scratch")
 BASELINES = ("tiny-cnn", "hog-lr")
 
 
@@ -85,7 +90,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
 
-    from labelloop import baselines, scoring
+    from labelloop import baselines, pretrain, recipe, scoring
+    from labelloop.config import settings
     from labelloop.labelconfig import parse_label_config
     from labelloop.media import LocalFileFetcher
     from labelloop.pipeline import train_new_version
@@ -110,6 +116,7 @@ def main(argv=None) -> int:
         return load_model(manifest.weights, manifest.version)
 
     runs = []
+    pretrain_seconds: list[float] = []
     for seed in args.seeds:
         pool = generate_shapes(work / f"pool{seed}", n=args.pool, seed=500 + seed, size=args.size, max_objects=1,
                                style="simple")
@@ -118,14 +125,25 @@ def main(argv=None) -> int:
         all_tasks = to_label_studio_tasks(pool, "classification", labels=noisy)
         order = np.random.default_rng([seed, 31]).permutation(args.pool).tolist()
         random_sets: dict[int, list[int]] = {}
+        warm = None
+        if any(s != "random-scratch" for s in args.strategies):
+            t0 = time.perf_counter()
+            warm = pretrain.pretrain_classifier(paths, args.size, work / f"warm-{seed}.pt",
+                                                steps=settings().warm_start_steps, seed=seed)
+            pretrain_seconds.append(time.perf_counter() - t0)
+            print(f"seed {seed}: warm start pretrained on {len(paths)} images in {pretrain_seconds[-1]:.0f} s", flush=True)
         for strategy in args.strategies:
             project = f"{strategy}-{seed}"
+            if strategy != "random-scratch":
+                target = registry.warm_start_path(project, recipe.model_config("classify", args.size))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(warm.read_bytes())
             labeled = order[: args.budgets[0]]
             curve = []
             for k, budget in enumerate(args.budgets):
-                if strategy == "random":
+                if strategy.startswith("random"):
                     labeled = order[:budget]
-                    random_sets[budget] = list(labeled)
+                    random_sets.setdefault(budget, list(labeled))
                 t0 = time.perf_counter()
                 outcome = train_new_version(registry, project, [all_tasks[i] for i in labeled], spec, fetcher)
                 seconds = time.perf_counter() - t0
@@ -136,10 +154,11 @@ def main(argv=None) -> int:
                               "temperature": outcome.manifest.calibration.get("temperature")})
                 print(f"seed {seed} {strategy:<12} {len(labeled):4d} labels: test accuracy {acc:.3f} "
                       f"({'promoted' if outcome.promoted else 'kept previous'}, {seconds:.0f} s)", flush=True)
-                if k + 1 == len(args.budgets) or strategy == "random":
+                if k + 1 == len(args.budgets) or strategy.startswith("random"):
                     continue
                 unlabeled = [i for i in range(args.pool) if i not in set(labeled)]
-                preds = predict_images(model, [paths[i] for i in unlabeled], spec, 0.5)
+                preds = predict_images(model, [paths[i] for i in unlabeled], spec, 0.5,
+                                       tta=strategy == "uncertainty-tta")
                 uncertainty = [scoring.least_confidence(list(p.class_probs.values())) for p in preds]
                 picked = np.argsort(-np.asarray(uncertainty), kind="stable")[: args.budgets[k + 1] - len(labeled)]
                 labeled = labeled + [unlabeled[int(j)] for j in picked]
@@ -165,7 +184,7 @@ def main(argv=None) -> int:
     throughput = measure_throughput(args, serving_model(f"{args.strategies[0]}-{args.seeds[-1]}"), test_paths,
                                     test_labels, spec)
     elapsed = time.perf_counter() - started
-    report(args, runs, throughput, elapsed)
+    report(args, runs, throughput, elapsed, pretrain_seconds)
     return 0
 
 
@@ -226,7 +245,7 @@ def summarize(args, runs):
     return summary, references
 
 
-def report(args, runs, throughput, elapsed):
+def report(args, runs, throughput, elapsed, pretrain_seconds=()):
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     summary, references = summarize(args, runs)
     budgets = sorted({b for s in summary.values() for b in s["labels"]})
@@ -247,19 +266,27 @@ def report(args, runs, throughput, elapsed):
         lines.append(f"| {name} | " + " | ".join(cell(s, b) for b in budgets) + f" | {reach} |")
     table = "\n".join(lines)
     ratio_line = ""
-    if "random" in summary and "uncertainty" in summary:
-        pairs = [(u, r) for u, r in zip(summary["uncertainty"]["reach"], summary["random"]["reach"]) if u and r]
+    for name in [n for n in ("uncertainty", "uncertainty-tta") if n in summary and "random" in summary]:
+        mine, rand = summary[name], summary["random"]
+        pairs = [(u, r) for u, r in zip(mine["reach"], rand["reach"]) if u and r]
         if pairs:
             ratio = np.mean([u for u, _ in pairs]) / np.mean([r for _, r in pairs])
-            ratio_line = (f"Labels to reach {int(100 * args.target)} % of the full-pool accuracy, uncertainty / random: "
-                          f"**{ratio:.2f}×** (mean over seeds). ")
-        not_below = [b for b in args.budgets if b >= 80 and cell(summary["uncertainty"], b) != "–"]
-        gaps = [summary["uncertainty"]["mean"][summary["uncertainty"]["labels"].index(b)]
-                - summary["random"]["mean"][summary["random"]["labels"].index(b)] for b in not_below]
+            ratio_line += (f"Labels to reach {int(100 * args.target)} % of the full-pool accuracy, {name} / random: "
+                           f"**{ratio:.2f}×** (mean over seeds). ")
+        gaps = [mine["mean"][mine["labels"].index(b)] - rand["mean"][rand["labels"].index(b)]
+                for b in args.budgets if b >= 80 and b in mine["labels"] and b in rand["labels"]]
         if gaps:
-            ratio_line += f"Uncertainty minus random at budgets ≥ 80 (means): min {min(gaps):+.3f}, max {max(gaps):+.3f}. "
+            ratio_line += f"{name} minus random at budgets ≥ 80 (means): min {min(gaps):+.3f}, max {max(gaps):+.3f}. "
+    if "random" in summary and "random-scratch" in summary:
+        warm, cold = summary["random"], summary["random-scratch"]
+        gains = [f"{b}: {warm['mean'][warm['labels'].index(b)] - cold['mean'][cold['labels'].index(b)]:+.3f}"
+                 for b in warm["labels"] if b in cold["labels"]]
+        ratio_line += "Warm start minus scratch, random picks (means): " + ", ".join(gains) + ". "
     seconds_line = "; ".join(f"{n} {s['train_seconds_mean']:.0f} s mean / {s['train_seconds_max']:.0f} s max"
                              for n, s in summary.items() if "train_seconds_mean" in s)
+    if pretrain_seconds:
+        seconds_line += (f"; warm start (self-supervised pretraining on the pool, once per project) "
+                         f"{np.mean(pretrain_seconds):.0f} s mean / {np.max(pretrain_seconds):.0f} s max")
     settings = (f"seeds {','.join(map(str, args.seeds))}; pool {args.pool} 'simple' shapes at {args.size} px with "
                 f"{int(100 * args.noise)} % wrong labels, fixed clean test set {args.test}; full-pool accuracy per seed: "
                 + ", ".join(f"{s}: {v:.3f}" for s, v in references.items()))

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--test", type=int, default=150)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--noise", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=None, help="contrastive steps (default pretrain.TARGET_STEPS)")
+    parser.add_argument("--steps", type=int, default=None, help="contrastive steps (default LABELLOOP_WARM_START_STEPS, 300)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/figures/pretraining.md")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     results: dict[str, dict[int, list[float]]] = {"scratch": {b: [] for b in budgets}, "warm start": {b: [] for b in budgets}}
     pretrain_seconds = []
-    steps = args.steps or pretrain.TARGET_STEPS
+    from labelloop.config import settings
+
+    steps = args.steps or settings().warm_start_steps
 
     for seed in seeds:
         pool = generate_shapes(work / f"pool{seed}", n=args.pool, seed=500 + seed, size=args.size, max_objects=1,

@@ -65,6 +65,17 @@ def request_prediction_job(project: str, version: str, trigger: str, store: JobS
     return job, created
 
 
+def request_warm_start(project: str, trigger: str, store: JobStore | None = None) -> tuple[dict[str, Any], bool]:
+    """(job, created): enqueue the project's self-supervised warm start (``pipeline.build_warm_start``) on
+    the training queue, or join the pending one. Queued at connect and on imports, it runs before the
+    first training (same queue, same project lock), which then starts from it."""
+    store = store or JobStore()
+    job, created = store.claim_pending(str(project), trigger, kind="warm-start", version="-", countdown=DEBOUNCE_S)
+    if created:
+        _enqueue(store, warm_start_project, job, [job["id"], str(project)], TRAIN_QUEUE, DEBOUNCE_S)
+    return job, created
+
+
 def request_prediction(project: str, version: str, trigger: str, store: JobStore | None = None,
                        countdown: float = DEBOUNCE_S) -> dict[str, Any]:
     """The prediction job for ``version`` (a new one, or the pending one it joined)."""
@@ -231,6 +242,49 @@ def predict_project(self, job_id: str, project: str, version: str) -> dict[str, 
                    + (f"; {counts['errors']} task(s) without prediction" if counts["errors"] else ""))
         return store.update(job_id, state="done", progress=1.0, message=message, counts=counts,
                             finished_at=time.time())
+    finally:
+        heartbeat.stopped.set()
+        lock.release()
+
+
+@app.task(name="labelloop.warm_start_project", bind=True, max_retries=None, acks_late=True,
+          reject_on_worker_lost=True)
+def warm_start_project(self, job_id: str, project: str) -> dict[str, Any]:
+    """Pretrain the project's warm start from its task images; under the training lock, so the first
+    training waits for it instead of racing it."""
+    from labelloop.pipeline import training_error_reason, warm_start_project as build_from_label_studio
+
+    store = JobStore()
+    job = store.get(job_id) or store.create("warm-start", project, job_id=job_id, version="-", trigger="direct")
+    if job["state"] in FINISHED:
+        return job
+    lock = store.training_lock(project, job_id)
+    if not lock.acquire():
+        store.renew_pending(project, job_id, "warm-start", "-")
+        store.update(job_id, message=f"waiting: a training of project {project} is running")
+        raise self.retry(countdown=LOCK_WAIT_S)
+    heartbeat = _Heartbeat(lock)
+    heartbeat.start()
+    try:
+        store.release_pending(project, job_id, "warm-start", "-")
+        job = store.get(job_id) or job
+        if job["state"] in FINISHED:
+            return job
+        ended = _start_attempt(self, store, job)
+        if ended is not None:
+            return ended
+        try:
+            result = build_from_label_studio(project, _progress(self, store, job_id))
+        except Exception as exc:
+            log.exception("warm start job %s of project %s failed", job_id, project)
+            return store.update(job_id, state="failed", reason=training_error_reason(exc), message="failed",
+                                finished_at=time.time())
+        if result.get("skipped"):
+            return store.update(job_id, state="skipped", reason=result["skipped"], message=result["skipped"],
+                                finished_at=time.time())
+        message = f"warm start pretrained on {result['images']} images ({result['steps']} steps)"
+        return store.update(job_id, state="done", progress=1.0, message=message, reason=message,
+                            warm_start=result, finished_at=time.time())
     finally:
         heartbeat.stopped.set()
         lock.release()

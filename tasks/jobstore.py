@@ -52,7 +52,7 @@ PENDING_GRACE_S = 60
 # kombu's Redis transport keeps delivered, unacknowledged messages (running, or held until their
 # countdown) in this hash; waiting messages are in a list named after the queue.
 BROKER_UNACKED = "unacked"
-QUEUE_OF = {"train": "labelloop.train", "predict": "labelloop.predict"}
+QUEUE_OF = {"train": "labelloop.train", "predict": "labelloop.predict", "warm-start": "labelloop.train"}
 
 
 def connect(url: str | None = None) -> redis.Redis:

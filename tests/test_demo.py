@@ -19,7 +19,10 @@ def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home
     home = tmp_path / "home"
     env = {**os.environ, "LABELLOOP_HOME": str(home), "LABELLOOP_LS_PORT": str(free_port()),
            "LABELLOOP_BACKEND_PORT": str(free_port()), "LABELLOOP_REDIS_PORT": str(free_port()),
-           "LABELLOOP_MONGO_PORT": str(free_port()), "LABELLOOP_APP_PORT": str(free_port())}
+           "LABELLOOP_MONGO_PORT": str(free_port()), "LABELLOOP_APP_PORT": str(free_port()),
+           # the warm start runs (connect → Celery → pretraining → first training starts from it), with a
+           # fifth of its steps so the suite fits CI's 30 minutes; its full effect is bench/active_learning.py's
+           "LABELLOOP_WARM_START_STEPS": "60"}
     for inherited in ("REDIS_URL", "FIFTYONE_DATABASE_URI", "MODEL_DIR", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
         env.pop(inherited, None)  # the demo's stack provides its own
     try:
@@ -36,6 +39,7 @@ def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home
         # the bar for 160 labels with 10 % of them wrong, on images no labeler saw
         assert summary["held_out_accuracy"] >= 0.85, summary["uncertainty_curve"]
         assert summary["per_class_computed_on"] == "held-out test images"
+        assert summary["warm_start"]["images"] == 240 and summary["warm_start"]["steps"] == 60, summary["warm_start"]
         assert "held-out test images" in (report / "report.md").read_text()
         project = summary["project"]
         newest = httpx.get(f"{summary['backend']}/versions", params={"project": project}).json()["serving"][str(project)]

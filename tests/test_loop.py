@@ -87,6 +87,10 @@ def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, b
     assert any(j["state"] == "done" and j["promoted"] for j in trainings), trainings
     # the first events came before the automatic minimum (8 labeled tasks): skipped, with the reason
     assert all("need at least 8" in j["reason"] for j in trainings if j["state"] == "skipped")
+    # connecting queued the project's self-supervised warm start; 24 images are too few for one
+    warm = [j for j in jobs if j["kind"] == "warm-start"]
+    assert len(warm) == 1 and warm[0]["trigger"] == "setup", warm
+    assert warm[0]["state"] == "skipped" and "24 images; a warm start needs at least 32" in warm[0]["reason"], warm
 
     versions = httpx.get(f"{backend.url}/versions", params={"project": project}).json()
     serving = versions["serving"][str(project)]

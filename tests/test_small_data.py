@@ -77,3 +77,18 @@ def test_calibrated_scores_are_stored_and_used(spec, tmp_path, run_home):
     assert calibrated.regions[0].label == raw.regions[0].label  # calibration never changes the answer
     if abs(calibration["temperature"] - 1.0) > 0.05:
         assert max(abs(calibrated.class_probs[c] - raw.class_probs[c]) for c in raw.class_probs) > 1e-4
+    # test-time augmentation: the mean of the calibrated probabilities over the four views
+    import cv2
+
+    original = cv2.imread(str(image[0]))
+    views = [original, original[:, ::-1], original[::-1], np.rot90(original)]
+    view_paths = []
+    for k, view in enumerate(views):
+        view_paths.append(tmp_path / f"view{k}.png")
+        cv2.imwrite(str(view_paths[-1]), np.ascontiguousarray(view))
+    separately = predict_images(served, view_paths, spec, 0.5)
+    augmented = predict_images(served, image, spec, 0.5, tta=True)[0]
+    for label in augmented.class_probs:
+        expected = np.mean([p.class_probs[label] for p in separately])
+        assert augmented.class_probs[label] == pytest.approx(expected, abs=1e-4)
+    assert augmented.score == pytest.approx(max(augmented.class_probs.values()), abs=1e-6)
