@@ -146,10 +146,12 @@ def hook(served, action: str, project: int, headers: dict | None = None, **body)
                       headers=HOOK if headers is None else headers, timeout=10)
 
 
-def jobs_of(served, project: int) -> list[dict]:
+def jobs_of(served, project: int, warm_start: bool = False) -> list[dict]:
+    """The project's jobs; without the warm-start job an authenticated /setup of a classification
+    project queues (pipeline.build_warm_start), unless ``warm_start``."""
     answer = call(served, "GET", "/jobs", params={"project": project})
     assert answer.status_code == 200, answer.text
-    return answer.json()["jobs"]
+    return [j for j in answer.json()["jobs"] if warm_start or j["kind"] != "warm-start"]
 
 
 def events_of(served, project: int) -> list[dict]:
@@ -219,6 +221,7 @@ def test_forged_webhooks_are_401_and_queue_nothing(served):
             assert answer.status_code == 401, (headers, answer.text)
             assert "X-Labelloop-Webhook-Secret" in answer.json()["error"]
     assert jobs_of(served, 31) == [] and events_of(served, 31) == []
+    assert [j["trigger"] for j in jobs_of(served, 31, warm_start=True)] == ["setup"]  # queued by the connect
     # the real thing: Label Studio's webhook with the installed header, and "Start training" with basic auth
     assert hook(served, "ANNOTATION_CREATED", 31).json()["status"] == "accepted"
     started = hook(served, "START_TRAINING", 31, headers=AUTH)
@@ -405,3 +408,15 @@ def test_webhook_and_health_answer_fast_while_predictions_run(served, images):
         answers = [f.result(timeout=120) for f in futures]
         pool.shutdown()
     assert all(a.status_code == 200 and len(a.json()["results"]) == 1 for a in answers)
+
+
+def test_connect_and_imports_queue_one_warm_start(served):
+    """Connecting a classification project queues its self-supervised warm start once; an import
+    (TASKS_CREATED) joins the pending one instead of queuing another."""
+    setup_project(served, 61)
+    setup_project(served, 61)  # Label Studio calls /setup again before predictions
+    queued = jobs_of(served, 61, warm_start=True)
+    assert [(j["kind"], j["trigger"]) for j in queued] == [("warm-start", "setup")], queued
+    imported = hook(served, "TASKS_CREATED", 61)
+    assert imported.status_code == 200 and imported.json()["warm_start_job"] == queued[0]["id"], imported.text
+    assert len(jobs_of(served, 61, warm_start=True)) == 1
