@@ -11,6 +11,9 @@ of 150 images. For each seed:
                     in service) unlabeled images;
 * ``uncertainty-tta`` — the same, with probabilities averaged over four label-preserving views
                     (``predict_images(tta=True)``: the image, two flips, a 90° turn);
+* ``typical-uncertainty`` — the first budget from ``scoring.typical_first`` on the warm start's
+                    embeddings (one typical image per k-means cluster: what to label before any
+                    model), then uncertainty as above;
 * ``random-scratch`` — random picks without the self-supervised warm start (every other strategy
                     starts each training from the warm start pretrained once per seed on the pool's
                     images, as the product does once a project's tasks are imported);
@@ -48,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "random-scratch")
+STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "typical-uncertainty", "random-scratch")
 BASELINES = ("tiny-cnn", "hog-lr")
 
 
@@ -65,6 +68,8 @@ def parse_args(argv=None):
     parser.add_argument("--baselines", default=",".join(BASELINES))
     parser.add_argument("--target", type=float, default=0.95, help="share of the full-pool score to reach")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the throughput timing")
+    parser.add_argument("--warm-starts", default=None,
+                        help="a folder with warm-<seed>.pt from an earlier run on the same pools (skips pretraining)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 40 -> 160 labels, pool 160; figures to bench/out/")
     parser.add_argument("--figures", default=None, help="where the .png/.md go (default bench/figures, quick: bench/out)")
     args = parser.parse_args(argv)
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
     from labelloop.labelconfig import parse_label_config
     from labelloop.media import LocalFileFetcher
     from labelloop.pipeline import train_new_version
-    from labelloop.predict import load_model, predict_images
+    from labelloop.predict import embed_images, load_model, predict_images
     from labelloop.registry import Registry
     from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
@@ -126,7 +131,10 @@ def main(argv=None) -> int:
         order = np.random.default_rng([seed, 31]).permutation(args.pool).tolist()
         random_sets: dict[int, list[int]] = {}
         warm = None
-        if any(s != "random-scratch" for s in args.strategies):
+        if args.warm_starts and (Path(args.warm_starts) / f"warm-{seed}.pt").is_file():
+            warm = Path(args.warm_starts) / f"warm-{seed}.pt"
+            print(f"seed {seed}: warm start reused from {warm}", flush=True)
+        elif any(s != "random-scratch" for s in args.strategies):
             t0 = time.perf_counter()
             warm = pretrain.pretrain_classifier(paths, args.size, work / f"warm-{seed}.pt",
                                                 steps=settings().warm_start_steps, seed=seed)
@@ -139,6 +147,9 @@ def main(argv=None) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(warm.read_bytes())
             labeled = order[: args.budgets[0]]
+            if strategy == "typical-uncertainty":
+                embeddings = embed_images(load_model(warm, "warm-start"), paths)
+                labeled = [int(i) for i in scoring.typical_first(embeddings, args.budgets[0], seed=seed)]
             curve = []
             for k, budget in enumerate(args.budgets):
                 if strategy.startswith("random"):
@@ -266,7 +277,7 @@ def report(args, runs, throughput, elapsed, pretrain_seconds=()):
         lines.append(f"| {name} | " + " | ".join(cell(s, b) for b in budgets) + f" | {reach} |")
     table = "\n".join(lines)
     ratio_line = ""
-    for name in [n for n in ("uncertainty", "uncertainty-tta") if n in summary and "random" in summary]:
+    for name in [n for n in ("uncertainty", "uncertainty-tta", "typical-uncertainty") if n in summary and "random" in summary]:
         mine, rand = summary[name], summary["random"]
         pairs = [(u, r) for u, r in zip(mine["reach"], rand["reach"]) if u and r]
         if pairs:
