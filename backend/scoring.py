@@ -223,39 +223,3 @@ def diverse_top_k(scores: Sequence[float], embeddings: np.ndarray, k: int, pool_
         nearest = np.minimum(nearest, np.linalg.norm(vectors - vectors[pick], axis=1))
     return [int(pool[i]) for i in chosen]
 
-
-# -- what to label first, before any model: typical, spread-out samples ---------------------------
-
-TYPICALITY_NEIGHBOURS = 20
-
-
-def typical_first(embeddings: np.ndarray, k: int, seed: int = 0) -> list[int]:
-    """k indices to label first when no model exists yet: one *typical* sample per region of the data.
-
-    The embeddings (e.g. the project's self-supervised warm start, ``pretrain.py``) are cut into k
-    clusters (k-means); in each, the sample with the highest typicality — the inverse of its mean
-    distance to its nearest neighbours — is taken, largest clusters first. With few labels a model
-    learns more from representative samples than from outliers or the random tail (the low-budget
-    finding of TypiClust, Hacohen et al. 2022); uncertainty takes over once a model exists.
-    """
-    from sklearn.cluster import KMeans
-
-    vectors = np.asarray(embeddings, dtype=np.float64)
-    n = len(vectors)
-    k = min(k, n)
-    if k <= 0:
-        return []
-    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    clusters = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(vectors)
-    picks = []
-    for cluster in sorted(range(k), key=lambda c: -int(np.sum(clusters == c))):
-        members = np.flatnonzero(clusters == cluster)
-        if len(members) == 1:
-            picks.append(int(members[0]))
-            continue
-        inside = vectors[members]
-        distances = np.linalg.norm(inside[:, None, :] - inside[None, :, :], axis=2)
-        neighbours = min(TYPICALITY_NEIGHBOURS, len(members) - 1)
-        mean_nearest = np.sort(distances, axis=1)[:, 1 : neighbours + 1].mean(axis=1)
-        picks.append(int(members[int(np.argmin(mean_nearest))]))
-    return picks

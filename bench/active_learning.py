@@ -11,7 +11,7 @@ of 150 images. For each seed:
                     in service) unlabeled images;
 * ``uncertainty-tta`` — the same, with probabilities averaged over four label-preserving views
                     (``predict_images(tta=True)``: the image, two flips, a 90° turn);
-* ``typical-uncertainty`` — the first budget from ``scoring.typical_first`` on the warm start's
+* ``typical-uncertainty`` — the first budget from ``typical_first`` (below) on the warm start's
                     embeddings (one typical image per k-means cluster: what to label before any
                     model), then uncertainty as above;
 * ``random-scratch`` — random picks without the self-supervised warm start (every other strategy
@@ -53,6 +53,45 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "typical-uncertainty", "random-scratch")
 BASELINES = ("tiny-cnn", "hog-lr")
+
+# -- measured and not kept in the product: typical-first picks ------------------------------------
+
+TYPICALITY_NEIGHBOURS = 20
+
+
+def typical_first(embeddings: np.ndarray, k: int, seed: int = 0) -> list[int]:
+    """k indices to label first when no model exists yet: one *typical* sample per region of the data.
+
+    The embeddings (e.g. the project's self-supervised warm start, ``pretrain.py``) are cut into k
+    clusters (k-means); in each, the sample with the highest typicality — the inverse of its mean
+    distance to its nearest neighbours — is taken, largest clusters first. With few labels a model
+    learns more from representative samples than from outliers or the random tail (the low-budget
+    finding of TypiClust, Hacohen et al. 2022); uncertainty takes over once a model exists.
+    Measured here (seed 1): 0.70 / 0.80 / 0.95 after 40 / 80 / 120 labels vs random 0.74 / 0.91 / 0.94
+    from the same warm start, so the product does not use it.
+    """
+    from sklearn.cluster import KMeans
+
+    vectors = np.asarray(embeddings, dtype=np.float64)
+    n = len(vectors)
+    k = min(k, n)
+    if k <= 0:
+        return []
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    clusters = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(vectors)
+    picks = []
+    for cluster in sorted(range(k), key=lambda c: -int(np.sum(clusters == c))):
+        members = np.flatnonzero(clusters == cluster)
+        if len(members) == 1:
+            picks.append(int(members[0]))
+            continue
+        inside = vectors[members]
+        distances = np.linalg.norm(inside[:, None, :] - inside[None, :, :], axis=2)
+        neighbours = min(TYPICALITY_NEIGHBOURS, len(members) - 1)
+        mean_nearest = np.sort(distances, axis=1)[:, 1 : neighbours + 1].mean(axis=1)
+        picks.append(int(members[int(np.argmin(mean_nearest))]))
+    return picks
+
 
 
 def parse_args(argv=None):
@@ -149,7 +188,7 @@ def main(argv=None) -> int:
             labeled = order[: args.budgets[0]]
             if strategy == "typical-uncertainty":
                 embeddings = embed_images(load_model(warm, "warm-start"), paths)
-                labeled = [int(i) for i in scoring.typical_first(embeddings, args.budgets[0], seed=seed)]
+                labeled = [int(i) for i in typical_first(embeddings, args.budgets[0], seed=seed)]
             curve = []
             for k, budget in enumerate(args.budgets):
                 if strategy.startswith("random"):

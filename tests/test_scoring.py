@@ -1,6 +1,5 @@
 """Task scores: what a number means (see scoring.py)."""
 
-import numpy as np
 import pytest
 
 from labelloop import scoring
@@ -38,23 +37,3 @@ def test_classification_scores_and_uncertainties():
     ordered = sorted([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5]], key=scoring.entropy_uncertainty)
     assert ordered == [[0.9, 0.1], [0.6, 0.4], [0.5, 0.5]]
 
-
-def test_typical_first_takes_one_central_sample_per_region():
-    from labelloop.scoring import typical_first
-
-    rng = np.random.default_rng(0)
-    centres = np.array([[8.0, 0, 0], [0, 8.0, 0], [0, 0, 8.0], [-8.0, 0, 0]])
-    points = np.concatenate([c + rng.normal(0, 0.5, (30, 3)) for c in centres])
-    outliers = np.array([[8.0, 8.0, 8.0], [-8.0, -8.0, 8.0]])  # far from everything: never typical
-    vectors = np.concatenate([points, outliers])
-    picks = typical_first(vectors, 4)
-    assert len(picks) == 4 and len(set(picks)) == 4
-    assert sorted(p // 30 for p in picks) == [0, 1, 2, 3]  # one per region, no outlier
-    for p in picks:  # each pick sits near its region's centre, closer than the region's median member
-        region = vectors[(p // 30) * 30 : (p // 30 + 1) * 30]
-        centre = region.mean(axis=0)
-        distance = np.linalg.norm(vectors[p] / np.linalg.norm(vectors[p]) - centre / np.linalg.norm(centre))
-        spread = np.median(np.linalg.norm(region / np.linalg.norm(region, axis=1, keepdims=True)
-                                          - centre / np.linalg.norm(centre), axis=1))
-        assert distance < spread
-    assert typical_first(vectors, 0) == [] and len(typical_first(vectors[:3], 10)) == 3
