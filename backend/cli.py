@@ -170,6 +170,14 @@ def cmd_fiftyone_plugin(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    """FiftyOne's App server, its /media route limited to labelloop's media folders (fo_app.py)."""
+    from .fo_app import serve_app
+
+    serve_app(args.address, args.port)
+    return 0
+
+
 def cmd_stack(args) -> int:
     from . import stack
 
@@ -270,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     plugin.add_argument("--dir", default=None)
     plugin.add_argument("--copy", action="store_true")
     plugin.set_defaults(func=cmd_fiftyone_plugin)
+
+    app = sub.add_parser("app", help="run the FiftyOne App (with the plugin); /media serves only the datasets' "
+                                     "media folders and LABELLOOP_APP_MEDIA_ROOTS")
+    app.add_argument("--address", default="127.0.0.1", help="address to listen on (default loopback): no login")
+    app.add_argument("--port", type=int, default=5151)
+    app.set_defaults(func=cmd_app)
 
     stack_cmd = sub.add_parser("stack", help="the whole stack as local processes: up | down | status | logs")
     stack_cmd.add_argument("action", choices=["up", "down", "status", "logs"])

@@ -219,26 +219,24 @@ def start_mongod(data_dir: Path, port: int | None = None, timeout: float = 30) -
 
 def start_fiftyone_app(env: dict[str, str], port: int | None = None, dataset: str | None = None,
                        timeout: float = 90, log_dir: Path | None = None) -> ManagedProcess:
-    """``fiftyone app launch [dataset] --remote`` as its own process group (the App server is its child).
+    """``labelloop app`` (FiftyOne's App server, /media limited to the media folders) as its own process group.
 
     ``env`` is the whole environment of the App: FIFTYONE_DATABASE_URI, FIFTYONE_PLUGINS_DIR, ... (see
-    labelloop.fo_env). Ready when ``GET /`` answers 200 (~15-18 s: the import and the server's start).
+    labelloop.fo_env), LABELLOOP_HOME / LABELLOOP_CACHE_DIR / LABELLOOP_APP_MEDIA_ROOTS for the media it
+    may serve (labelloop.fo_app). ``dataset`` only names the one to open: ``info["dataset_url"]``. Ready
+    when ``GET /`` answers 200 (~15-18 s: the import and the server's start).
     """
     port = port or free_port()
     if log_dir is None:  # the App's LABELLOOP_HOME, as labelloop.config reads it
         log_dir = Path(env.get("LABELLOOP_HOME", str(Path.home() / ".labelloop"))).expanduser() / "fiftyone-app"
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"app-{port}.log"
-    # fiftyone.core.cli has no __main__ block: call its main() the way the `fiftyone` console script does.
-    command = [sys.executable, "-c", "import sys; sys.argv[0] = 'fiftyone'; from fiftyone.core.cli import main; main()",
-               "app", "launch"]
-    if dataset:
-        command.append(dataset)
-    command += ["--remote", "--port", str(port), "--address", "127.0.0.1", "--wait", "-1"]
+    command = [sys.executable, "-m", "labelloop.cli", "app", "--address", "127.0.0.1", "--port", str(port)]
     with open(log, "ab") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log_dir,
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    managed = ManagedProcess("fiftyone-app", process, url, log, {"dataset": dataset})
+    info = {"dataset": dataset, "dataset_url": f"{url}/datasets/{dataset}" if dataset else url}
+    managed = ManagedProcess("fiftyone-app", process, url, log, info)
     return _wait_until(lambda: httpx.get(f"{url}/", timeout=2).status_code == 200, managed, timeout,
                        f"{managed.name} at {url}", every=0.5)

@@ -77,10 +77,10 @@ def check_auto() -> int:
         if "labelloop" in text and "serve" in argv:
             port = argv[argv.index("--port") + 1] if "--port" in argv[:-1] else "9090"
             return check_http(f"http://127.0.0.1:{port}/health")
-        if "fiftyone" in text and "app" in argv and "launch" in argv:
+        if ("fiftyone" in text and "app" in argv and "launch" in argv) or ("labelloop" in text and "app" in argv):
             port = argv[argv.index("--port") + 1] if "--port" in argv[:-1] else "5151"
             return check_http(f"http://127.0.0.1:{port}/")
-    print("none of labelloop serve / labelloop worker / fiftyone app launch runs here", file=sys.stderr)
+    print("none of labelloop serve / labelloop worker / labelloop app runs here", file=sys.stderr)
     return 1
 
 

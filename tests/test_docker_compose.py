@@ -610,9 +610,9 @@ def test_service_command_is_a_real_cli_command(name):
         queues = [q.strip() for q in parsed["queues"].split(",") if q.strip()]
         assert queues and set(queues) <= set(QUEUES), f"{name}: queues {queues} not in {sorted(QUEUES)}"
         assert queues == [name.split("-", 1)[1]], f"{name} must run the {name.split('-', 1)[1]} queue only"
-    else:
-        assert parsed["remote"] is True and parsed["address"] == "0.0.0.0"
-        assert parsed["port"] == EXPECTED_PORTS["fiftyone"] and parsed["wait"] < 0
+    else:  # `labelloop app`: FiftyOne's App server with /media limited to the media folders (fo_app.py)
+        assert command[:2] == ["labelloop", "app"]
+        assert parsed["address"] == "0.0.0.0" and parsed["port"] == EXPECTED_PORTS["fiftyone"]
 
 
 def test_dockerfile_default_commands_are_real_cli_commands():

@@ -63,8 +63,11 @@ def shapes_dataset(fo, tmp_path_factory):
 def app(shapes_dataset, tmp_path_factory):
     from labelloop.localstack import start_fiftyone_app
 
-    process = start_fiftyone_app(dict(os.environ), dataset=shapes_dataset.name,
-                                 log_dir=tmp_path_factory.mktemp("fiftyone-app"))
+    # The generated images sit outside labelloop's media folders: the operator's extra root lets the
+    # App serve them (labelloop.fo_app); the grid test then shows that such a root reaches the browser.
+    images_dir = Path(shapes_dataset.first().filepath).parent
+    process = start_fiftyone_app({**os.environ, "LABELLOOP_APP_MEDIA_ROOTS": str(images_dir)},
+                                 dataset=shapes_dataset.name, log_dir=tmp_path_factory.mktemp("fiftyone-app"))
     yield process
     process.stop()
 
