@@ -25,10 +25,14 @@ import secrets
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__
@@ -65,8 +69,8 @@ class BadRequest(Exception):
         self.status = status
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class LimitBodyMiddleware:
@@ -145,7 +149,8 @@ def project_key(value: Any, field: str = "project") -> str | None:
     key = str(value).split(".")[0]
     if len(key) > 64:  # becomes a directory name and a Redis key: keep it short
         raise BadRequest(f"'{field}' is not a valid project id: longer than 64 characters", 422)
-    if not key.isdigit() and not key.replace("-", "").replace("_", "").isalnum():
+    # isascii: str.isdigit()/isalnum() accept "¹" or "١", which the registry refuses (was a 404 on /setup)
+    if not key.isascii() or not key.replace("-", "").replace("_", "").isalnum():
         raise BadRequest(f"'{field}' is not a valid project id: {value!r}", 422)
     return key
 
@@ -169,6 +174,167 @@ def webhook_id(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_ID:
         return None
     return value
+
+
+# -- the contract in the OpenAPI document ---------------------------------------------------------------
+# The handlers validate bodies by hand (bounded parsing, precise messages, the {"error": ...} shape);
+# these models only *declare* what Label Studio 1.23.2 sends, so /openapi.json is the real contract
+# and schemathesis can fuzz it. Every model allows extra fields: Label Studio adds some across versions.
+
+class _LabelStudioBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx (and the last-resort 500) carries one human-readable sentence."""
+
+    error: str = Field(description="what was wrong and, where it helps, how to fix it",
+                       examples=["'schema' (the label config XML) is required"])
+
+
+LABEL_CONFIG_EXAMPLE = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+                        '<Label value="circle"/></RectangleLabels></View>')
+ProjectUid = Annotated[str | int | None, Field(
+    description='Label Studio\'s project uid "<id>.<created_at>" or a bare id; the part before the dot '
+                "(digits, letters, '-', '_', at most 64 characters) names the project",
+    examples=["1.1795358080"])]
+
+
+class SetupRequest(_LabelStudioBody):
+    """Sent right after each /health when Label Studio connects the backend to a project."""
+
+    project: ProjectUid = None
+    label_config: str = Field(alias="schema", description="the project's label config (XML)",
+                              examples=[LABEL_CONFIG_EXAMPLE])
+    hostname: str | None = Field(None, description="Label Studio's URL", examples=["http://localhost:8080"])
+    access_token: str | None = Field(None, description="the connecting user's legacy token (unused: labelloop "
+                                                       "uses its own LABEL_STUDIO_API_KEY)")
+    extra_params: dict[str, Any] | None = None
+
+
+class Task(_LabelStudioBody):
+    """A Label Studio task as exported; only ``data`` (which holds the image URL) is read."""
+
+    id: int | None = None
+    data: dict[str, Any] = Field(description="the task's data; the label config's $variable names the image URL",
+                                 examples=[{"image": "/data/upload/1/abc-x.png"}])
+    meta: dict[str, Any] | None = None
+    annotations: list[Any] | None = None
+    predictions: list[Any] | None = None
+    drafts: list[Any] | None = None
+
+
+class PredictParams(_LabelStudioBody):
+    login: str | None = None
+    password: str | None = None
+    context: Any = None
+
+
+class PredictRequest(_LabelStudioBody):
+    """"Retrieve Predictions", opening a task, interactive annotation. One result per task, in order.
+
+    More tasks than LABELLOOP_MAX_TASKS_PER_PREDICT is a 413 (select fewer tasks in the Data Manager)."""
+
+    tasks: list[Task]
+    project: ProjectUid = None
+    label_config: str | None = Field(None, description="required unless /setup was called for this project",
+                                     examples=[LABEL_CONFIG_EXAMPLE])
+    params: PredictParams | None = None
+
+
+class WebhookProject(_LabelStudioBody):
+    id: int = Field(gt=0, lt=MAX_ID, description="the Label Studio project id")
+
+
+class WebhookObject(_LabelStudioBody):
+    """An annotation or a task of the event. A hint, never trusted: only a valid integer ``id`` reaches
+    the event log, anything else in it (or a value that is not an object) is ignored."""
+
+    id: int | None = None
+
+
+class WebhookRequest(_LabelStudioBody):
+    """A Label Studio webhook event (or "Start training", which sends only action and project)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": 3, "result": []},
+         "task": {"id": 4, "data": {"image": "/data/upload/1/abc-x.png"}}},
+        {"action": "START_TRAINING", "project": {"id": 1}},
+    ]})
+
+    action: Literal[tuple(sorted(WEBHOOK_ACTIONS))]  # type: ignore[valid-type]
+    project: WebhookProject | Annotated[int, Field(gt=0, lt=MAX_ID)]
+    annotation: WebhookObject | None = Field(None, description="ANNOTATION_* events")
+    task: WebhookObject | None = Field(None, description="ANNOTATION_* events")
+    annotations: list[WebhookObject] | None = Field(None, description="ANNOTATIONS_DELETED: [{\"id\": 2}, ...]")
+
+
+REQUEST_MODELS = (SetupRequest, PredictRequest, WebhookRequest)
+
+_ERRORS = {
+    400: "The body is not a JSON object: empty, malformed, nested too deeply or with a huge integer.",
+    401: "Authentication required: the backend's basic auth (when BASIC_AUTH_USER/PASS are set); on /webhook "
+         "the X-Labelloop-Webhook-Secret header (when LABELLOOP_WEBHOOK_SECRET is set) or the basic auth.",
+    403: "START_TRAINING from an unauthenticated caller.",
+    404: "No such job, version or project.",
+    413: "The body is over LABELLOOP_MAX_BODY_MB (LABELLOOP_MAX_WEBHOOK_MB on /webhook), or more tasks than "
+         "LABELLOOP_MAX_TASKS_PER_PREDICT.",
+    422: "A field is missing or has the wrong type, or the label config cannot be served; the message names it.",
+    429: "Too many job-triggering events for this project (LABELLOOP_TRIGGER_BURST, LABELLOOP_TRIGGER_RATE).",
+    503: "The job store (Redis) is unavailable; on /webhook the event was not queued.",
+}
+_ERROR_HEADERS = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Basic realm="labelloop"'}},
+    429: {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds until the next event is taken"}},
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for FastAPI: the documented {"error": ...} answers of one route."""
+    return {code: {"model": ErrorBody, "description": _ERRORS[code], **({"headers": _ERROR_HEADERS[code]}
+                                                                         if code in _ERROR_HEADERS else {})}
+            for code in codes}
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra=`` declaring the request body; the handler still parses it itself (bounded)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def contract(app: FastAPI, env: Settings) -> dict[str, Any]:
+    """The OpenAPI document: FastAPI's, plus the request models and the auth this deployment enforces."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS],
+                                 ref_template="#/components/schemas/{model}")
+    components = doc.setdefault("components", {})
+    components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+    # Security follows the settings: an operation marked as authenticated must really refuse without it.
+    auth_on = bool(env.basic_auth_user or env.basic_auth_pass)
+    schemes: dict[str, Any] = {}
+    if auth_on:
+        schemes["basicAuth"] = {"type": "http", "scheme": "basic"}
+    if env.webhook_secret:
+        schemes["webhookSecret"] = {"type": "apiKey", "in": "header", "name": WEBHOOK_SECRET_HEADER}
+    if schemes:
+        components["securitySchemes"] = schemes
+        for path, operations in doc.get("paths", {}).items():
+            if path == "/health":
+                continue
+            if path == "/webhook":
+                security = [{name: []} for name in ("webhookSecret", "basicAuth") if name in schemes]
+                if not env.webhook_secret:
+                    security.append({})  # open: anyone may send events (START_TRAINING needs auth: 403)
+            elif auth_on:
+                security = [{"basicAuth": []}]
+            else:
+                continue
+            for operation in operations.values():
+                operation["security"] = security
+    app.openapi_schema = doc
+    return doc
 
 
 class TokenBuckets:
@@ -257,8 +423,15 @@ def create_app(env: Settings | None = None) -> FastAPI:
         return error(404, f"no such endpoint: {request.method} {request.url.path}")
 
     @app.exception_handler(405)
-    async def not_allowed(request: Request, _exc):
-        return error(405, f"method {request.method} not allowed on {request.url.path}")
+    async def not_allowed(request: Request, exc):
+        # keep Starlette's Allow header (RFC 9110: a 405 lists the methods the path supports)
+        return error(405, f"method {request.method} not allowed on {request.url.path}", getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_: Request, exc: RequestValidationError):
+        # FastAPI's own check of typed query parameters (?limit=abc): the same {"error": ...} as the rest
+        where = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+        return error(422, "invalid request parameter: " + "; ".join(where)[:500])
 
     @app.get("/health")
     async def health():
@@ -294,7 +467,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
             return None
         return job
 
-    @app.post("/setup")
+    @app.post("/setup", openapi_extra=json_body(SetupRequest), responses=errors(400, 401, 413, 422))
     async def setup(request: Request):
         body = await read_json_object(request)
         schema = body.get("schema")
@@ -317,7 +490,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
                     "message": _no_model_message(project)}
         return {"model_version": model.version, "model_ready": True, "task_type": spec.task_type}
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=json_body(PredictRequest), responses=errors(400, 401, 413, 422))
     async def predict(request: Request):
         body = await read_json_object(request)
         tasks = validate_tasks(body.get("tasks"), env.max_tasks_per_predict)
@@ -357,7 +530,8 @@ def create_app(env: Settings | None = None) -> FastAPI:
         metrics.models_loaded.set(cached_model_count())
         return {"results": results, "model_version": model.version}
 
-    @app.post("/webhook")
+    @app.post("/webhook", openapi_extra=json_body(WebhookRequest),
+              responses=errors(400, 401, 403, 413, 422, 429, 503))
     async def webhook(request: Request):
         # An untrusted hint unless authenticated: Label Studio's webhooks carry only the headers set on
         # the webhook (our secret, when labelloop installed it); "Start training" comes through its ML
@@ -447,7 +621,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
                 answer.update(warm_start_job=warm["id"])
         return answer
 
-    @app.get("/jobs")
+    @app.get("/jobs", responses=errors(401, 422, 503))
     async def list_jobs(project: str | None = None, limit: int = 50):
         key = project_key(project) if project else None
         try:
@@ -456,9 +630,9 @@ def create_app(env: Settings | None = None) -> FastAPI:
             return error(503, f"job store unavailable: {exc}")
         return {"jobs": found}
 
-    @app.get("/jobs/{job_id}")
+    @app.get("/jobs/{job_id}", responses=errors(401, 404, 422, 503))
     async def get_job(job_id: str):
-        if not job_id.isalnum() or len(job_id) > 64:
+        if not (job_id.isascii() and job_id.isalnum()) or len(job_id) > 64:
             raise BadRequest("invalid job id", 422)
         try:
             job = await run_in_threadpool(jobs.store().get, job_id)
@@ -468,7 +642,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
             return error(404, f"no job {job_id}")
         return job
 
-    @app.post("/versions/{version}/promote")
+    @app.post("/versions/{version}/promote", responses=errors(401, 404, 422))
     async def promote(version: str):
         """Serve an earlier (or a kept-out) version: rollback. Its predictions then flow to Label Studio."""
         from .registry import version_project
@@ -485,12 +659,12 @@ def create_app(env: Settings | None = None) -> FastAPI:
             answer["warning"] = f"served now, but predictions were not queued: {exc}"
         return answer
 
-    @app.get("/events")
+    @app.get("/events", responses=errors(401, 422))
     async def list_events(project: str | None = None, limit: int = 100):
         chosen = [e for e in events if project is None or e["project"] == str(project)]
         return {"events": chosen[-max(0, min(limit, 1000)):]}
 
-    @app.get("/versions")
+    @app.get("/versions", responses=errors(401, 422))
     async def versions(project: str | None = None):
         # Label Studio asks without naming the project; with one project in the registry that is it.
         key = project_key(project) if project else None
@@ -504,11 +678,13 @@ def create_app(env: Settings | None = None) -> FastAPI:
             "details": [{**m.to_json(), "serving": serving.get(m.project) == m.version} for m in manifests],
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}, **errors(401)})
     async def prometheus():
         # rendering reads the job store (Redis): off the event loop, so a slow Redis stalls only this
         return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
 
+    app.openapi = lambda: contract(app, env)
     return app
 
 

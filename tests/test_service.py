@@ -167,3 +167,77 @@ def test_unknown_paths_and_methods_are_json_4xx(client):
     assert client.get("/nope").status_code == 404 and "no such endpoint" in client.get("/nope").json()["error"]
     assert client.get("/predict").status_code == 405
     assert client.get("/health").json()["status"] == "UP"
+
+
+# -- the OpenAPI document is the contract (issue 9, item 6) ---------------------------------------------
+
+BODIES = {  # path -> (request model, required fields, documented {"error": ...} answers)
+    "/setup": ("SetupRequest", {"schema"}, {400, 401, 413, 422}),
+    "/predict": ("PredictRequest", {"tasks"}, {400, 401, 413, 422}),
+    "/webhook": ("WebhookRequest", {"action", "project"}, {400, 401, 403, 413, 422, 429, 503}),
+}
+
+
+def test_openapi_declares_request_bodies_and_error_answers(client):
+    from labelloop.service import WEBHOOK_ACTIONS, PredictRequest, SetupRequest, WebhookRequest
+
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    for path, (name, required, codes) in BODIES.items():
+        operation = doc["paths"][path]["post"]
+        assert operation["requestBody"]["required"] is True
+        assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{name}"}
+        assert set(schemas[name]["required"]) == required
+        assert schemas[name]["additionalProperties"] is True  # Label Studio adds fields across versions
+        documented = {int(code) for code in operation["responses"] if code.startswith("4") or code.startswith("5")}
+        assert documented == codes, path
+        for code in codes:
+            body = operation["responses"][str(code)]["content"]["application/json"]["schema"]
+            assert body == {"$ref": "#/components/schemas/ErrorBody"}, (path, code)
+    assert schemas["ErrorBody"]["required"] == ["error"]
+    assert set(schemas["WebhookRequest"]["properties"]["action"]["enum"]) == WEBHOOK_ACTIONS
+    assert "Retry-After" in doc["paths"]["/webhook"]["post"]["responses"]["429"]["headers"]
+    assert "HTTPValidationError" not in str(doc["paths"])  # every 4xx is {"error": ...}, FastAPI's own too
+
+    # the models take what Label Studio 1.23.2 sends (docs: label-studio-protocol.md), extra fields included
+    SetupRequest.model_validate({"project": "1.1795358080", "schema": DETECT, "hostname": "http://localhost:8080",
+                                 "access_token": "x" * 40, "extra_params": None, "added_in_1_24": 1})
+    PredictRequest.model_validate({"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}, "meta": {},
+                                              "annotations": [], "predictions": [], "inner_id": 1}],
+                                   "project": "1.1795358080", "label_config": DETECT,
+                                   "params": {"login": None, "password": None, "context": None}})
+    WebhookRequest.model_validate({"action": "ANNOTATION_CREATED", "annotation": {"id": 2, "result": []},
+                                   "task": {"id": 4, "data": {}}, "project": {"id": 1, "title": "p"}})
+    WebhookRequest.model_validate({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 2}], "project": {"id": 1}})
+
+
+def test_typed_query_parameters_get_the_same_error_shape(client):
+    answer = client.get("/jobs", params={"limit": "many"})
+    assert answer.status_code == 422 and "limit" in answer.json()["error"], answer.text
+    assert client.request("TRACE", "/setup").headers["allow"] == "POST"  # a 405 says what is allowed
+
+
+def test_openapi_declares_the_auth_this_deployment_enforces(tmp_path, run_home):
+    import dataclasses
+
+    from labelloop.config import settings
+    from labelloop.service import create_app
+
+    env = dataclasses.replace(settings(), model_dir=tmp_path, basic_auth_user="ls", basic_auth_pass="secret",
+                              webhook_secret="s3cret")
+    secured = TestClient(create_app(env), raise_server_exceptions=False)
+    assert secured.get("/openapi.json").status_code == 401
+    doc = secured.get("/openapi.json", headers=AUTH).json()
+    assert doc["components"]["securitySchemes"] == {
+        "basicAuth": {"type": "http", "scheme": "basic"},
+        "webhookSecret": {"type": "apiKey", "in": "header", "name": "X-Labelloop-Webhook-Secret"}}
+    assert "security" not in doc["paths"]["/health"]["get"]
+    assert doc["paths"]["/webhook"]["post"]["security"] == [{"webhookSecret": []}, {"basicAuth": []}]
+    assert doc["paths"]["/predict"]["post"]["security"] == [{"basicAuth": []}]
+    # without a secret the webhook is open (and the document says so); without auth nothing is declared
+    open_hook = dataclasses.replace(env, webhook_secret="")
+    doc = TestClient(create_app(open_hook)).get("/openapi.json", headers=AUTH).json()
+    assert doc["paths"]["/webhook"]["post"]["security"] == [{"basicAuth": []}, {}]
+    no_auth = dataclasses.replace(env, basic_auth_user="", basic_auth_pass="", webhook_secret="")
+    assert "securitySchemes" not in TestClient(create_app(no_auth)).get("/openapi.json").json()["components"]

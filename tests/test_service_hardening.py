@@ -413,10 +413,10 @@ def test_webhook_and_health_answer_fast_while_predictions_run(served, images):
 def test_connect_and_imports_queue_one_warm_start(served):
     """Connecting a classification project queues its self-supervised warm start once; an import
     (TASKS_CREATED) joins the pending one instead of queuing another."""
-    setup_project(served, 61)
-    setup_project(served, 61)  # Label Studio calls /setup again before predictions
-    queued = jobs_of(served, 61, warm_start=True)
+    setup_project(served, 81)
+    setup_project(served, 81)  # Label Studio calls /setup again before predictions
+    queued = jobs_of(served, 81, warm_start=True)
     assert [(j["kind"], j["trigger"]) for j in queued] == [("warm-start", "setup")], queued
-    imported = hook(served, "TASKS_CREATED", 61)
+    imported = hook(served, "TASKS_CREATED", 81)
     assert imported.status_code == 200 and imported.json()["warm_start_job"] == queued[0]["id"], imported.text
-    assert len(jobs_of(served, 61, warm_start=True)) == 1
+    assert len(jobs_of(served, 81, warm_start=True)) == 1
