@@ -88,6 +88,28 @@ def _wait_for_version(backend: str, project: int, studio: Studio, after: set[str
     raise TimeoutError(f"the round's jobs did not finish within {timeout:.0f} s")
 
 
+def _wait_for_warm_start(backend: str, project: int, timeout: float = 3600) -> dict[str, Any] | None:
+    """Wait for the warm-start job that connecting queued (pretraining on every image, no label read).
+
+    A labeler would label meanwhile; the simulated one waits, so that its first 40 labels train from
+    the warm start as a real project's would. None when no warm start was queued (switched off)."""
+    deadline, seen_at, last_said = time.monotonic() + timeout, time.monotonic(), 0.0
+    while time.monotonic() < deadline:
+        jobs = httpx.get(f"{backend}/jobs", params={"project": project, "limit": 50}, timeout=10).json()["jobs"]
+        warm = [j for j in jobs if j["kind"] == "warm-start"]
+        if not warm:
+            if time.monotonic() - seen_at > 20:  # connect queues it within a second; none: switched off
+                return None
+        elif warm[0]["state"] not in ("queued", "running"):
+            _say(f"  warm start {warm[0]['state']}: {warm[0].get('message', '')}")
+            return warm[0]
+        elif time.monotonic() - last_said > 20:
+            _say(f"  warm start: {warm[0].get('message', '')}")
+            last_said = time.monotonic()
+        time.sleep(1)
+    raise TimeoutError(f"the warm start did not finish within {timeout:.0f} s")
+
+
 def _test_predictions(version: str, project: int, test, spec) -> list[str]:
     """Labels the version predicts for the held-out test images (never shown to the labeler)."""
     from .predict import load_model, predict_images
@@ -182,6 +204,8 @@ def run_demo(args) -> int:
 
         install_webhook_secret(studio.call, project, backend, settings().webhook_secret)
 
+    _say("  learning from the unlabeled images first (self-supervised warm start, a Celery job queued at connect)")
+    _wait_for_warm_start(backend, project)
     _say(f"4/6 active learning: {first} random labels, then {rounds - 1} rounds of the {per_round} least-confident")
     labeled: set[int] = set()
     versions: set[str] = set()  # versions that served after a round
