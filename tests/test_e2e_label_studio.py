@@ -19,8 +19,10 @@ from labelloop.shapes import CLASSES, to_label_studio_result
 
 pytestmark = pytest.mark.e2e
 
-# A low display threshold (upstream's own tag attribute) so the suite's small models show regions.
-THRESHOLD = 0.1
+# A low display threshold (upstream's own tag attribute) so the suite's small models show regions: the
+# 30-epoch detector and segmenter trained from scratch on 80 images reach 0.08 / 0.07 at best on these
+# 12 images (measured), the contract is what this test checks; quality is bench/detection_recipe.py's.
+THRESHOLD = 0.05
 
 
 def check_region(region: dict, task_type: str) -> None:
