@@ -151,7 +151,10 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
     serving = registry.serving(project)
     task = ULTRALYTICS_TASK[spec.task_type]
     with tempfile.TemporaryDirectory(prefix="labelloop-train-") as tmp:
-        dataset = build_dataset(tasks, spec, image_paths, Path(tmp) / "data", min_train=min_train)
+        # The first-training minimum counts labeled tasks (checked above, as README promises); the split
+        # only needs two training images (BatchNorm), or which tasks the id hash puts in the tuning
+        # split would decide whether 10 labels are enough.
+        dataset = build_dataset(tasks, spec, image_paths, Path(tmp) / "data", min_train=2)
         chosen = choose_settings(dataset.counts["train"], image_sides(list(image_paths.values())), task, env)
         same_classes = serving is not None and serving.task == task and sorted(serving.classes) == sorted(dataset.classes)
         # Every round trains afresh from the base (the user's weights or the recipe's architecture),
