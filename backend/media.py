@@ -521,7 +521,9 @@ def _check_image(path: Path, max_pixels: int) -> str:
             raise
         except Image.DecompressionBombError as exc:  # only if PIL's own limit is below ours
             raise MediaError(f"image refused by PIL's decompression-bomb check: {exc}") from exc
-        except UnidentifiedImageError as exc:
+        except (UnidentifiedImageError, ImportError) as exc:
+            # ImportError: ultralytics registers a HEIF opener that imports pi_heif while PIL probes an
+            # unknown file; without it installed, that is still "no plugin can read this"
             raise MediaError("not a decodable image") from exc
         except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error...
             raise MediaError(f"corrupt {fmt or 'image'} data: {exc}") from exc
