@@ -508,6 +508,7 @@ def _check_image(path: Path, max_pixels: int) -> str:
     then failed inside a batch's prediction, taking the other tasks down with it.
     """
     with _DECODE_SLOTS:
+        fmt = ""  # known once Image.open succeeds; an error before that is reported without it
         try:
             with Image.open(path) as image:
                 fmt = image.format or ""
