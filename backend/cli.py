@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import settings
+from labelloop.config import settings
 
 
 def _progress_bar(desc: str):
@@ -27,7 +27,7 @@ def _progress_bar(desc: str):
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .service import bind_refusal
+    from labelloop.service.app import bind_refusal
 
     env = settings()
     refusal = bind_refusal(args.host, env)
@@ -37,14 +37,14 @@ def cmd_serve(args) -> int:
     if env.insecure and not env.basic_auth_user:
         logging.getLogger("labelloop").warning("LABELLOOP_INSECURE=true: serving on %s without authentication",
                                                args.host)
-    uvicorn.run("labelloop.service:build_app_with_limits", factory=True, host=args.host, port=args.port,
+    uvicorn.run("labelloop.service.app:build_app_with_limits", factory=True, host=args.host, port=args.port,
                 log_level=settings().log_level.lower(), access_log=args.access_log)
     return 0
 
 
 def cmd_install_webhook_secret(args) -> int:
     """Add LABELLOOP_WEBHOOK_SECRET to the webhook Label Studio made when the backend was connected."""
-    from .studio import StudioClient, StudioError
+    from labelloop.labelstudio.client import StudioClient, StudioError
 
     env = settings()
     if not env.webhook_secret:
@@ -88,7 +88,7 @@ def cmd_worker(args) -> int:
 def cmd_data_shapes(args) -> int:
     from tqdm import tqdm
 
-    from .shapes import generate_shapes
+    from labelloop.dev.shapes import generate_shapes
 
     with tqdm(total=args.n, desc="generating shapes", unit="img") as bar:
         dataset = generate_shapes(args.out, n=args.n, seed=args.seed, size=args.size, noise=args.noise,
@@ -99,7 +99,7 @@ def cmd_data_shapes(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .pipeline import train_project, training_error_reason
+    from labelloop.workflows.pipeline import train_project, training_error_reason
 
     bar, update = _progress_bar(f"training project {args.project}")
     try:
@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_fiftyone_sync(args) -> int:
-    from .fo_dataset import sync_project
+    from labelloop.fo.sync import sync_project
 
     bar, update = _progress_bar(f"syncing project {args.project}")
     report = sync_project(args.project, args.dataset, predict=not args.no_predict, progress=update)
@@ -124,9 +124,15 @@ def cmd_fiftyone_sync(args) -> int:
     return 0
 
 
+def _celery_folds():
+    from labelloop.tasks.jobs import run_folds_on_celery
+
+    return run_folds_on_celery
+
+
 def cmd_fiftyone_score(args) -> int:
-    from . import fo_analysis
-    from .fo_env import import_fiftyone
+    from labelloop.fo import analysis as fo_analysis
+    from labelloop.fo.env import import_fiftyone
 
     fo = import_fiftyone()
     dataset = fo.load_dataset(args.dataset)
@@ -134,7 +140,7 @@ def cmd_fiftyone_score(args) -> int:
     try:
         if args.analysis == "mislabels":
             result = fo_analysis.compute_mislabel_scores(dataset, args.mode, args.folds, update,
-                                                         runner="celery" if args.celery else "local")
+                                                         fold_runner=_celery_folds() if args.celery else None)
         elif args.analysis == "uncertainty":
             result = fo_analysis.uncertainty_sampling(dataset, args.k, args.method, args.diversity, True, update)
             if args.send:
@@ -172,14 +178,14 @@ def cmd_fiftyone_plugin(args) -> int:
 
 def cmd_app(args) -> int:
     """FiftyOne's App server, its /media route limited to labelloop's media folders (fo_app.py)."""
-    from .fo_app import serve_app
+    from labelloop.fo.app import serve_app
 
     serve_app(args.address, args.port)
     return 0
 
 
 def cmd_stack(args) -> int:
-    from . import stack
+    from labelloop.dev import stack
 
     if args.action == "up":
         state = stack.up(workers=not args.no_workers, app=not args.no_app)
@@ -205,7 +211,7 @@ def cmd_stack(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from labelloop.dev.demo import run_demo
 
     return run_demo(args)
 

@@ -134,14 +134,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
 
-    from labelloop import baselines, pretrain, recipe, scoring
+    from labelloop.dev import baselines
+    from labelloop.core import pretrain
+    from labelloop.core import recipe
+    from labelloop.core import scoring
     from labelloop.config import settings
-    from labelloop.labelconfig import parse_label_config
-    from labelloop.media import LocalFileFetcher
-    from labelloop.pipeline import train_new_version
-    from labelloop.predict import embed_images, load_model, predict_images
-    from labelloop.registry import Registry
-    from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+    from labelloop.core.predict import embed_images, load_model, predict_images
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()
@@ -240,8 +243,8 @@ def main(argv=None) -> int:
 
 def measure_throughput(args, model, paths, labels, spec):
     """ms/image: raw ultralytics forward pass vs predict_images + loss + uncertainty, same images."""
-    from labelloop import scoring
-    from labelloop.predict import predict_images
+    from labelloop.core import scoring
+    from labelloop.core.predict import predict_images
 
     strs = [str(p) for p in paths]
     model.yolo.predict(strs[:4], verbose=False)  # warm-up

@@ -62,13 +62,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
 
-    from labelloop.datasets import build_dataset, split_of
-    from labelloop.labelconfig import parse_label_config
-    from labelloop.media import LocalFileFetcher
-    from labelloop.pipeline import train_new_version
-    from labelloop.registry import Registry
-    from labelloop.shapes import generate_shapes, label_config, to_label_studio_tasks
-    from labelloop.training import evaluate
+    from labelloop.core.datasets import build_dataset, split_of
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.core.training import evaluate
 
     rows = []
     started = time.perf_counter()

@@ -127,13 +127,13 @@ def main(argv=None) -> int:
         if value:
             os.environ[name] = str(value)
 
-    from labelloop.localstack import start_mongod
+    from labelloop.dev.localstack import start_mongod
 
     mongod = start_mongod(work / "mongo")
     os.environ["FIFTYONE_DATABASE_URI"] = mongod.url
     os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
     os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
-    from labelloop.fo_env import import_fiftyone
+    from labelloop.fo.env import import_fiftyone
 
     try:
         fo = import_fiftyone()
@@ -147,13 +147,14 @@ def main(argv=None) -> int:
 
 
 def run(args, work, fo, fob):
-    from labelloop import ranking, scoring
-    from labelloop.labelconfig import parse_label_config
-    from labelloop.media import LocalFileFetcher
-    from labelloop.pipeline import cross_val_predictions, train_new_version
-    from labelloop.predict import load_model, predict_images
-    from labelloop.registry import Registry
-    from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.core import ranking
+    from labelloop.core import scoring
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import cross_val_predictions, train_new_version
+    from labelloop.core.predict import load_model, predict_images
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()
@@ -191,7 +192,7 @@ def run(args, work, fo, fob):
             top_cleanlab, cleanlab_auroc_scores, flagged = cleanlab_scores(noisy, probs, classes, k)
             scores["cleanlab"] = cleanlab_auroc_scores
             scores.update(fiftyone_scores(fo, fob, paths, noisy, probs, classes, f"bench-mislabels-{seed}-{noise}"))
-            from labelloop.baselines import logreg_probabilities
+            from labelloop.dev.baselines import logreg_probabilities
 
             lr_probs = logreg_probabilities(paths, noisy, classes, folds=args.folds, size=args.size)
             top_lr, scores["cleanlab_lr"], _ = cleanlab_scores(noisy, lr_probs, classes, k)

@@ -56,14 +56,14 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="labelloop-bench-"))
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
-    from labelloop.shapes import label_config, to_label_studio_tasks
-    from labelloop.labelconfig import parse_label_config
-    from labelloop.localstack import start_backend
-    from labelloop.media import LocalFileFetcher
-    from labelloop.pipeline import train_new_version
-    from labelloop.registry import Registry
-    from labelloop.shapes import generate_shapes
-    from labelloop.yolo_env import import_yolo
+    from labelloop.dev.shapes import label_config, to_label_studio_tasks
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.dev.localstack import start_backend
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import generate_shapes
+    from labelloop.core.yolo_env import import_yolo
 
     config = label_config("detection")
     spec = parse_label_config(config)

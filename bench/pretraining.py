@@ -48,13 +48,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
 
-    from labelloop import pretrain, recipe
-    from labelloop.labelconfig import parse_label_config
-    from labelloop.media import LocalFileFetcher
-    from labelloop.pipeline import train_new_version
-    from labelloop.predict import load_model, predict_images
-    from labelloop.registry import Registry
-    from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.core import pretrain
+    from labelloop.core import recipe
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+    from labelloop.core.predict import load_model, predict_images
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()

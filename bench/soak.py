@@ -1,9 +1,9 @@
 """Soak the loop on a real stack: mixed load for minutes, the backend's memory flat, webhooks fast.
 
 The stack is the one ``bench/loop_latency.py`` starts (Redis, Label Studio 1.23.2 from its own venv,
-``labelloop serve``, one worker on both queues, via ``labelloop.localstack``), here with the backend
+``labelloop serve``, one worker on both queues, via ``labelloop.dev.localstack``), here with the backend
 locked the way a deployment is: basic auth on, ``LABELLOOP_WEBHOOK_SECRET`` set and installed on the
-project's Label Studio webhook (``labelloop.studio.install_webhook_secret``). A classification
+project's Label Studio webhook (``labelloop.labelstudio.client.install_webhook_secret``). A classification
 project of ~200 generated 64 px shapes is connected with the backend's basic auth; ``--labeled``
 tasks are annotated and the soak clock starts once the first model serves. Then, for ``--minutes``:
 
@@ -401,9 +401,9 @@ def main() -> int:
     os.environ["LABELLOOP_HOME"] = str(work / "home")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
     from conftest import LabelStudioAPI  # the same REST calls the tests make
-    from labelloop.localstack import start_backend, start_label_studio, start_redis, start_worker
-    from labelloop.shapes import generate_shapes, label_config, to_label_studio_result
-    from labelloop.studio import WEBHOOK_SECRET_HEADER, install_webhook_secret
+    from labelloop.dev.localstack import start_backend, start_label_studio, start_redis, start_worker
+    from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_result
+    from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER, install_webhook_secret
 
     user, password, secret = "labelstudio", secrets.token_urlsafe(16), secrets.token_urlsafe(24)
     auth = (user, password)

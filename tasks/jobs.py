@@ -1,6 +1,6 @@
 """Celery jobs: train a project's next version, push predictions for its unlabeled tasks.
 
-Both are thin: the work is the engine's (labelloop.pipeline); a job adds the lock, the job record,
+Both are thin: the work is the engine's (labelloop.workflows.pipeline); a job adds the lock, the job record,
 progress, and what happens next (a promotion enqueues a prediction job).
 
 Delivery is at least once (acks_late; a killed worker's job is delivered again), so a job must be
@@ -146,7 +146,7 @@ def _start_attempt(task, store: JobStore, job: dict[str, Any]) -> dict[str, Any]
 
 def _prune(project: str) -> dict[str, Any]:
     """Registry retention after a training; a failure is reported in the job, never fails it."""
-    from labelloop.registry import Registry
+    from labelloop.core.registry import Registry
 
     env = settings()
     try:
@@ -159,8 +159,8 @@ def _prune(project: str) -> dict[str, Any]:
 
 @app.task(name="labelloop.train_project", bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def train_project(self, job_id: str, project: str) -> dict[str, Any]:
-    from labelloop.pipeline import NothingNew, train_project as train_from_label_studio
-    from labelloop.datasets import DatasetError
+    from labelloop.workflows.pipeline import NothingNew, train_project as train_from_label_studio
+    from labelloop.core.datasets import DatasetError
 
     store = JobStore()
     job = store.get(job_id) or store.create("train", project, job_id=job_id, trigger="direct")
@@ -186,7 +186,7 @@ def train_project(self, job_id: str, project: str) -> dict[str, Any]:
         except (DatasetError, NothingNew) as exc:
             return store.update(job_id, state="skipped", reason=str(exc), message=str(exc), finished_at=time.time())
         except Exception as exc:
-            from labelloop.pipeline import training_error_reason
+            from labelloop.workflows.pipeline import training_error_reason
 
             log.exception("training job %s of project %s failed", job_id, project)
             return store.update(job_id, state="failed", reason=training_error_reason(exc), message="failed",
@@ -211,7 +211,7 @@ def train_project(self, job_id: str, project: str) -> dict[str, Any]:
 
 @app.task(name="labelloop.predict_project", bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def predict_project(self, job_id: str, project: str, version: str) -> dict[str, Any]:
-    from labelloop.pipeline import predict_unlabeled, training_error_reason
+    from labelloop.workflows.pipeline import predict_unlabeled, training_error_reason
 
     store = JobStore()
     job = store.get(job_id) or store.create("predict", project, job_id=job_id, version=version, trigger="direct")
@@ -252,7 +252,7 @@ def predict_project(self, job_id: str, project: str, version: str) -> dict[str, 
 def warm_start_project(self, job_id: str, project: str) -> dict[str, Any]:
     """Pretrain the project's warm start from its task images; under the training lock, so the first
     training waits for it instead of racing it."""
-    from labelloop.pipeline import training_error_reason, warm_start_project as build_from_label_studio
+    from labelloop.workflows.pipeline import training_error_reason, warm_start_project as build_from_label_studio
 
     store = JobStore()
     job = store.get(job_id) or store.create("warm-start", project, job_id=job_id, version="-", trigger="direct")
@@ -309,10 +309,10 @@ def _count_fold_attempt(task) -> None:
 @app.task(name="labelloop.crossval_fold", bind=True, acks_late=True, reject_on_worker_lost=True)
 def crossval_fold(self, project: str, folds: int, fold: int) -> dict[str, Any]:
     """One fold of out-of-sample scoring: train without the fold, predict the fold (train queue)."""
-    from labelloop.labelconfig import parse_label_config
-    from labelloop.media import MediaFetcher
-    from labelloop.pipeline import train_fold_and_predict
-    from labelloop.studio import StudioClient
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import MediaFetcher
+    from labelloop.workflows.pipeline import train_fold_and_predict
+    from labelloop.labelstudio.client import StudioClient
 
     _count_fold_attempt(self)
     client = StudioClient.from_settings()
@@ -327,3 +327,20 @@ def crossval_fold(self, project: str, folds: int, fold: int) -> dict[str, Any]:
 
     return {str(k): v for k, v in train_fold_and_predict(tasks, spec, MediaFetcher.from_settings(), folds, fold,
                                                          report).items()}
+
+
+def run_folds_on_celery(project: int, folds: int, progress) -> dict[int, Any]:
+    """A fold runner for out-of-sample scoring (labelloop.fo.analysis.FoldRunner): one
+    ``crossval_fold`` job per fold on the training queue, so K workers train the K folds at once."""
+    from celery import group
+
+    from labelloop.workflows.pipeline import prediction_from_json
+
+    result = group(crossval_fold.s(str(project), folds, k) for k in range(folds)).apply_async()
+    while not result.ready():
+        progress(result.completed_count() / folds, f"{result.completed_count()} of {folds} folds trained")
+        time.sleep(1)
+    merged: dict[int, Any] = {}
+    for part in result.get(disable_sync_subtasks=False):
+        merged.update({int(k): prediction_from_json(v) for k, v in part.items()})
+    return merged

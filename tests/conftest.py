@@ -1,6 +1,6 @@
 """Shared fixtures: real Label Studio, real `labelloop serve`, models trained by the suite.
 
-Everything is started as the user would start it (see labelloop.localstack) and stopped at the end
+Everything is started as the user would start it (see labelloop.dev.localstack) and stopped at the end
 of the session. Models are trained once per run on generated data through the engine itself.
 """
 
@@ -24,7 +24,7 @@ _RUN_HOME = Path(os.environ.get("LABELLOOP_TEST_HOME", "")) if os.environ.get("L
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A private Redis for the whole run; every process started by the suite inherits REDIS_URL."""
-    from labelloop.localstack import start_redis
+    from labelloop.dev.localstack import start_redis
 
     process = start_redis(tmp_path_factory.mktemp("redis"))
     os.environ["REDIS_URL"] = process.url
@@ -45,7 +45,7 @@ def run_home(tmp_path_factory, redis_server) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_train(tmp_path_factory, run_home):
-    from labelloop.shapes import generate_shapes
+    from labelloop.dev.shapes import generate_shapes
 
     return generate_shapes(tmp_path_factory.mktemp("shapes-train"), n=80, seed=11)
 
@@ -53,7 +53,7 @@ def shapes_train(tmp_path_factory, run_home):
 @pytest.fixture(scope="session")
 def shapes_single(tmp_path_factory, run_home):
     """One object per image: the classification variant."""
-    from labelloop.shapes import generate_shapes
+    from labelloop.dev.shapes import generate_shapes
 
     return generate_shapes(tmp_path_factory.mktemp("shapes-single"), n=80, seed=12, max_objects=1)
 
@@ -61,7 +61,7 @@ def shapes_single(tmp_path_factory, run_home):
 @pytest.fixture(scope="session")
 def shapes_eval(tmp_path_factory, run_home):
     """Unseen images the tests predict on."""
-    from labelloop.shapes import generate_shapes
+    from labelloop.dev.shapes import generate_shapes
 
     return generate_shapes(tmp_path_factory.mktemp("shapes-eval"), n=12, seed=99)
 
@@ -79,11 +79,11 @@ class TrainedModel:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, run_home, shapes_train, shapes_single):
     """task type → a small model trained by the engine on generated data (once per run, lazily)."""
-    from labelloop.shapes import label_config, to_label_studio_tasks
-    from labelloop.labelconfig import parse_label_config
-    from labelloop.media import LocalFileFetcher
-    from labelloop.pipeline import train_new_version
-    from labelloop.registry import Registry
+    from labelloop.dev.shapes import label_config, to_label_studio_tasks
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+    from labelloop.core.registry import Registry
 
     registry = Registry(tmp_path_factory.mktemp("trained-models"))
     cache: dict[str, TrainedModel] = {}
@@ -106,7 +106,7 @@ def trained(tmp_path_factory, run_home, shapes_train, shapes_single):
 
 def install_model(model_dir: Path, project: int | str, model: TrainedModel) -> str:
     """Put a trained model into a registry as the project's version in service (what a training job does)."""
-    from labelloop.registry import Registry
+    from labelloop.core.registry import Registry
 
     registry = Registry(model_dir)
     keep = {k: v for k, v in model.manifest.items() if k not in ("version", "project", "created_at", "weights_sha256")}
@@ -165,7 +165,7 @@ class LabelStudioAPI:
 
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory, run_home):
-    from labelloop.localstack import start_label_studio
+    from labelloop.dev.localstack import start_label_studio
 
     process = start_label_studio(tmp_path_factory.mktemp("label-studio"))
     yield process
@@ -185,7 +185,7 @@ def backend_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def backend(label_studio, backend_home):
     """`labelloop serve` connected to the test Label Studio with the admin's legacy token."""
-    from labelloop.localstack import start_backend
+    from labelloop.dev.localstack import start_backend
 
     process = start_backend(backend_home, env={
         "LABEL_STUDIO_URL": label_studio.url,
@@ -226,7 +226,7 @@ def mongod(tmp_path_factory, run_home):
     FiftyOne's settings go into os.environ before anything imports fiftyone, so processes started by
     the suite inherit them; its dirs live under the run's home, its plugins are the project's.
     """
-    from labelloop.localstack import start_mongod
+    from labelloop.dev.localstack import start_mongod
 
     process = start_mongod(tmp_path_factory.mktemp("mongod"))
     home = run_home / "fiftyone"
@@ -268,6 +268,6 @@ def _close_fiftyone() -> None:
 @pytest.fixture(scope="session")
 def fo(mongod):
     """The ``fiftyone`` module, imported once the environment points at the run's mongod."""
-    from labelloop.fo_env import import_fiftyone
+    from labelloop.fo.env import import_fiftyone
 
     return import_fiftyone()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def synced(ls_api, label_studio, fo, run_home, tmp_path_factory):
     """A classification project with 3 images, synced into FiftyOne; the images' original bytes."""
-    from labelloop.shapes import generate_shapes, label_config
+    from labelloop.dev.shapes import generate_shapes, label_config
 
     images = generate_shapes(tmp_path_factory.mktemp("media-images"), n=3, seed=41, max_objects=1)
     originals = [images.images_dir / im.file for im in images.images]
@@ -28,7 +28,7 @@ def synced(ls_api, label_studio, fo, run_home, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")}
     os.environ.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.info["token"])
     try:
-        from labelloop.fo_dataset import media_dir_for, sync_project
+        from labelloop.fo.sync import media_dir_for, sync_project
 
         report = sync_project(project, predict=False)
     finally:
@@ -41,7 +41,7 @@ def synced(ls_api, label_studio, fo, run_home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(synced, tmp_path_factory):
-    from labelloop.localstack import start_fiftyone_app
+    from labelloop.dev.localstack import start_fiftyone_app
 
     process = start_fiftyone_app(dict(os.environ), log_dir=tmp_path_factory.mktemp("app-media"))
     yield process

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from labelloop.calibration import (MIN_IMAGES, apply_temperature, calibration_report, expected_calibration_error,
+from labelloop.core.calibration import (MIN_IMAGES, apply_temperature, calibration_report, expected_calibration_error,
                                    fit_temperature, negative_log_likelihood)
 
 

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from labelloop.localstack import free_port
+from labelloop.dev.localstack import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -664,7 +664,7 @@ def test_label_studio_environment_is_known():
 
 
 def test_label_studio_environment_names_exist_in_its_source():
-    from labelloop.localstack import label_studio_venv
+    from labelloop.dev.localstack import label_studio_venv
 
     packages = sorted(label_studio_venv().glob("lib/python3*/site-packages/label_studio"))
     if not packages:

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from conftest import install_model
-from labelloop.shapes import label_config
-from labelloop.shapes import CLASSES, to_label_studio_result
+from labelloop.dev.shapes import label_config
+from labelloop.dev.shapes import CLASSES, to_label_studio_result
 
 pytestmark = pytest.mark.e2e
 
@@ -106,7 +106,7 @@ def test_cli_train_reads_annotations_through_the_api_and_never_touches_them(
     assert run.returncode == 0, run.stderr[-3000:]
     assert f'"version": "p{project}-v1"' in run.stdout
 
-    from labelloop.registry import Registry
+    from labelloop.core.registry import Registry
 
     manifest = Registry(backend.info["model_dir"]).get(project, f"p{project}-v1")
     assert manifest.counts["train"] + manifest.counts["val"] == 10

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import install_model
-from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_result
+from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_result
 
 pytestmark = pytest.mark.e2e
 PLUGIN = "@labelloop/labelloop"
@@ -32,7 +32,7 @@ def fo_project(ls_api, label_studio, backend, trained, fo, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR")}
     os.environ.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.info["token"],
                       MODEL_DIR=str(backend.info["model_dir"]))
-    from labelloop.fo_dataset import sync_project
+    from labelloop.fo.sync import sync_project
 
     report = sync_project(project)
     yield {"project": project, "tasks": tasks, "annotated": annotated, "version": version, "report": report,
@@ -48,7 +48,7 @@ def run(fo, view, operator: str, **params):
     """Execute one of our operators the way the App does, on ``view`` (a dataset or a view)."""
     from fiftyone.operators import execute_operator
 
-    from labelloop.fo_env import dataset_name
+    from labelloop.fo.env import dataset_name
 
     outcome = execute_operator(f"{PLUGIN}/{operator}", ctx={"dataset": dataset_name(view), "view": view.view(),
                                                             "params": {"view_target": "CURRENT_VIEW", **params}})

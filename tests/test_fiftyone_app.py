@@ -39,7 +39,7 @@ MIN_COLORFUL_SHARE = 0.4
 @pytest.fixture(scope="module")
 def shapes_dataset(fo, tmp_path_factory):
     """12 generated images with their boxes as ``ground_truth`` Detections (relative [x, y, w, h])."""
-    from labelloop.shapes import generate_shapes
+    from labelloop.dev.shapes import generate_shapes
 
     data = generate_shapes(tmp_path_factory.mktemp("fo-shapes"), n=12, seed=3)
     # Persistent: the App is another process, and FiftyOne may delete non-persistent datasets it
@@ -61,10 +61,10 @@ def shapes_dataset(fo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(shapes_dataset, tmp_path_factory):
-    from labelloop.localstack import start_fiftyone_app
+    from labelloop.dev.localstack import start_fiftyone_app
 
     # The generated images sit outside labelloop's media folders: the operator's extra root lets the
-    # App serve them (labelloop.fo_app); the grid test then shows that such a root reaches the browser.
+    # App serve them (labelloop.fo.app); the grid test then shows that such a root reaches the browser.
     images_dir = Path(shapes_dataset.first().filepath).parent
     process = start_fiftyone_app({**os.environ, "LABELLOOP_APP_MEDIA_ROOTS": str(images_dir)},
                                  dataset=shapes_dataset.name, log_dir=tmp_path_factory.mktemp("fiftyone-app"))

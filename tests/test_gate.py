@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from labelloop import gate
+from labelloop.core import gate
 
 
 def test_one_image_worse_on_a_small_split_is_noise():

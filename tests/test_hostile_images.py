@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelloop.media import LocalFileFetcher, MediaError, MediaFetcher
+from labelloop.labelstudio.media import LocalFileFetcher, MediaError, MediaFetcher
 
 MB = 2**20
 # PIL warns about a 169-MP image as it reads the header, just before our own check refuses it.

@@ -222,7 +222,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_job_that_kills_its_worker_is_failed_after_max_attempts_not_redelivered_forever(
         db, silent_label_studio, tmp_path):
-    from labelloop.localstack import start_worker
+    from labelloop.dev.localstack import start_worker
     from labelloop.tasks.celery_app import make_app
 
     url, store = db
@@ -279,7 +279,7 @@ def _add(registry, project, n_files: int = 0):
 
 
 def test_registry_prune_keeps_serving_hand_promoted_and_the_newest(tmp_path):
-    from labelloop.registry import Registry
+    from labelloop.core.registry import Registry
 
     registry = Registry(tmp_path)
     names = [_add(registry, 7) for _ in range(15)]
@@ -304,7 +304,7 @@ def test_registry_prune_keeps_serving_hand_promoted_and_the_newest(tmp_path):
 def test_registry_prune_never_shows_half_a_version(tmp_path):
     """Readers listing versions while a prune runs see whole versions or none; a crashed prune's
     leftover is invisible to readers and deleted by the next prune."""
-    from labelloop.registry import Registry
+    from labelloop.core.registry import Registry
 
     registry = Registry(tmp_path)
     names = [_add(registry, 8, n_files=400) for _ in range(6)]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from labelloop.labelconfig import LabelConfigError, parse_label_config, resolve_model_path
+from labelloop.core.labelconfig import LabelConfigError, parse_label_config, resolve_model_path
 
 IMG = '<Image name="image" value="$image"/>'
 

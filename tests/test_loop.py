@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from labelloop.registry import Registry
-from labelloop.shapes import generate_shapes, label_config, to_label_studio_result
+from labelloop.core.registry import Registry
+from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_result
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def worker_env(label_studio):
 @pytest.fixture(scope="module")
 def worker(backend, backend_home, worker_env):
     """A worker on both queues sharing the backend's LABELLOOP_HOME (registry and image cache)."""
-    from labelloop.localstack import start_worker
+    from labelloop.dev.localstack import start_worker
 
     process = start_worker(backend_home, env=worker_env)
     yield process
@@ -138,7 +138,7 @@ def test_a_burst_of_100_events_causes_at_most_two_trainings(ls_api, backend, loo
 
 
 def test_redis_down_webhook_503_and_predict_keeps_answering(backend_home, label_studio, loop_project, backend):
-    from labelloop.localstack import free_port, start_backend
+    from labelloop.dev.localstack import free_port, start_backend
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     other = start_backend(backend_home, env={"REDIS_URL": dead, "LABEL_STUDIO_URL": label_studio.url,
@@ -166,7 +166,7 @@ def test_redis_down_webhook_503_and_predict_keeps_answering(backend_home, label_
 @pytest.fixture
 def isolated(tmp_path, redis_server, worker_env):
     """A Redis database and a registry nobody else uses; workers started by the test are stopped after."""
-    from labelloop.localstack import start_worker
+    from labelloop.dev.localstack import start_worker
     from labelloop.tasks.jobstore import JobStore, connect
 
     database = 2 + int(time.time() * 1000) % 13
@@ -202,7 +202,7 @@ def enqueue_training(isolated, project, force=True, job_id=None):
 
 
 def test_label_studio_unreachable_fails_the_job_with_the_reason(isolated):
-    from labelloop.localstack import free_port
+    from labelloop.dev.localstack import free_port
 
     isolated["worker"](LABEL_STUDIO_URL=f"http://127.0.0.1:{free_port()}", LABEL_STUDIO_API_KEY="0" * 40)
     job = enqueue_training(isolated, 5)

@@ -1,4 +1,4 @@
-"""labelloop.media against real local HTTP servers (no mocks of httpx).
+"""labelloop.labelstudio.media against real local HTTP servers (no mocks of httpx).
 
 Each server is a ThreadingHTTPServer on 127.0.0.1 with an ephemeral port that records every
 request. The first one plays Label Studio (its 127.0.0.1:<port> is the LS host); the others play
@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from labelloop.media import MediaError, MediaFetcher
+from labelloop.labelstudio.media import MediaError, MediaFetcher
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars
 PAT = "eyJ-test-personal-access-token"  # not a real JWT: detection must go by the "eyJ" prefix
@@ -540,7 +540,7 @@ def test_legacy_key_rejected_gets_a_hint(servers, fetchers):
 
 
 def test_allow_list_entry_forms():
-    from labelloop.media import _AllowList, _Origin
+    from labelloop.labelstudio.media import _AllowList, _Origin
 
     allow = _AllowList.parse(["Example.COM.", "[::1]:8080", "http://cdn.test:81", "*.img.test", "10.0.0.0/8", " "])
 

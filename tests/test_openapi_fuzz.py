@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from labelloop.service import LABEL_CONFIG_EXAMPLE
+from labelloop.service.app import LABEL_CONFIG_EXAMPLE
 
 USER, PASSWORD, SECRET = "ls", "fuzz-pass", "fuzz-hook-secret"
 MAX_EXAMPLES = 50  # per operation in the fuzzing phase (examples and coverage phases come on top)
@@ -72,7 +72,7 @@ CONNECTED = 20  # projects 1..20 are connected (/setup) before the fuzz
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory, run_home):
-    from labelloop.localstack import start_backend, start_redis
+    from labelloop.dev.localstack import start_backend, start_redis
 
     # A Redis of its own: the suite's Redis databases are read by workers in other tests.
     redis = start_redis(tmp_path_factory.mktemp("fuzz-redis"))

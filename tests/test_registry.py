@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from labelloop.registry import Registry, RegistryError
+from labelloop.core.registry import Registry, RegistryError
 
 
 def manifest(**extra):

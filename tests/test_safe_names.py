@@ -12,9 +12,9 @@ from xml.sax.saxutils import quoteattr
 import pytest
 from PIL import Image
 
-from labelloop.datasets import build_dataset
-from labelloop.labelconfig import ControlSpec, LabelConfigError, parse_label_config
-from labelloop.registry import Registry, RegistryError
+from labelloop.core.datasets import build_dataset
+from labelloop.core.labelconfig import ControlSpec, LabelConfigError, parse_label_config
+from labelloop.core.registry import Registry, RegistryError
 
 PLUGIN = "@labelloop/labelloop"
 
@@ -65,7 +65,7 @@ def test_hostile_labels_build_a_dataset_only_inside_its_root(tmp_path):
     # the folders are class indices; the real label text is what ultralytics will read as class names
     from ultralytics.utils import YAML
 
-    from labelloop.datasets import INDEXED_NAMES_FILE
+    from labelloop.core.datasets import INDEXED_NAMES_FILE
 
     names_file = out / INDEXED_NAMES_FILE
 
@@ -92,9 +92,9 @@ def test_hostile_labels_build_a_dataset_only_inside_its_root(tmp_path):
 
 
 def test_a_model_trained_on_hostile_labels_names_its_classes_by_the_real_labels(tmp_path):
-    from labelloop import recipe
-    from labelloop.predict import load_model
-    from labelloop.training import TrainSettings, train
+    from labelloop.core import recipe
+    from labelloop.core.predict import load_model
+    from labelloop.core.training import TrainSettings, train
 
     labels = ["../../up", "a/b", "plain"]
     spec = parse_label_config(choices_config(labels))
@@ -163,7 +163,7 @@ def test_fiftyone_operator_refuses_a_traversing_version_before_anything_loads(fo
 
     from fiftyone.operators.executor import ExecutionError
 
-    from labelloop import fo_analysis
+    from labelloop.fo import analysis as fo_analysis
 
     try:  # the form refuses it (a validation error), or the operator answers with an error
         outcome = execute_operator(f"{PLUGIN}/evaluate_model", ctx={
@@ -188,8 +188,8 @@ def test_fiftyone_operator_refuses_a_traversing_version_before_anything_loads(fo
 @pytest.mark.parametrize("save_kwargs", [{}, {"pickle_protocol": 4}, {"_use_new_zipfile_serialization": False}],
                          ids=["zip", "zip-protocol-4", "legacy-format"])
 def test_only_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch, save_kwargs):
-    from labelloop.predict import load_model
-    from labelloop.safe_load import UnsafeWeightsError
+    from labelloop.core.predict import load_model
+    from labelloop.core.safe_load import UnsafeWeightsError
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "registry"))  # these files are not the registry's
     marker = tmp_path / "pwned"
@@ -207,7 +207,7 @@ def test_only_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch,
     root.mkdir()
     shutil.copy(evil, root / "user.pt")
     from labelloop.config import settings
-    from labelloop.pipeline import resolve_model
+    from labelloop.workflows.pipeline import resolve_model
 
     monkeypatch.setenv("ALLOW_CUSTOM_MODEL_PATH", "true")
     monkeypatch.setenv("MODEL_ROOT", str(root))
@@ -221,8 +221,8 @@ def test_only_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch,
     assert not marker.exists()
 
     # a real ultralytics checkpoint, saved the way ultralytics saves one, still loads
-    from labelloop import recipe
-    from labelloop.yolo_env import import_yolo
+    from labelloop.core import recipe
+    from labelloop.core.yolo_env import import_yolo
 
     real = tmp_path / "real.pt"
     import_yolo()(recipe.model_config("classify", 32), task="classify").save(real)
@@ -236,9 +236,9 @@ def test_a_checkpoint_that_calls_a_model_class_is_refused(tmp_path, monkeypatch)
     import torch
     from ultralytics.nn.tasks import ClassificationModel
 
-    from labelloop import recipe
-    from labelloop.predict import load_model
-    from labelloop.safe_load import UnsafeWeightsError
+    from labelloop.core import recipe
+    from labelloop.core.predict import load_model
+    from labelloop.core.safe_load import UnsafeWeightsError
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "registry"))
 
@@ -258,7 +258,7 @@ def test_a_checkpoint_that_calls_a_model_class_is_refused(tmp_path, monkeypatch)
 def test_synced_images_stay_readable_after_the_media_cache_drops_them(fo, ls_api, label_studio, tmp_path,
                                                                       monkeypatch):
     from labelloop.config import settings
-    from labelloop.fo_dataset import sync_project
+    from labelloop.fo.sync import sync_project
 
     home = tmp_path / "home"
     monkeypatch.setenv("LABELLOOP_HOME", str(home))
@@ -312,8 +312,8 @@ def test_a_pickle_in_front_of_a_harmless_zip_is_read_as_torch_reads_it(tmp_path,
 
     import torch
 
-    from labelloop.predict import load_model
-    from labelloop.safe_load import UnsafeWeightsError
+    from labelloop.core.predict import load_model
+    from labelloop.core.safe_load import UnsafeWeightsError
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "registry"))
     marker = tmp_path / "pwned"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from labelloop import scoring
+from labelloop.core import scoring
 
 
 def test_hidden_doubtful_box_lowers_the_score():

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import install_model
-from labelloop.shapes import label_config
-from labelloop.shapes import CLASSES
+from labelloop.dev.shapes import label_config
+from labelloop.dev.shapes import CLASSES
 
 DETECT = label_config("detection", threshold=0.1)
 
@@ -23,7 +23,7 @@ DETECT = label_config("detection", threshold=0.1)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, trained, image_host):
     """`labelloop serve` with a detection model for project 7 and images on an allow-listed host."""
-    from labelloop.localstack import start_backend
+    from labelloop.dev.localstack import start_backend
 
     home = tmp_path_factory.mktemp("served")
     version = install_model(home / "models", 7, trained("detection"))
@@ -127,7 +127,7 @@ def test_metrics_count_requests_predictions_and_errors(served, image_host, shape
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, run_home):
     from labelloop.config import settings
-    from labelloop.service import build_app_with_limits
+    from labelloop.service.app import build_app_with_limits
 
     os.environ["MODEL_DIR"] = str(tmp_path_factory.mktemp("empty-models"))
     try:
@@ -179,7 +179,7 @@ BODIES = {  # path -> (request model, required fields, documented {"error": ...}
 
 
 def test_openapi_declares_request_bodies_and_error_answers(client):
-    from labelloop.service import WEBHOOK_ACTIONS, PredictRequest, SetupRequest, WebhookRequest
+    from labelloop.service.app import WEBHOOK_ACTIONS, PredictRequest, SetupRequest, WebhookRequest
 
     doc = client.get("/openapi.json").json()
     schemas = doc["components"]["schemas"]
@@ -222,7 +222,7 @@ def test_openapi_declares_the_auth_this_deployment_enforces(tmp_path, run_home):
     import dataclasses
 
     from labelloop.config import settings
-    from labelloop.service import create_app
+    from labelloop.service.app import create_app
 
     env = dataclasses.replace(settings(), model_dir=tmp_path, basic_auth_user="ls", basic_auth_pass="secret",
                               webhook_secret="s3cret")

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from labelloop.shapes import CLASSES, label_config
+from labelloop.dev.shapes import CLASSES, label_config
 
 CLASSIFY = label_config("classification")
 SECRET = "hook-secret-7f3a"
@@ -98,8 +98,8 @@ def images():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, run_home, redis_server, images):
     """`labelloop serve` with basic auth, a webhook secret and small limits, on its own Redis database."""
-    from labelloop.localstack import start_backend
-    from labelloop.registry import Registry
+    from labelloop.dev.localstack import start_backend
+    from labelloop.core.registry import Registry
     from labelloop.tasks.jobstore import connect
 
     home = tmp_path_factory.mktemp("hardened")
@@ -170,7 +170,7 @@ def _serve(host: str, port: int, home: Path, **env) -> subprocess.Popen:
 
 def test_serve_refuses_a_public_address_without_auth_unless_told_in_words(tmp_path, run_home):
     from labelloop.cli import build_parser
-    from labelloop.localstack import free_port
+    from labelloop.dev.localstack import free_port
 
     for env in ({}, {"LABELLOOP_INSECURE": "1"}, {"BASIC_AUTH_USER": "ls"}):
         process = _serve("0.0.0.0", free_port(), tmp_path, **env)
@@ -232,7 +232,7 @@ def test_forged_webhooks_are_401_and_queue_nothing(served):
 def _app(tmp_path_factory, password: str) -> TestClient:
     """The app in process with basic auth and no webhook secret: Label Studio's default webhooks."""
     from labelloop.config import settings
-    from labelloop.service import build_app_with_limits
+    from labelloop.service.app import build_app_with_limits
 
     env = dataclasses.replace(settings(), model_dir=tmp_path_factory.mktemp("in-process-models"),
                               basic_auth_user="ls", basic_auth_pass=password, webhook_secret="")

@@ -1,4 +1,4 @@
-"""Tests for labelloop.shapes: the synthetic dataset with exact ground truth and injected noise."""
+"""Tests for labelloop.dev.shapes: the synthetic dataset with exact ground truth and injected noise."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from labelloop.shapes import (
+from labelloop.dev.shapes import (
     CLASSES,
     Corruption,
     ShapeImage,

@@ -2,7 +2,7 @@
 the demo's data: 64 px 'simple' shapes with 10 % wrong labels, a clean held-out test set.
 
 Asserted against plain baselines trained on the same images in the same test, with margin:
-HOG + logistic regression and a plain-torch tiny CNN (``labelloop.baselines``).
+HOG + logistic regression and a plain-torch tiny CNN (``labelloop.dev.baselines``).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import json
 import numpy as np
 import pytest
 
-from labelloop import baselines
-from labelloop.labelconfig import parse_label_config
-from labelloop.media import LocalFileFetcher
-from labelloop.pipeline import train_new_version
-from labelloop.predict import load_model, predict_images
-from labelloop.registry import Registry
-from labelloop.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+from labelloop.dev import baselines
+from labelloop.core.labelconfig import parse_label_config
+from labelloop.labelstudio.media import LocalFileFetcher
+from labelloop.workflows.pipeline import train_new_version
+from labelloop.core.predict import load_model, predict_images
+from labelloop.core.registry import Registry
+from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
 SEEDS = (1, 2)
 LABELS = 160  # what `labelloop demo --quick` gives the model

@@ -2,9 +2,9 @@
 
 import pytest
 
-from labelloop import recipe
+from labelloop.core import recipe
 from labelloop.config import settings
-from labelloop.training import choose_settings
+from labelloop.core.training import choose_settings
 
 
 @pytest.mark.parametrize("n_train", range(2, 120))

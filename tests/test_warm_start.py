@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labelloop import pretrain
-from labelloop.labelconfig import parse_label_config
-from labelloop.media import LocalFileFetcher
-from labelloop.pipeline import build_warm_start, train_new_version
-from labelloop.registry import Registry
-from labelloop.shapes import generate_shapes, label_config, to_label_studio_tasks
-from labelloop.yolo_env import import_yolo
+from labelloop.core import pretrain
+from labelloop.core.labelconfig import parse_label_config
+from labelloop.labelstudio.media import LocalFileFetcher
+from labelloop.workflows.pipeline import build_warm_start, train_new_version
+from labelloop.core.registry import Registry
+from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
+from labelloop.core.yolo_env import import_yolo
 
 
 def test_contrastive_loss_rewards_finding_the_partner_view():

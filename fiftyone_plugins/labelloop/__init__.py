@@ -1,6 +1,6 @@
 """labelloop's FiftyOne operators: the analyst's face of the engine.
 
-Each operator is a form plus a call into ``labelloop.fo_dataset`` / ``labelloop.fo_analysis``; the
+Each operator is a form plus a call into ``labelloop.fo.sync`` / ``labelloop.fo.analysis``; the
 numbers come from the same engine that answers Label Studio. Every operator works on the current
 view, can run delegated (``fiftyone delegated launch`` or a Celery worker) with progress, and says
 plainly what is missing (no model yet, no ground truth, no embeddings).
@@ -9,8 +9,9 @@ plainly what is missing (no model yet, no ground truth, no embeddings).
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from labelloop import fo_analysis, fo_dataset
-from labelloop.registry import RegistryError
+from labelloop.fo import analysis as fo_analysis
+from labelloop.fo import sync as fo_dataset
+from labelloop.core.registry import RegistryError
 
 METHODS = ("least_confidence", "margin", "entropy")
 
@@ -20,6 +21,12 @@ def _progress(ctx):
         ctx.set_progress(progress=max(0.0, min(1.0, float(fraction))), label=message)
 
     return report
+
+
+def _celery_folds():
+    from labelloop.tasks.jobs import run_folds_on_celery
+
+    return run_folds_on_celery
 
 
 def _view_choice(ctx, inputs):
@@ -102,7 +109,7 @@ class ComputeMislabelScores(foo.Operator):
         p = ctx.params
         return _run(ctx, lambda: fo_analysis.compute_mislabel_scores(
             ctx.target_view(), p.get("mode", "in_sample"), int(p.get("folds", 5)), _progress(ctx),
-            runner="celery" if p.get("celery", True) else "local"))
+            fold_runner=_celery_folds() if p.get("celery", True) else None))
 
     def resolve_output(self, ctx):
         return _output(ctx, [("scored", "Samples scored"), ("suspected", "Suspected mislabels"), ("field", "Field")])

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import recipe
+from labelloop.core import recipe
 
 MAX_IMAGES = 5000  # a sample of a large project is enough for a warm start, and bounds memory
 BATCH = 128
@@ -111,7 +111,7 @@ def pretrain_classifier(images: list[Path], imgsz: int, out: Path, steps: int, s
     """
     import torch
 
-    from .yolo_env import prepare
+    from labelloop.core.yolo_env import prepare
 
     prepare()  # ultralytics offline, in labelloop's config dir, before its first import
     from ultralytics.utils import NUM_THREADS

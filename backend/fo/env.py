@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import settings
+from labelloop.config import settings
 
 DEFAULT_DATABASE_URI = "mongodb://127.0.0.1:27017"
 
@@ -21,7 +21,7 @@ def prepare() -> None:
         "FIFTYONE_DATABASE_URI": DEFAULT_DATABASE_URI,
         "FIFTYONE_DATABASE_VALIDATION": "false",  # MongoDB 6.0 works; FiftyOne only warns it is old
         "FIFTYONE_DO_NOT_TRACK": "true",
-        "FIFTYONE_PLUGINS_DIR": str(Path(__file__).resolve().parents[1] / "fiftyone_plugins"),
+        "FIFTYONE_PLUGINS_DIR": str(Path(__file__).resolve().parents[2] / "fiftyone_plugins"),
         "FIFTYONE_MODEL_ZOO_DIR": str(home / "zoo" / "models"),
         "FIFTYONE_DATASET_ZOO_DIR": str(home / "zoo" / "datasets"),
         "FIFTYONE_DEFAULT_DATASET_DIR": str(home / "datasets"),
@@ -44,7 +44,7 @@ def mongod_binary() -> Path:
     override = os.environ.get("LABELLOOP_MONGOD")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[1] / ".venv" / "mongodb" / "fiftyone" / "db" / "bin" / "mongod"
+    return Path(__file__).resolve().parents[2] / ".venv" / "mongodb" / "fiftyone" / "db" / "bin" / "mongod"
 
 
 def root_dataset(view):

@@ -402,7 +402,7 @@ class _DeadlineTransport(httpx.HTTPTransport):
         super().__init__(trust_env=False)
         if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
             raise RuntimeError("this httpx version's HTTPTransport has no connection pool at ._pool; "
-                               "labelloop.media cannot apply LABELLOOP_FETCH_DEADLINE_S")
+                               "labelloop.labelstudio.media cannot apply LABELLOOP_FETCH_DEADLINE_S")
         self._pool = httpcore.ConnectionPool(
             ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=_DeadlineBackend(),
             max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)  # httpx's defaults

@@ -35,15 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
-from . import __version__
-from .config import Settings, settings as current_settings
-from .labelconfig import LabelConfigError, parse_label_config
-from .media import MediaFetcher
-from .metrics import CONTENT_TYPE, ServiceMetrics, method_label
-from .pipeline import predict_tasks, resolve_model
-from .predict import cached_model_count
-from .registry import Registry, RegistryError
-from .studio import WEBHOOK_SECRET_HEADER  # installed on the project's webhook by studio.py
+from labelloop import __version__
+from labelloop.config import Settings, settings as current_settings
+from labelloop.core.labelconfig import LabelConfigError, parse_label_config
+from labelloop.labelstudio.media import MediaFetcher
+from labelloop.service.metrics import CONTENT_TYPE, ServiceMetrics, method_label
+from labelloop.workflows.pipeline import predict_tasks, resolve_model
+from labelloop.core.predict import cached_model_count
+from labelloop.core.registry import Registry, RegistryError
+from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER  # installed on the project's webhook by studio.py
 
 log = logging.getLogger(__name__)
 
@@ -645,7 +645,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
     @app.post("/versions/{version}/promote", responses=errors(401, 404, 422))
     async def promote(version: str):
         """Serve an earlier (or a kept-out) version: rollback. Its predictions then flow to Label Studio."""
-        from .registry import version_project
+        from labelloop.core.registry import version_project
 
         project = version_project(version)
         manifest = registry.promote(project, version, reason="promoted through the API")

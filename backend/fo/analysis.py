@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from . import scoring
-from .config import settings as current_settings
-from .fo_env import dataset_name, import_fiftyone, root_dataset
-from .labelconfig import ControlSpec, parse_label_config
+from labelloop.core import scoring
+from labelloop.config import settings as current_settings
+from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
+from labelloop.core.labelconfig import ControlSpec, parse_label_config
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -74,12 +74,12 @@ def mislabel_scores_for(sample_fields: dict[str, Any], spec: ControlSpec) -> tup
 
 
 def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progress: Progress | None = None,
-                            runner: str = "local") -> dict[str, Any]:
+                            fold_runner: FoldRunner | None = None) -> dict[str, Any]:
     """Write ``mislabel_score`` (+ per-object flags for detection) and a saved view, worst first.
 
     ``in_sample`` (fast): outputs of the version in service, which has seen most of these labels, so it
     tends to agree with them — weaker. ``out_of_sample``: K-fold models, each scoring only the
-    samples it never trained on (``runner="celery"``: the folds run as jobs on the training queue).
+    samples it never trained on (``fold_runner``: where the folds run; default: here, one by one).
     """
     fo = import_fiftyone()
     from fiftyone import ViewField as F
@@ -96,8 +96,8 @@ def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progr
         outputs = None
     else:
         say(0.0, f"training {folds} fold models (out-of-sample)")
-        outputs = out_of_sample_outputs(dataset, labeled, folds, runner, lambda f, m: say(0.9 * f, m))
-    from .fo_dataset import prediction_labels
+        outputs = (fold_runner or run_folds_here)(project_of(dataset), folds, lambda f, m: say(0.9 * f, m))
+    from labelloop.fo.sync import prediction_labels
 
     fields = ["id", "ground_truth", "class_probs", "candidates", "predictions", "ls_task_id"]
     present = [f for f in fields if labeled.has_field(f)]
@@ -146,36 +146,25 @@ def _write_object_flags(dataset, flags_by_id: dict[str, list[dict]], mode: str) 
             for f in flags if f["kind"] == "possible_missing"])
 
 
-def out_of_sample_outputs(dataset, labeled_view, folds: int, runner: str, progress: Progress) -> dict[int, Any]:
-    """{task id: ImagePrediction} from K-fold models, read from Label Studio's annotations."""
-    from .media import MediaFetcher
-    from .pipeline import cross_val_predictions, prediction_from_json
-    from .studio import StudioClient
+# (project id, folds, progress) -> {task id: ImagePrediction} for every labeled task of the project,
+# each predicted by the fold model that never trained on it. Injected so this module never imports Celery:
+# the CLI and the plugin pass labelloop.tasks.jobs.run_folds_on_celery to spread folds over workers.
+FoldRunner = Callable[[int, int, Progress], dict[int, Any]]
 
-    project = project_of(dataset)
-    if runner == "celery":
-        from celery import group
 
-        from labelloop.tasks.jobs import crossval_fold
+def run_folds_here(project: int, folds: int, progress: Progress) -> dict[int, Any]:
+    """The folds one after another in this process (no worker needed; slower)."""
+    from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.media import MediaFetcher
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.workflows.pipeline import cross_val_predictions
 
-        result = group(crossval_fold.s(str(project), folds, k) for k in range(folds)).apply_async()
-        import time
-
-        while not result.ready():
-            progress(result.completed_count() / folds, f"{result.completed_count()} of {folds} folds trained")
-            time.sleep(1)
-        merged: dict[int, Any] = {}
-        for part in result.get(disable_sync_subtasks=False):
-            merged.update({int(k): prediction_from_json(v) for k, v in part.items()})
-        return merged
     client = StudioClient.from_settings()
     try:
+        spec = parse_label_config(client.project(project)["label_config"])
         tasks = client.export_tasks(project)
     finally:
         client.close()
-    spec = spec_of(dataset)
-    wanted = set(labeled_view.values("ls_task_id"))
-    tasks = [t for t in tasks if int(t["id"]) in wanted]
     return cross_val_predictions(tasks, spec, MediaFetcher.from_settings(), folds, progress)
 
 
@@ -245,8 +234,8 @@ def compute_embeddings(view, method: str = "umap", visualize: bool = True, simil
     fo = import_fiftyone()
     from pathlib import Path
 
-    from .fo_dataset import serving_model
-    from .predict import embed_images
+    from labelloop.fo.sync import serving_model
+    from labelloop.core.predict import embed_images
 
     say = progress or (lambda fraction, message: None)
     dataset = root_dataset(view)
@@ -290,7 +279,7 @@ def check_version(dataset, version: str) -> str:
     """``version`` when it names a version of the dataset's project (``p<project>-v<n>``), else an
     AnalysisError that says so. A name typed into an operator's form becomes a registry path, field
     names and, at the end, a pickle load: only the registry's own shape goes further."""
-    from .registry import _VERSION_RE
+    from labelloop.core.registry import _VERSION_RE
 
     match = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
     if match is None:
@@ -310,7 +299,7 @@ def version_field(version: str | None) -> str:
 
 def ensure_version_predictions(dataset, view, version: str | None, progress: Progress | None = None) -> str:
     """The field holding ``version``'s predictions on ``view`` (predicting it if needed)."""
-    from .fo_dataset import model_for_version, predict_samples
+    from labelloop.fo.sync import model_for_version, predict_samples
 
     if not version:
         _require(view, "prediction_version", "sync with predictions first")
@@ -447,7 +436,7 @@ def _normalized(labels) -> Any:
 def send_to_label_studio(view, title: str = "labelloop review queue", client=None) -> dict[str, Any]:
     """Create a Data Manager tab in the project holding exactly these tasks (labelers open the tab and
     press "Label All Tasks": Label Studio then hands out those tasks, in the tab's order)."""
-    from .studio import StudioClient
+    from labelloop.labelstudio.client import StudioClient
 
     fo = import_fiftyone()
     dataset = root_dataset(view)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .labelconfig import ControlSpec
+from labelloop.core.labelconfig import ControlSpec
 
 VAL_FRACTION = 0.2
 MAX_NAME_BYTES = 255  # NAME_MAX of Linux and macOS filesystems

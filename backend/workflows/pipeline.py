@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Settings, settings as current_settings
-from .datasets import (DatasetError, annotation_fingerprint, build_dataset, first_training_minimum,
+from labelloop.config import Settings, settings as current_settings
+from labelloop.core.datasets import (DatasetError, annotation_fingerprint, build_dataset, first_training_minimum,
                        labeled_tasks, latest_human_annotation)
-from .labelconfig import ControlSpec, LabelConfigError, resolve_model_path
-from .predict import LoadedModel, load_model, predict_images, to_label_studio
-from . import gate, recipe
-from .registry import Manifest, Registry
-from .training import (
+from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path
+from labelloop.core.predict import LoadedModel, load_model, predict_images, to_label_studio
+from labelloop.core import gate
+from labelloop.core import recipe
+from labelloop.core.registry import Manifest, Registry
+from labelloop.core.training import (
     ULTRALYTICS_TASK,
     Progress,
     TrainingError,
@@ -174,7 +175,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         say(0.92, "evaluating on the tuning split")
         metrics = evaluate(weights, dataset, chosen.imgsz, chosen.device)
         calibration = calibrate_on_tuning_split(weights, dataset, spec) if task == "classify" else {}
-        from .yolo_env import import_yolo
+        from labelloop.core.yolo_env import import_yolo
 
         names = dict(import_yolo()(str(weights)).names)
         classes = [names[i] for i in sorted(names)]
@@ -199,7 +200,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
 
 def calibrate_on_tuning_split(weights: Path, dataset, spec: ControlSpec) -> dict[str, Any]:
     """Temperature scaling of a classifier on its tuning split (``calibration.py``); {} without one."""
-    from .calibration import calibration_report
+    from labelloop.core.calibration import calibration_report
 
     images, labels = [], []
     for index, label in enumerate(dataset.classes):
@@ -258,9 +259,9 @@ def train_project(project_id: int | str, progress: Progress | None = None, env: 
     least 2 tasks). Not forced (annotation events): wait for ``first_training_minimum`` labeled
     tasks before the first version, and skip when no annotation changed since the newest version.
     """
-    from .labelconfig import parse_label_config
-    from .media import MediaFetcher
-    from .studio import StudioClient
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import MediaFetcher
+    from labelloop.labelstudio.client import StudioClient
 
     env = env or current_settings()
     client = StudioClient.from_settings(env)
@@ -295,7 +296,7 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
     import json
     import random
 
-    from . import pretrain
+    from labelloop.core import pretrain
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
@@ -338,9 +339,9 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
 def warm_start_project(project_id: int | str, progress: Progress | None = None,
                        env: Settings | None = None) -> dict[str, Any]:
     """``build_warm_start`` for a Label Studio project, reading its tasks from the API."""
-    from .labelconfig import parse_label_config
-    from .media import MediaFetcher
-    from .studio import StudioClient
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import MediaFetcher
+    from labelloop.labelstudio.client import StudioClient
 
     env = env or current_settings()
     client = StudioClient.from_settings(env)
@@ -361,9 +362,9 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
 
     Tasks that already hold a prediction of this version are skipped, so running twice is harmless.
     """
-    from .labelconfig import parse_label_config
-    from .media import MediaFetcher
-    from .studio import StudioClient
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.media import MediaFetcher
+    from labelloop.labelstudio.client import StudioClient
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
@@ -418,7 +419,7 @@ def prediction_to_json(pred) -> dict[str, Any]:
 
 
 def prediction_from_json(data: dict[str, Any]):
-    from .predict import ImagePrediction, Region
+    from labelloop.core.predict import ImagePrediction, Region
 
     fields = dict(data)
     fields["regions"] = [Region(**r) for r in fields.get("regions") or []]
@@ -432,7 +433,7 @@ def train_fold_and_predict(tasks: list[dict[str, Any]], spec: ControlSpec, fetch
 
     Returns {task id: prediction as JSON}: outputs of a model that never saw those tasks' labels.
     """
-    from .registry import Registry as _Registry
+    from labelloop.core.registry import Registry as _Registry
 
     rows = labeled_tasks(tasks, spec)
     held_out = [t for t, _ in rows if fold_of(t["id"], folds) == fold]

@@ -19,12 +19,12 @@ from typing import Any
 
 from PIL import Image
 
-from .config import Settings, settings as current_settings
-from .datasets import DatasetInfo
-from . import recipe
-from .labelconfig import ControlSpec
-from .safe_load import check_weights
-from .yolo_env import import_yolo
+from labelloop.config import Settings, settings as current_settings
+from labelloop.core.datasets import DatasetInfo
+from labelloop.core import recipe
+from labelloop.core.labelconfig import ControlSpec
+from labelloop.core.safe_load import check_weights
+from labelloop.core.yolo_env import import_yolo
 
 log = logging.getLogger(__name__)
 

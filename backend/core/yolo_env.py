@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import settings
+from labelloop.config import settings
 
 _prepared = False
 log = logging.getLogger(__name__)

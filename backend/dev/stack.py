@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from .config import settings
-from .localstack import (ManagedProcess, start_backend, start_fiftyone_app, start_label_studio, start_mongod,
+from labelloop.config import settings
+from labelloop.dev.localstack import (ManagedProcess, start_backend, start_fiftyone_app, start_label_studio, start_mongod,
                          start_redis, start_worker)
 
 SERVICES = ("redis", "mongod", "label-studio", "backend", "worker-train", "worker-predict", "fiftyone")

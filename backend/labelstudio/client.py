@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from .config import Settings, settings as current_settings
+from labelloop.config import Settings, settings as current_settings
 
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from typing import Any
 
 import httpx
 
-from .config import settings
-from .labelconfig import parse_label_config
-from .media import LocalFileFetcher
-from .shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+from labelloop.config import settings
+from labelloop.core.labelconfig import parse_label_config
+from labelloop.labelstudio.media import LocalFileFetcher
+from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 
 TASK_TYPE = "classification"  # learnable from scratch on 2 CPU cores in minutes (see README)
 
@@ -112,8 +112,8 @@ def _wait_for_warm_start(backend: str, project: int, timeout: float = 3600) -> d
 
 def _test_predictions(version: str, project: int, test, spec) -> list[str]:
     """Labels the version predicts for the held-out test images (never shown to the labeler)."""
-    from .predict import load_model, predict_images
-    from .registry import Registry
+    from labelloop.core.predict import load_model, predict_images
+    from labelloop.core.registry import Registry
 
     manifest = Registry(settings().model_dir).get(project, version)
     model = load_model(manifest.weights, manifest.version)
@@ -142,9 +142,9 @@ def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: 
     import shutil
     import tempfile
 
-    from .pipeline import train_new_version
-    from .predict import load_model, predict_images
-    from .registry import Registry
+    from labelloop.workflows.pipeline import train_new_version
+    from labelloop.core.predict import load_model, predict_images
+    from labelloop.core.registry import Registry
 
     order = list(range(len(data.images)))
     random.Random(seed).shuffle(order)
@@ -164,7 +164,7 @@ def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: 
 
 
 def run_demo(args) -> int:
-    from . import stack
+    from labelloop.dev import stack
 
     quick = bool(getattr(args, "quick", False))
     # Every setting (architecture, image size, epochs) is the engine's own choice from the data, as
@@ -200,7 +200,7 @@ def run_demo(args) -> int:
                 for t in tasks}
     studio.call("POST", "/api/ml", json={"url": backend, "project": project, "title": "labelloop"})
     if settings().webhook_secret:  # Label Studio made the webhook without it: add it, or events get 401
-        from .studio import install_webhook_secret
+        from labelloop.labelstudio.client import install_webhook_secret
 
         install_webhook_secret(studio.call, project, backend, settings().webhook_secret)
 
@@ -231,17 +231,17 @@ def run_demo(args) -> int:
         test_predicted = _test_predictions(version, project, test, spec)
         curve.append(_accuracy(test_predicted, test))
         _say(f"  {version} serves; held-out test accuracy {curve[-1]:.2f}")
-    from .registry import Registry
+    from labelloop.core.registry import Registry
 
     warm_start_dir = Registry(settings().model_dir).project_dir(project) / "warm-start"
     random_curve = _random_curve(data, noisy, test, spec, budgets, seed=7, warm_start_dir=warm_start_dir)
 
     _say("5/6 FiftyOne: sync, mislabels, uncertainty (sent to Label Studio), embeddings")
-    from . import fo_analysis
-    from .fo_dataset import sync_project
+    from labelloop.fo import analysis as fo_analysis
+    from labelloop.fo.sync import sync_project
 
     report = sync_project(project)
-    from .fo_env import import_fiftyone
+    from labelloop.fo.env import import_fiftyone
 
     fo = import_fiftyone()
     dataset = fo.load_dataset(report.dataset)

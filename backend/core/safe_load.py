@@ -35,7 +35,7 @@ import threading
 import zipfile
 from pathlib import Path
 
-from .labelconfig import LabelConfigError
+from labelloop.core.labelconfig import LabelConfigError
 
 # Plain value types a checkpoint may hold besides torch's list; calling them builds a value, nothing more.
 _EXTRA_CALLABLE = frozenset({
@@ -84,7 +84,7 @@ def check_weights(path: str | Path, trusted_roots: tuple[str | Path, ...] | None
         return
     resolved = path.resolve()
     if trusted_roots is None:
-        from .config import settings
+        from labelloop.config import settings
 
         trusted_roots = (settings().model_dir / "projects",)  # Registry.project_dir's parent
     if any(resolved.is_relative_to(Path(root).resolve()) for root in trusted_roots):

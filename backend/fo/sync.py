@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Settings, settings as current_settings
-from .datasets import latest_human_annotation, link_or_copy, rectangle_to_polygon, split_of
-from .fo_env import dataset_name, import_fiftyone, root_dataset
-from .labelconfig import ControlSpec, parse_label_config
-from .predict import ImagePrediction, LoadedModel, load_model, predict_images
-from .registry import Registry
+from labelloop.config import Settings, settings as current_settings
+from labelloop.core.datasets import latest_human_annotation, link_or_copy, rectangle_to_polygon, split_of
+from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
+from labelloop.core.labelconfig import ControlSpec, parse_label_config
+from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
+from labelloop.core.registry import Registry
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -167,8 +167,8 @@ def load_or_create(name: str):
 def sync_project(project_id: int | str, dataset_name: str | None = None, predict: bool = True,
                  progress: Progress | None = None, env: Settings | None = None, client=None) -> SyncReport:
     """Create or update the FiftyOne dataset of a Label Studio project; only what changed is written."""
-    from .media import MediaFetcher
-    from .studio import StudioClient
+    from labelloop.labelstudio.media import MediaFetcher
+    from labelloop.labelstudio.client import StudioClient
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
@@ -291,7 +291,7 @@ def _refresh_polygons(dataset, by_id, spec) -> None:
 
 
 def serving_model(project_id, spec: ControlSpec, env: Settings | None = None) -> LoadedModel | None:
-    from .pipeline import resolve_model
+    from labelloop.workflows.pipeline import resolve_model
 
     env = env or current_settings()
     return resolve_model(Registry(env.model_dir), str(project_id), spec, env)

@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from .config import Settings, settings as current_settings
+from labelloop.config import Settings, settings as current_settings
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def serve_app(address: str = "127.0.0.1", port: int = 5151) -> None:
     # (no singleton cache, no last-loaded writes) and may start services.
     os.environ.pop("FIFTYONE_DISABLE_SERVICES", None)
     os.environ["FIFTYONE_SERVER"] = "1"
-    from .fo_env import import_fiftyone
+    from labelloop.fo.env import import_fiftyone
 
     fo = import_fiftyone()
     import asyncio

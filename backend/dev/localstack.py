@@ -187,7 +187,7 @@ def start_mongod(data_dir: Path, port: int | None = None, timeout: float = 30) -
     Every process that uses FiftyOne gets ``FIFTYONE_DATABASE_URI=<url>``; FiftyOne then starts no
     mongod of its own (and does not share one with other runs of the same user).
     """
-    from .fo_env import mongod_binary
+    from labelloop.fo.env import mongod_binary
 
     binary = mongod_binary()
     if not binary.exists():
@@ -222,8 +222,8 @@ def start_fiftyone_app(env: dict[str, str], port: int | None = None, dataset: st
     """``labelloop app`` (FiftyOne's App server, /media limited to the media folders) as its own process group.
 
     ``env`` is the whole environment of the App: FIFTYONE_DATABASE_URI, FIFTYONE_PLUGINS_DIR, ... (see
-    labelloop.fo_env), LABELLOOP_HOME / LABELLOOP_CACHE_DIR / LABELLOOP_APP_MEDIA_ROOTS for the media it
-    may serve (labelloop.fo_app). ``dataset`` only names the one to open: ``info["dataset_url"]``. Ready
+    labelloop.fo.env), LABELLOOP_HOME / LABELLOOP_CACHE_DIR / LABELLOOP_APP_MEDIA_ROOTS for the media it
+    may serve (labelloop.fo.app). ``dataset`` only names the one to open: ``info["dataset_url"]``. Ready
     when ``GET /`` answers 200 (~15-18 s: the import and the server's start).
     """
     port = port or free_port()

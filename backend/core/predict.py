@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import scoring
-from .calibration import apply_temperature
-from .labelconfig import ULTRALYTICS_TASKS, ControlSpec, LabelConfigError
-from .yolo_env import import_yolo
+from labelloop.core import scoring
+from labelloop.core.calibration import apply_temperature
+from labelloop.core.labelconfig import ULTRALYTICS_TASKS, ControlSpec, LabelConfigError
+from labelloop.core.yolo_env import import_yolo
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def load_model(path: str | Path, version: str) -> LoadedModel:
         if cached is not None:
             _cache.move_to_end(key)
             return cached
-    from .safe_load import check_weights
+    from labelloop.core.safe_load import check_weights
 
     check_weights(path)  # weights from outside the registry: refuse a pickle that would run code
     YOLO = import_yolo()

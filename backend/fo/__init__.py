@@ -1,0 +1,1 @@
+"""The FiftyOne face: dataset sync, the analyses behind the plugin's operators, the App server."""

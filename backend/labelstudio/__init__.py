@@ -1,0 +1,1 @@
+"""Label Studio: the one HTTP client, media fetching with Label Studio's auth, results ⇄ regions."""
