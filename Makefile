@@ -1,5 +1,5 @@
 # The two commands of README.md. Both do all set-up first (idempotent; minutes the first time).
-.PHONY: setup demo test bench
+.PHONY: setup demo test test-fast lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -7,8 +7,15 @@ setup:
 demo: setup
 	.venv/bin/labelloop demo
 
-test: setup
+test: setup lint
 	.venv/bin/python -m pytest -q --durations=12
+
+# daily work: lint + the unit tier (pure logic, no servers), well under a minute
+test-fast: setup lint
+	.venv/bin/python -m pytest -q -m unit
+
+lint:
+	.venv/bin/ruff check backend tasks fiftyone_plugins tests bench docker scripts
 
 bench: setup
 	.venv/bin/python bench/predict_overhead.py

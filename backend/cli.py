@@ -99,14 +99,15 @@ def cmd_data_shapes(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from labelloop.workflows.pipeline import train_project, training_error_reason
+    from labelloop.errors import reason_of
+    from labelloop.workflows.pipeline import train_project
 
     bar, update = _progress_bar(f"training project {args.project}")
     try:
         outcome = train_project(args.project, update)
     except Exception as exc:
         bar.close()
-        print(f"training failed: {training_error_reason(exc)}", file=sys.stderr)
+        print(f"training failed: {reason_of(exc)}", file=sys.stderr)
         return 1
     bar.close()
     print(json.dumps({"version": outcome.manifest.version, "promoted": outcome.promoted, "reason": outcome.reason,

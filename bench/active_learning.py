@@ -134,17 +134,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
 
-    from labelloop.dev import baselines
-    from labelloop.core import pretrain
-    from labelloop.core import recipe
-    from labelloop.core import scoring
     from labelloop.config import settings
+    from labelloop.core import pretrain, recipe, scoring
     from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.media import LocalFileFetcher
-    from labelloop.workflows.pipeline import train_new_version
     from labelloop.core.predict import embed_images, load_model, predict_images
     from labelloop.core.registry import Registry
+    from labelloop.dev import baselines
     from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()

@@ -64,11 +64,11 @@ def main(argv=None) -> int:
 
     from labelloop.core.datasets import build_dataset, split_of
     from labelloop.core.labelconfig import parse_label_config
+    from labelloop.core.registry import Registry
+    from labelloop.core.training import evaluate
+    from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
     from labelloop.labelstudio.media import LocalFileFetcher
     from labelloop.workflows.pipeline import train_new_version
-    from labelloop.core.registry import Registry
-    from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
-    from labelloop.core.training import evaluate
 
     rows = []
     started = time.perf_counter()
@@ -121,7 +121,8 @@ def _all_to_val(dataset) -> None:
 
 
 def report(args, rows, elapsed):
-    lines = ["| task | labels | previous recipe: mAP50-95 mean (min–max) | small-data recipe | ratio (mean) | seconds previous / recipe |",
+    lines = ["| task | labels | previous recipe: mAP50-95 mean (min–max) | small-data recipe | ratio (mean) "
+             "| seconds previous / recipe |",
              "|---|---|---|---|---|---|"]
     summary = []
     for task_type in args.tasks:

@@ -42,6 +42,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="labelloop-loop-bench-"))
     os.environ["LABELLOOP_HOME"] = str(work / "home")
     from conftest import LabelStudioAPI  # the same REST calls the tests make
+
     from labelloop.dev.localstack import start_backend, start_label_studio, start_redis, start_worker
     from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_result
 

@@ -147,14 +147,13 @@ def main(argv=None) -> int:
 
 
 def run(args, work, fo, fob):
-    from labelloop.core import ranking
-    from labelloop.core import scoring
+    from labelloop.core import ranking, scoring
     from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.media import LocalFileFetcher
-    from labelloop.workflows.pipeline import cross_val_predictions, train_new_version
     from labelloop.core.predict import load_model, predict_images
     from labelloop.core.registry import Registry
     from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import cross_val_predictions, train_new_version
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()
@@ -260,7 +259,10 @@ def markdown(args, rows, table, stamp):
                      f"{t['p_at_k_mean']:.3f} [{t['p_at_k_min']:.3f}, {t['p_at_k_max']:.3f}] |")
     accs = ", ".join(f"{int(round(100 * n))} %: {np.mean([r['accuracy_oos_vs_clean'] for r in rows if r['noise'] == n]):.2f}"
                      for n in args.noise)
-    flagged = ", ".join(f"{int(round(100 * n))} %: {np.mean([r['cleanlab_flagged'] for r in rows if r['noise'] == n]):.0f} flagged, "
+    def flagged_at(n):
+        return np.mean([r['cleanlab_flagged'] for r in rows if r['noise'] == n])
+
+    flagged = ", ".join(f"{int(round(100 * n))} %: {flagged_at(n):.0f} flagged, "
                         f"precision {np.nanmean([r['cleanlab_flagged_precision'] for r in rows if r['noise'] == n]):.2f}"
                         for n in args.noise)
     lines += [

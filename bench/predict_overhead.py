@@ -56,14 +56,13 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="labelloop-bench-"))
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
-    from labelloop.dev.shapes import label_config, to_label_studio_tasks
     from labelloop.core.labelconfig import parse_label_config
+    from labelloop.core.registry import Registry
+    from labelloop.core.yolo_env import import_yolo
     from labelloop.dev.localstack import start_backend
+    from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
     from labelloop.labelstudio.media import LocalFileFetcher
     from labelloop.workflows.pipeline import train_new_version
-    from labelloop.core.registry import Registry
-    from labelloop.dev.shapes import generate_shapes
-    from labelloop.core.yolo_env import import_yolo
 
     config = label_config("detection")
     spec = parse_label_config(config)
@@ -118,7 +117,8 @@ def main() -> int:
     print(f"\n{n} tasks, detection, {serving.version} at its training image size, CPU threads: "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}, device: {'cuda' if _cuda() else 'cpu'}")
     print(f"  raw ultralytics predict (batch 16, local files) : {med(raw):7.3f} s  ({1000 * med(raw) / n:6.1f} ms/task)")
-    print(f"  raw ultralytics predict, one image per call     : {med(raw_loop):7.3f} s  ({1000 * med(raw_loop) / n:6.1f} ms/task)")
+    print(f"  raw ultralytics predict, one image per call     : {med(raw_loop):7.3f} s  "
+          f"({1000 * med(raw_loop) / n:6.1f} ms/task)")
     print(f"  our /predict, 1 request, cold (fetch + cache)    : {cold[0]:7.3f} s  ({1000 * cold[0] / n:6.1f} ms/task)")
     print(f"  our /predict, 1 request, warm                    : {med(warm):7.3f} s  ({1000 * med(warm) / n:6.1f} ms/task)")
     print(f"  per-task loop, {n} requests (upstream style)     : {med(loop):7.3f} s  ({1000 * med(loop) / n:6.1f} ms/task)")

@@ -48,14 +48,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
 
-    from labelloop.core import pretrain
-    from labelloop.core import recipe
+    from labelloop.core import pretrain, recipe
     from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.media import LocalFileFetcher
-    from labelloop.workflows.pipeline import train_new_version
     from labelloop.core.predict import load_model, predict_images
     from labelloop.core.registry import Registry
     from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
 
     spec = parse_label_config(label_config("classification"))
     fetcher = LocalFileFetcher()
@@ -80,7 +79,8 @@ def main(argv=None) -> int:
         architecture = recipe.model_config("classify", args.size)
         t0 = time.perf_counter()
         checkpoint = pretrain.pretrain_classifier(paths, args.size, work / f"warm-{seed}.pt", steps=steps, seed=seed,
-                                                  progress=lambda f, m: print(m, flush=True) if f in (0.0, 1.0) or "00/" in m else None)
+                                                  progress=lambda f, m: print(m, flush=True)
+                                                  if f in (0.0, 1.0) or "00/" in m else None)
         pretrain_seconds.append(time.perf_counter() - t0)
         print(f"seed {seed}: pretrained in {pretrain_seconds[-1]:.0f} s", flush=True)
         for budget in budgets:
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         lines.append(f"| {start} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     gains = {b: float(np.mean(results["warm start"][b]) - np.mean(results["scratch"][b])) for b in budgets}
-    summary = (f"Warm start minus scratch (means): " + ", ".join(f"{b}: {g:+.3f}" for b, g in gains.items())
+    summary = ("Warm start minus scratch (means): " + ", ".join(f"{b}: {g:+.3f}" for b, g in gains.items())
                + f". Pretraining {steps} steps: {np.mean(pretrain_seconds):.0f} s mean per project.")
     print(table)
     print(summary)

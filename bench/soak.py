@@ -135,7 +135,7 @@ def predict_loop(rec: Recorder, stop: threading.Event, url: str, auth, tasks: li
         while not stop.is_set():
             start = (8 * k) % len(tasks)
             chunk = (tasks[start:] + tasks[:start])[:8]
-            status, seconds = status_of(lambda: client.post(
+            status, seconds = status_of(lambda chunk=chunk: client.post(
                 "/predict", json={"tasks": chunk, "project": project, "label_config": config}))
             rec.add("predicts", seconds, status)
             k += 2
@@ -155,7 +155,7 @@ def webhook_loop(rec: Recorder, stop: threading.Event, url: str, secret: str, he
             body = {"action": "ANNOTATION_CREATED", "project": {"id": project},
                     "task": {"id": task}, "annotation": {"id": 10_000_000 + n}}
             headers = {} if forged else {header: secret}
-            status, seconds = status_of(lambda: client.post("/webhook", json=body, headers=headers))
+            status, seconds = status_of(lambda body=body, headers=headers: client.post("/webhook", json=body, headers=headers))
             rec.add("webhooks", seconds, "forged" if forged else "authentic", status)
             due += period
             stop.wait(max(0.0, due - time.monotonic()))
@@ -401,6 +401,7 @@ def main() -> int:
     os.environ["LABELLOOP_HOME"] = str(work / "home")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
     from conftest import LabelStudioAPI  # the same REST calls the tests make
+
     from labelloop.dev.localstack import start_backend, start_label_studio, start_redis, start_worker
     from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_result
     from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER, install_webhook_secret

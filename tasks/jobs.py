@@ -26,9 +26,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from labelloop.config import settings
+from labelloop.errors import reason_of
 from labelloop.tasks.celery_app import PREDICT_QUEUE, TRAIN_QUEUE, app
 from labelloop.tasks.jobstore import FINISHED, LOCK_TTL, JobStore
 
@@ -157,40 +159,66 @@ def _prune(project: str) -> dict[str, Any]:
     return {"pruned": removed} if removed else {}
 
 
-@app.task(name="labelloop.train_project", bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
-def train_project(self, job_id: str, project: str) -> dict[str, Any]:
-    from labelloop.workflows.pipeline import NothingNew, train_project as train_from_label_studio
-    from labelloop.core.datasets import DatasetError
+class Skip(Exception):
+    """Raised by a job's work: nothing to do (the reason becomes the job's "skipped" reason)."""
 
+
+def _run_locked_job(task, job_id: str, project: str, kind: str, version: str | None, lock_name: str,
+                    work: Callable[[JobStore, dict[str, Any], Callable[[float, str], None]], dict[str, Any]]) -> dict[str, Any]:
+    """The protocol every job that holds a project lock follows (training, warm start, predictions).
+
+    A second delivery of an ended job ends at once; a busy lock puts the job back (its pending slot stays
+    valid while it waits); once the lock is held the slot is released (new events make a new job), the
+    record is re-read (another delivery may have ended it meanwhile), the attempt is counted, and
+    ``work(store, job, progress)`` returns the fields of the finished record. ``Skip`` ends it as skipped,
+    any other error as failed with its reason; the lock is renewed while ``work`` runs.
+    """
     store = JobStore()
-    job = store.get(job_id) or store.create("train", project, job_id=job_id, trigger="direct")
+    job = store.get(job_id) or store.create(kind, project, job_id=job_id, version=version, trigger="direct")
     if job["state"] in FINISHED:
         return job  # a second delivery of a job that already ended
-    lock = store.training_lock(project, job_id)
+    lock = store.training_lock(project, job_id) if lock_name == "train" else store.prediction_lock(project, job_id)
     if not lock.acquire():
-        store.renew_pending(project, job_id)  # in a worker's hands: the slot it holds stays valid
-        store.update(job_id, message=f"waiting: another training of project {project} is running")
-        raise self.retry(countdown=LOCK_WAIT_S)
+        store.renew_pending(project, job_id, kind, version)  # in a worker's hands: the slot it holds stays valid
+        what = "prediction job" if lock_name == "predict" else "training"
+        store.update(job_id, message=f"waiting: another {what} of project {project} is running")
+        raise task.retry(countdown=LOCK_WAIT_S)
     heartbeat = _Heartbeat(lock)
     heartbeat.start()
     try:
-        store.release_pending(project, job_id)  # from now on, new events make a new pending job
+        store.release_pending(project, job_id, kind, version)  # from now on, new events make a new pending job
         job = store.get(job_id) or job  # as it is now that this delivery holds the lock
         if job["state"] in FINISHED:
             return job
-        ended = _start_attempt(self, store, job)
+        ended = _start_attempt(task, store, job)
         if ended is not None:
             return ended
         try:
-            outcome = train_from_label_studio(project, _progress(self, store, job_id), force=bool(job.get("force")))
-        except (DatasetError, NothingNew) as exc:
+            fields = work(store, job, _progress(task, store, job_id))
+        except Skip as exc:
             return store.update(job_id, state="skipped", reason=str(exc), message=str(exc), finished_at=time.time())
         except Exception as exc:
-            from labelloop.workflows.pipeline import training_error_reason
-
-            log.exception("training job %s of project %s failed", job_id, project)
-            return store.update(job_id, state="failed", reason=training_error_reason(exc), message="failed",
+            log.exception("%s job %s of project %s failed", kind, job_id, project)
+            return store.update(job_id, state="failed", reason=reason_of(exc), message="failed",
                                 finished_at=time.time())
+        return store.update(job_id, finished_at=time.time(), **fields)
+    finally:
+        heartbeat.stopped.set()
+        lock.release()
+
+
+@app.task(name="labelloop.train_project", bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
+def train_project(self, job_id: str, project: str) -> dict[str, Any]:
+    """Train the project's next version from Label Studio's annotations; a promotion queues its predictions."""
+    from labelloop.core.datasets import DatasetError
+    from labelloop.workflows.pipeline import NothingNew
+    from labelloop.workflows.pipeline import train_project as train_from_label_studio
+
+    def work(store: JobStore, job: dict[str, Any], progress) -> dict[str, Any]:
+        try:
+            outcome = train_from_label_studio(project, progress, force=bool(job.get("force")))
+        except (DatasetError, NothingNew) as exc:
+            raise Skip(str(exc)) from exc
         follow_up: dict[str, Any] = {}
         if outcome.promoted:  # queued before this job reads "done", so the project never looks idle between
             try:
@@ -200,51 +228,25 @@ def train_project(self, job_id: str, project: str) -> dict[str, Any]:
             except Exception as exc:
                 follow_up["warning"] = f"predictions not queued: {exc}"
         follow_up.update(_prune(project))
-        return store.update(job_id, state="done", progress=1.0, message=outcome.reason, reason=outcome.reason,
-                            version=outcome.manifest.version, promoted=outcome.promoted,
-                            metrics=outcome.manifest.metrics, compared_with=outcome.compared_with,
-                            finished_at=time.time(), **follow_up)
-    finally:
-        heartbeat.stopped.set()
-        lock.release()
+        return dict(state="done", progress=1.0, message=outcome.reason, reason=outcome.reason,
+                    version=outcome.manifest.version, promoted=outcome.promoted, metrics=outcome.manifest.metrics,
+                    compared_with=outcome.compared_with, **follow_up)
+
+    return _run_locked_job(self, job_id, project, "train", None, "train", work)
 
 
 @app.task(name="labelloop.predict_project", bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def predict_project(self, job_id: str, project: str, version: str) -> dict[str, Any]:
-    from labelloop.workflows.pipeline import predict_unlabeled, training_error_reason
+    """Push ``version``'s predictions for every task of the project without a human annotation."""
+    from labelloop.workflows.pipeline import predict_unlabeled
 
-    store = JobStore()
-    job = store.get(job_id) or store.create("predict", project, job_id=job_id, version=version, trigger="direct")
-    if job["state"] in FINISHED:
-        return job
-    lock = store.prediction_lock(project, job_id)
-    if not lock.acquire():
-        store.renew_pending(project, job_id, "predict", version)
-        store.update(job_id, message=f"waiting: another prediction job of project {project} is running")
-        raise self.retry(countdown=LOCK_WAIT_S)
-    heartbeat = _Heartbeat(lock)
-    heartbeat.start()
-    try:
-        store.release_pending(project, job_id, "predict", version)  # later tasks make a new pending job
-        job = store.get(job_id) or job  # as it is now that this delivery holds the lock
-        if job["state"] in FINISHED:
-            return job
-        ended = _start_attempt(self, store, job)
-        if ended is not None:
-            return ended
-        try:
-            counts = predict_unlabeled(project, version, _progress(self, store, job_id))
-        except Exception as exc:
-            log.exception("prediction job %s of project %s failed", job_id, project)
-            return store.update(job_id, state="failed", reason=training_error_reason(exc), message="failed",
-                                finished_at=time.time())
+    def work(store: JobStore, job: dict[str, Any], progress) -> dict[str, Any]:
+        counts = predict_unlabeled(project, version, progress)
         message = (f"{counts['pushed']} predictions of {version} pushed to Label Studio"
                    + (f"; {counts['errors']} task(s) without prediction" if counts["errors"] else ""))
-        return store.update(job_id, state="done", progress=1.0, message=message, counts=counts,
-                            finished_at=time.time())
-    finally:
-        heartbeat.stopped.set()
-        lock.release()
+        return dict(state="done", progress=1.0, message=message, counts=counts)
+
+    return _run_locked_job(self, job_id, project, "predict", version, "predict", work)
 
 
 @app.task(name="labelloop.warm_start_project", bind=True, max_retries=None, acks_late=True,
@@ -252,42 +254,16 @@ def predict_project(self, job_id: str, project: str, version: str) -> dict[str, 
 def warm_start_project(self, job_id: str, project: str) -> dict[str, Any]:
     """Pretrain the project's warm start from its task images; under the training lock, so the first
     training waits for it instead of racing it."""
-    from labelloop.workflows.pipeline import training_error_reason, warm_start_project as build_from_label_studio
+    from labelloop.workflows.pipeline import warm_start_project as build_from_label_studio
 
-    store = JobStore()
-    job = store.get(job_id) or store.create("warm-start", project, job_id=job_id, version="-", trigger="direct")
-    if job["state"] in FINISHED:
-        return job
-    lock = store.training_lock(project, job_id)
-    if not lock.acquire():
-        store.renew_pending(project, job_id, "warm-start", "-")
-        store.update(job_id, message=f"waiting: a training of project {project} is running")
-        raise self.retry(countdown=LOCK_WAIT_S)
-    heartbeat = _Heartbeat(lock)
-    heartbeat.start()
-    try:
-        store.release_pending(project, job_id, "warm-start", "-")
-        job = store.get(job_id) or job
-        if job["state"] in FINISHED:
-            return job
-        ended = _start_attempt(self, store, job)
-        if ended is not None:
-            return ended
-        try:
-            result = build_from_label_studio(project, _progress(self, store, job_id))
-        except Exception as exc:
-            log.exception("warm start job %s of project %s failed", job_id, project)
-            return store.update(job_id, state="failed", reason=training_error_reason(exc), message="failed",
-                                finished_at=time.time())
+    def work(store: JobStore, job: dict[str, Any], progress) -> dict[str, Any]:
+        result = build_from_label_studio(project, progress)
         if result.get("skipped"):
-            return store.update(job_id, state="skipped", reason=result["skipped"], message=result["skipped"],
-                                finished_at=time.time())
+            raise Skip(result["skipped"])
         message = f"warm start pretrained on {result['images']} images ({result['steps']} steps)"
-        return store.update(job_id, state="done", progress=1.0, message=message, reason=message,
-                            warm_start=result, finished_at=time.time())
-    finally:
-        heartbeat.stopped.set()
-        lock.release()
+        return dict(state="done", progress=1.0, message=message, reason=message, warm_start=result)
+
+    return _run_locked_job(self, job_id, project, "warm-start", "-", "train", work)
 
 
 def _count_fold_attempt(task) -> None:
@@ -310,9 +286,9 @@ def _count_fold_attempt(task) -> None:
 def crossval_fold(self, project: str, folds: int, fold: int) -> dict[str, Any]:
     """One fold of out-of-sample scoring: train without the fold, predict the fold (train queue)."""
     from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.client import StudioClient
     from labelloop.labelstudio.media import MediaFetcher
     from labelloop.workflows.pipeline import train_fold_and_predict
-    from labelloop.labelstudio.client import StudioClient
 
     _count_fold_attempt(self)
     client = StudioClient.from_settings()

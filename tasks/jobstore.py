@@ -196,10 +196,10 @@ class JobStore:
         self._drop_slot(self.pending_key(project, kind, version), job_id)
 
     # -- the per-project training lock ---------------------------------------------------------
-    def training_lock(self, project: str, job_id: str) -> "ProjectLock":
+    def training_lock(self, project: str, job_id: str) -> ProjectLock:
         return ProjectLock(self.r, f"{PREFIX}:lock:train:{project}", job_id)
 
-    def prediction_lock(self, project: str, job_id: str) -> "ProjectLock":
+    def prediction_lock(self, project: str, job_id: str) -> ProjectLock:
         """One prediction job per project at a time (two would push the same tasks twice)."""
         return ProjectLock(self.r, f"{PREFIX}:lock:predict:{project}", job_id)
 

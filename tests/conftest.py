@@ -79,11 +79,11 @@ class TrainedModel:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, run_home, shapes_train, shapes_single):
     """task type → a small model trained by the engine on generated data (once per run, lazily)."""
-    from labelloop.dev.shapes import label_config, to_label_studio_tasks
     from labelloop.core.labelconfig import parse_label_config
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import label_config, to_label_studio_tasks
     from labelloop.labelstudio.media import LocalFileFetcher
     from labelloop.workflows.pipeline import train_new_version
-    from labelloop.core.registry import Registry
 
     registry = Registry(tmp_path_factory.mktemp("trained-models"))
     cache: dict[str, TrainedModel] = {}

@@ -3,8 +3,16 @@
 import numpy as np
 import pytest
 
-from labelloop.core.calibration import (MIN_IMAGES, apply_temperature, calibration_report, expected_calibration_error,
-                                   fit_temperature, negative_log_likelihood)
+from labelloop.core.calibration import (
+    MIN_IMAGES,
+    apply_temperature,
+    calibration_report,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+)
+
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
 
 
 def _miscalibrated(distortion: float, n: int = 2000, k: int = 4, seed: int = 0):

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from labelloop.core.datasets import (DatasetError, build_dataset, latest_human_annotation, rectangle_to_polygon,
-                                split_of)
-from labelloop.dev.shapes import label_config
+from labelloop.core.datasets import DatasetError, build_dataset, latest_human_annotation, rectangle_to_polygon, split_of
 from labelloop.core.labelconfig import parse_label_config
+from labelloop.dev.shapes import label_config
+
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
 
 
 def test_split_is_stable_and_about_one_fifth():

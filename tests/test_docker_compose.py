@@ -109,12 +109,12 @@ def _load(path: Path) -> dict:
     return data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compose() -> dict:
     return _load(COMPOSE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_override() -> dict:
     return _load(GPU_OVERRIDE)
 
@@ -293,7 +293,7 @@ def _json_or_shell(args: str) -> list[str]:
     return shlex.split(args)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dockerfile_stages(path: Path) -> dict[str, dict]:
     """Stage name -> {parent, args, env, workdir, copies [(src, dest)], cmd, healthcheck}, inherited."""
     stages: dict[str, dict] = {}
@@ -441,7 +441,7 @@ print(json.dumps({k: v for k, v in vars(args).items() if isinstance(v, (str, int
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fiftyone_parse(argv: tuple[str, ...]) -> dict:
     """FiftyOne's own CLI parser on argv, in a subprocess (nothing is executed, no DB is touched)."""
     env = {**os.environ, "FIFTYONE_DATABASE_URI": "mongodb://127.0.0.1:9", "FIFTYONE_DO_NOT_TRACK": "true"}
@@ -959,7 +959,7 @@ def test_gpu_override_adds_a_gpu_to_the_train_worker():
 # --------------------------------------------------------------------------- docker/healthcheck.py
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def healthcheck_module():
     spec = importlib.util.spec_from_file_location("labelloop_docker_healthcheck", DOCKER / "healthcheck.py")
     module = importlib.util.module_from_spec(spec)

@@ -12,10 +12,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import install_model
-from labelloop.dev.shapes import label_config
-from labelloop.dev.shapes import CLASSES, to_label_studio_result
+
+from labelloop.dev.shapes import CLASSES, label_config, to_label_studio_result
 
 pytestmark = pytest.mark.e2e
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-import pytest
 
+import pytest
 from conftest import install_model
+
 from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_result
 
 pytestmark = pytest.mark.e2e

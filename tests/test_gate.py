@@ -6,6 +6,8 @@ import pytest
 
 from labelloop.core import gate
 
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
+
 
 def test_one_image_worse_on_a_small_split_is_noise():
     # 40 tuning images, 0.975 in service: one image fewer right (0.95) is within noise.

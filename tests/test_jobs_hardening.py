@@ -241,12 +241,12 @@ def test_a_job_that_kills_its_worker_is_failed_after_max_attempts_not_redelivere
         # What an image bomb does to the pool process running the job (the OOM killer's SIGKILL),
         # three times: each time Celery hands the message back (reject_on_worker_lost) at once.
         for attempt in (1, 2, 3):
-            record = wait_for(lambda: (j := store.get(job["id"]))["state"] == "running"
+            record = wait_for(lambda attempt=attempt: (j := store.get(job["id"]))["state"] == "running"
                               and j.get("attempts") == attempt and j, 60, f"attempt {attempt}")
             pool = pool_processes(worker.process.pid)
             assert len(pool) == 1, f"expected one pool process, found {pool}"
             os.kill(pool[0], signal.SIGKILL)
-            wait_for(lambda: not _alive(pool[0]), 10, "the pool process to die", every=0.05)
+            wait_for(lambda pool=pool: not _alive(pool[0]), 10, "the pool process to die", every=0.05)
 
         final = wait_for(lambda: (j := store.get(job["id"]))["state"] != "running" or j["attempts"] > 3 and j,
                          60, "the fourth delivery to give up")

@@ -4,6 +4,8 @@ import pytest
 
 from labelloop.core.labelconfig import LabelConfigError, parse_label_config, resolve_model_path
 
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
+
 IMG = '<Image name="image" value="$image"/>'
 
 

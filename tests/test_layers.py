@@ -8,6 +8,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
 

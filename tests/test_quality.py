@@ -13,15 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labelloop.dev import baselines
-from labelloop.core import ranking
-from labelloop.core import scoring
+from labelloop.core import ranking, scoring
 from labelloop.core.labelconfig import parse_label_config
-from labelloop.labelstudio.media import LocalFileFetcher
-from labelloop.workflows.pipeline import cross_val_predictions, train_new_version
 from labelloop.core.predict import load_model, predict_images
 from labelloop.core.registry import Registry
+from labelloop.dev import baselines
 from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+from labelloop.labelstudio.media import LocalFileFetcher
+from labelloop.workflows.pipeline import cross_val_predictions, train_new_version
 
 SEEDS = (1, 2, 3)
 MISLABEL_SEEDS = (1, 2)  # each seed trains 3 fold models: the costliest test of the suite

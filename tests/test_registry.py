@@ -7,6 +7,8 @@ import pytest
 
 from labelloop.core.registry import Registry, RegistryError
 
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
+
 
 def manifest(**extra):
     return {"parent": None, "task": "detect", "task_type": "detection", "classes": ["a", "b"],

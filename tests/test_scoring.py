@@ -4,6 +4,8 @@ import pytest
 
 from labelloop.core import scoring
 
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
+
 
 def test_hidden_doubtful_box_lowers_the_score():
     # Upstream averages shown boxes only: both images would score 0.95. Ours sees the hidden 0.45.

@@ -11,11 +11,10 @@ import os
 
 import httpx
 import pytest
+from conftest import install_model
 from fastapi.testclient import TestClient
 
-from conftest import install_model
-from labelloop.dev.shapes import label_config
-from labelloop.dev.shapes import CLASSES
+from labelloop.dev.shapes import CLASSES, label_config
 
 DETECT = label_config("detection", threshold=0.1)
 

@@ -98,8 +98,8 @@ def images():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, run_home, redis_server, images):
     """`labelloop serve` with basic auth, a webhook secret and small limits, on its own Redis database."""
-    from labelloop.dev.localstack import start_backend
     from labelloop.core.registry import Registry
+    from labelloop.dev.localstack import start_backend
     from labelloop.tasks.jobstore import connect
 
     home = tmp_path_factory.mktemp("hardened")

@@ -24,6 +24,8 @@ from labelloop.dev.shapes import (
     to_label_studio_result,
 )
 
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
+
 SIZE = 160
 VERTEX_COUNTS = {"circle": 32, "square": 4, "triangle": 3, "star": 10}
 

@@ -12,13 +12,13 @@ import json
 import numpy as np
 import pytest
 
-from labelloop.dev import baselines
 from labelloop.core.labelconfig import parse_label_config
-from labelloop.labelstudio.media import LocalFileFetcher
-from labelloop.workflows.pipeline import train_new_version
 from labelloop.core.predict import load_model, predict_images
 from labelloop.core.registry import Registry
+from labelloop.dev import baselines
 from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+from labelloop.labelstudio.media import LocalFileFetcher
+from labelloop.workflows.pipeline import train_new_version
 
 SEEDS = (1, 2)
 LABELS = 160  # what `labelloop demo --quick` gives the model

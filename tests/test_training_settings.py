@@ -2,9 +2,11 @@
 
 import pytest
 
-from labelloop.core import recipe
 from labelloop.config import settings
+from labelloop.core import recipe
 from labelloop.core.training import choose_settings
+
+pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
 
 
 @pytest.mark.parametrize("n_train", range(2, 120))

@@ -6,16 +6,15 @@ do what they say, and a training of the project starts from the warm start once 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from labelloop.core import pretrain
 from labelloop.core.labelconfig import parse_label_config
+from labelloop.core.registry import Registry
+from labelloop.core.yolo_env import import_yolo
+from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
 from labelloop.labelstudio.media import LocalFileFetcher
 from labelloop.workflows.pipeline import build_warm_start, train_new_version
-from labelloop.core.registry import Registry
-from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
-from labelloop.core.yolo_env import import_yolo
 
 
 def test_contrastive_loss_rewards_finding_the_partner_view():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from labelloop.core.labelconfig import ControlSpec
+from labelloop.errors import LabelloopError
 
 VAL_FRACTION = 0.2
 MAX_NAME_BYTES = 255  # NAME_MAX of Linux and macOS filesystems
@@ -26,7 +27,9 @@ MAX_NAME_BYTES = 255  # NAME_MAX of Linux and macOS filesystems
 INDEXED_NAMES_FILE = ".ndjson.yaml"
 
 
-class DatasetError(ValueError):
+class DatasetError(LabelloopError, ValueError):
+    kind, http_status = "dataset", 422
+
     """The annotations cannot make a training set (too few, no labels...); the message says why."""
 
 
@@ -85,7 +88,7 @@ def labeled_tasks(tasks: list[dict[str, Any]], spec: ControlSpec) -> list[tuple[
         if annotation is None:
             continue
         regions = [r for r in annotation.get("result") or [] if r.get("from_name") == spec.from_name]
-        if spec.task_type == "classification" and not any(_choice(r, spec) for r in regions):
+        if spec.kind.whole_image and not any(_choice(r, spec) for r in regions):
             continue
         out.append((task, regions))
     return out
@@ -137,7 +140,7 @@ def yolo_label_lines(regions: list[dict], spec: ControlSpec, class_index: dict[s
         if label is None:
             continue
         value = region["value"]
-        if spec.task_type == "detection":
+        if not spec.kind.polygons:
             xs, ys = zip(*rectangle_to_polygon(value))
             x1, x2 = _clip01(min(xs) / 100), _clip01(max(xs) / 100)
             y1, y2 = _clip01(min(ys) / 100), _clip01(max(ys) / 100)
@@ -184,7 +187,7 @@ def build_dataset(
     out.mkdir(parents=True, exist_ok=True)
     classes = list(spec.labels)
     class_index = {label: i for i, label in enumerate(classes)}
-    dirs = class_dir_names(classes) if spec.task_type == "classification" else {}
+    dirs = class_dir_names(classes) if spec.kind.whole_image else {}
     rows = labeled_tasks(tasks, spec)
     missing = [t["id"] for t, _ in rows if t["id"] not in image_paths]
     rows = [(t, r) for t, r in rows if t["id"] in image_paths]
@@ -203,7 +206,7 @@ def build_dataset(
             source = image_paths[task["id"]]
             stem = _file_stem(task["id"])
             name = f"{stem}{source.suffix.lower() or '.png'}"
-            if spec.task_type == "classification":
+            if spec.kind.whole_image:
                 label = next(_choice(r, spec) for r in regions if _choice(r, spec))
                 per_class[label] += 1
                 link_or_copy(source, out / split / dirs[label] / name)
@@ -215,7 +218,7 @@ def build_dataset(
                 label_file.parent.mkdir(parents=True, exist_ok=True)
                 label_file.write_text("\n".join(lines) + ("\n" if lines else ""))
 
-    if spec.task_type == "classification":
+    if spec.kind.whole_image:
         for split in splits:  # ultralytics reads the class list from the folder names of each split
             for label in classes:
                 (out / split / dirs[label]).mkdir(parents=True, exist_ok=True)

@@ -26,21 +26,13 @@ from pathlib import Path
 
 from label_studio_sdk.label_interface import LabelInterface
 
-TASK_BY_TAG = {
-    "choices": "classification",
-    "rectanglelabels": "detection",
-    "polygonlabels": "segmentation",
-}
-# Which ultralytics model tasks can serve each of our task types (a segment model also gives boxes).
-ULTRALYTICS_TASKS = {
-    "classification": ("classify",),
-    "detection": ("detect", "segment"),
-    "segmentation": ("segment",),
-}
-RESULT_TYPE = {"classification": "choices", "detection": "rectanglelabels", "segmentation": "polygonlabels"}
+from labelloop.core.kinds import BY_LS_TAG, KINDS, TaskKind
+from labelloop.errors import LabelloopError
 
 
-class LabelConfigError(ValueError):
+class LabelConfigError(LabelloopError, ValueError):
+    kind, http_status = "label_config", 422
+
     """The label config cannot be served; the message names the tag and says what to change."""
 
 
@@ -57,9 +49,17 @@ class ControlSpec:
     score_threshold: float | None = None  # None → LABELLOOP_SCORE_THRESHOLD
     model_path: str | None = None  # raw attribute; resolved by resolve_model_path()
 
+    def __post_init__(self):
+        if self.task_type not in KINDS:
+            raise LabelConfigError(f"unknown task type {self.task_type!r}; choose from {sorted(KINDS)}")
+
+    @property
+    def kind(self) -> TaskKind:
+        return KINDS[self.task_type]
+
     @property
     def result_type(self) -> str:
-        return RESULT_TYPE[self.task_type]
+        return self.kind.result_type
 
     def label_map(self, model_names: dict[int, str] | list[str]) -> dict[int, str]:
         """Map model class indices to Label Studio labels.
@@ -95,9 +95,7 @@ class ControlSpec:
 
     @property
     def result_type_tag(self) -> str:
-        return {"choices": "Choices", "rectanglelabels": "RectangleLabels", "polygonlabels": "PolygonLabels"}[
-            self.result_type
-        ]
+        return self.kind.ls_tag
 
 
 def _truthy(value: str | None) -> bool:
@@ -132,7 +130,7 @@ def parse_label_config(config: str) -> ControlSpec:
     for control in interface.controls:
         tag = control.tag
         seen_tags.append(f"<{tag} name=\"{control.name}\">")
-        if tag.lower() not in TASK_BY_TAG or _truthy(control.attr.get("model_skip")):
+        if tag.lower() not in BY_LS_TAG or _truthy(control.attr.get("model_skip")):
             continue
         to_names = list(control.to_name or [])
         image = next((images[n] for n in to_names if n in images), None)
@@ -181,7 +179,7 @@ def _control_spec(control, image) -> ControlSpec:
     if not value.startswith("$") or len(value) < 2:
         raise LabelConfigError(f"<Image name=\"{image.name}\"> needs value=\"$<data key>\", got {value!r}")
     return ControlSpec(
-        task_type=TASK_BY_TAG[tag.lower()],
+        task_type=BY_LS_TAG[tag.lower()].name,
         from_name=control.name,
         to_name=image.name,
         value_key=value[1:],

@@ -17,7 +17,7 @@ import numpy as np
 
 from labelloop.core import scoring
 from labelloop.core.calibration import apply_temperature
-from labelloop.core.labelconfig import ULTRALYTICS_TASKS, ControlSpec, LabelConfigError
+from labelloop.core.labelconfig import ControlSpec, LabelConfigError
 from labelloop.core.yolo_env import import_yolo
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,10 @@ def cached_model_count() -> int:
 
 
 def check_compatible(model: LoadedModel, spec: ControlSpec) -> None:
-    if model.task not in ULTRALYTICS_TASKS[spec.task_type]:
+    if model.task not in spec.kind.served_by:
         raise LabelConfigError(
             f"<{spec.result_type_tag} name=\"{spec.from_name}\"> needs a "
-            f"{' or '.join(ULTRALYTICS_TASKS[spec.task_type])} model, but {model.version} is a {model.task} model"
+            f"{' or '.join(spec.kind.served_by)} model, but {model.version} is a {model.task} model"
         )
 
 
@@ -163,7 +163,7 @@ def predict_images(
     """
     check_compatible(model, spec)
     label_of = spec.require_label_map(model.names)
-    if tta and model.task == "classify":
+    if tta and spec.kind.whole_image:
         return _predict_classification_tta(model, images, label_of, batch, imgsz)
     floor = min(scoring.CANDIDATE_FLOOR, threshold)
     out: list[ImagePrediction] = []
@@ -174,7 +174,7 @@ def predict_images(
             kwargs["imgsz"] = imgsz
         box_scores: list[np.ndarray] = []
         with model.lock:  # ultralytics predictors keep per-call state: one call at a time per model
-            if model.task != "classify":
+            if not spec.kind.whole_image:
                 _install_class_score_capture()
                 _capture.sink, _capture.nc = box_scores, len(model.names)
             try:
@@ -237,7 +237,7 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
              floor: float, box_scores: np.ndarray | None = None) -> ImagePrediction:
     height, width = (int(v) for v in result.orig_shape)
     pred = ImagePrediction(width=width, height=height)
-    if model.task == "classify":
+    if spec.kind.whole_image:
         return _convert_classification(result, pred, label_of, model.temperature)
 
     boxes = result.boxes
@@ -247,7 +247,7 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
     conf = boxes.conf.cpu().numpy().astype(float)
     cls = boxes.cls.cpu().numpy().astype(int)
     xyxy = boxes.xyxy.cpu().numpy().astype(float)
-    polygons = result.masks.xy if (spec.task_type == "segmentation" and result.masks is not None) else None
+    polygons = result.masks.xy if (spec.kind.polygons and result.masks is not None) else None
     aligned = box_scores is not None and len(box_scores) == len(conf)
     for i in range(len(conf)):
         label = label_of.get(int(cls[i]))
@@ -316,11 +316,11 @@ def to_label_studio(pred: ImagePrediction, spec: ControlSpec) -> list[dict]:
             "type": spec.result_type,
             "score": round(region.score, 6),
         }
-        if spec.task_type == "classification":
+        if spec.kind.whole_image:
             item["value"] = {"choices": [region.label]}
         else:
             item.update(original_width=pred.width, original_height=pred.height, image_rotation=0)
-            if spec.task_type == "detection":
+            if not spec.kind.polygons:
                 x, y, w, h = region.bbox
                 item["value"] = {
                     "x": _pct(x, pred.width), "y": _pct(y, pred.height),

@@ -15,12 +15,13 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from labelloop.core import recipe
+from labelloop.core.kinds import CLASSIFICATION
 
 MAX_IMAGES = 5000  # a sample of a large project is enough for a warm start, and bounds memory
 BATCH = 128
@@ -142,7 +143,7 @@ def _pretrain(images: list[Path], imgsz: int, out: Path, steps: int, seed: int,
         chosen = rng.sample(chosen, MAX_IMAGES)
     say(0.0, f"reading {len(chosen)} images")
     data = _load(chosen, imgsz)
-    config = recipe.model_config("classify", imgsz)
+    config = recipe.model_config(CLASSIFICATION, imgsz)
     model = ClassificationModel(config, nc=2, verbose=False)
     layers, head = model.model[:-1], model.model[-1]
     width = head.linear.in_features
@@ -179,7 +180,7 @@ def _pretrain(images: list[Path], imgsz: int, out: Path, steps: int, seed: int,
     model.names = {0: "class0", 1: "class1"}  # placeholders: training with real classes replaces the head
     checkpoint = {
         "model": model,
-        "train_args": {"task": "classify", "imgsz": imgsz, "model": Path(config).name},
+        "train_args": {"task": CLASSIFICATION.ultralytics_task, "imgsz": imgsz, "model": Path(config).name},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "labelloop_pretraining": {"method": "SimCLR (NT-Xent)", "images": len(data), "steps": steps,
                                   "batch": batch, "final_loss": float(np.mean(losses[-10:])),

@@ -27,10 +27,10 @@ import random
 from pathlib import Path
 from typing import Any
 
+from labelloop.core.kinds import TaskKind, kind_of
+
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 SMALL_IMAGE = 96
-STANDARD_CONFIG = {"classify": "yolov8n-cls.yaml", "detect": "yolov8n.yaml", "segment": "yolov8n-seg.yaml"}
-SMALL_IMAGE_CONFIG = {"classify": "labelloop-cls-small.yaml"}
 # Optimizer steps one training should take: enough for a small model to converge from scratch on
 # a few hundred images, few enough for <= 60 s per round on 2 CPU cores at 64 px.
 TARGET_STEPS = 500
@@ -48,11 +48,12 @@ SMALL_DATA_CLASSIFY_ARGS = {"erasing": 0.0, "auto_augment": None, "scale": 0.0}
 SELECT_BEST_EPOCH_FROM = 800
 
 
-def model_config(task: str, imgsz: int) -> str:
+def model_config(kind: TaskKind | str, imgsz: int) -> str:
     """The ultralytics yaml a training from scratch starts from (a path for labelloop's own)."""
-    if imgsz <= SMALL_IMAGE and task in SMALL_IMAGE_CONFIG:
-        return str(CONFIG_DIR / SMALL_IMAGE_CONFIG[task])
-    return STANDARD_CONFIG[task]
+    kind = kind_of(kind)
+    if imgsz <= SMALL_IMAGE and kind.small_image_config:
+        return str(CONFIG_DIR / kind.small_image_config)
+    return kind.standard_config
 
 
 def epochs_for(n_train: int, batch: int) -> int:
@@ -61,7 +62,7 @@ def epochs_for(n_train: int, batch: int) -> int:
     return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
 
 
-def extra_args(task: str, n_train: int) -> dict[str, Any]:
+def extra_args(kind: TaskKind | str, n_train: int) -> dict[str, Any]:
     """ultralytics train arguments of the recipe for ``n_train`` training images."""
     # Keep the last (EMA, cosine-annealed) weights, not the epoch that scored best on the tuning split,
     # until that split is large: picking the best of ~100 epochs on a few dozen noisy labels selects
@@ -70,24 +71,25 @@ def extra_args(task: str, n_train: int) -> dict[str, Any]:
     select = {} if n_train >= SELECT_BEST_EPOCH_FROM else {"val": False}
     if n_train >= SMALL_DATA:
         return {"cos_lr": True, **select}
-    return {**SMALL_DATA_ARGS, **(SMALL_DATA_CLASSIFY_ARGS if task == "classify" else {}), **select}
+    return {**SMALL_DATA_ARGS, **(SMALL_DATA_CLASSIFY_ARGS if kind_of(kind).whole_image else {}), **select}
 
 
-def describe(task: str, imgsz: int, n_train: int, base: str) -> dict[str, Any]:
+def describe(kind: TaskKind | str, imgsz: int, n_train: int, base: str) -> dict[str, Any]:
     """The recipe in words and numbers, for the manifest."""
+    kind = kind_of(kind)
     warm = Path(base).suffix == ".pt" and Path(base).parent.name == "warm-start"
-    architecture = Path(model_config(task, imgsz)).name if warm else Path(base).name
+    architecture = Path(model_config(kind, imgsz)).name if warm else Path(base).name
     return {
         "architecture": architecture,
         "architecture_reason": (f"images <= {SMALL_IMAGE} px: fewer stride-2 stages"
-                                if architecture == SMALL_IMAGE_CONFIG.get(task) else "standard"),
+                                if architecture == kind.small_image_config else "standard"),
         "start": ("self-supervised warm start on the project's images" if warm
                   else "user weights" if Path(base).suffix == ".pt" else "from scratch"),
         "schedule": f"~{TARGET_STEPS} optimizer steps, cosine decay, EMA",
         "weights": "best epoch on the tuning split" if n_train >= SELECT_BEST_EPOCH_FROM else "last epoch",
-        "augmentation": ("flips, 90-degree turns, small shifts, mild colour jitter (no crops)" if task == "classify"
+        "augmentation": ("flips, 90-degree turns, small shifts, mild colour jitter (no crops)" if kind.whole_image
                          else "ultralytics box-aware augmentation" + (", no mosaic" if n_train < SMALL_DATA else "")),
-        "label_smoothing": LABEL_SMOOTHING if task == "classify" else 0.0,
+        "label_smoothing": LABEL_SMOOTHING if kind.whole_image else 0.0,
         "small_data": n_train < SMALL_DATA,
     }
 

@@ -24,13 +24,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labelloop.errors import LabelloopError
+
 WEIGHTS = "weights.pt"
 MANIFEST = "manifest.json"
 SERVING = "serving.json"
 _VERSION_RE = re.compile(r"^p(?P<project>[A-Za-z0-9_.-]+)-v(?P<n>\d+)$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(LabelloopError, RuntimeError):
+    kind, http_status = "registry", 404
+
     pass
 
 

@@ -19,23 +19,25 @@ from typing import Any
 
 from PIL import Image
 
-from labelloop.config import Settings, settings as current_settings
-from labelloop.core.datasets import DatasetInfo
+from labelloop.config import Settings
+from labelloop.config import settings as current_settings
 from labelloop.core import recipe
+from labelloop.core.datasets import DatasetInfo
+from labelloop.core.kinds import TaskKind, kind_of
 from labelloop.core.labelconfig import ControlSpec
 from labelloop.core.safe_load import check_weights
 from labelloop.core.yolo_env import import_yolo
+from labelloop.errors import LabelloopError
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 
-ULTRALYTICS_TASK = {"classification": "classify", "detection": "detect", "segmentation": "segment"}
-# Primary metric per task, on the tuning split: what "better" means when versions are compared.
-PRIMARY_METRIC = {"classify": "top1", "detect": "box_map50_95", "segment": "mask_map50_95"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LabelloopError, RuntimeError):
+    kind = "training"
+
     """Training could not run; the message says why in words a labeler's admin can act on."""
 
 
@@ -51,7 +53,8 @@ class TrainSettings:
     extra: dict = field(default_factory=dict)
 
 
-def choose_settings(n_train: int, image_sides: list[int], task: str, env: Settings | None = None) -> TrainSettings:
+def choose_settings(n_train: int, image_sides: list[int], task: TaskKind | str,
+                    env: Settings | None = None) -> TrainSettings:
     """Settings from the data (``recipe``); each one overridable through the environment."""
     env = env or current_settings()
     side = statistics.median(image_sides) if image_sides else 320
@@ -100,7 +103,6 @@ def choose_base(spec: ControlSpec, model_path: Path | None, env: Settings | None
     else the recipe's architecture for this image size — from the project's self-supervised warm start
     of that architecture when ``warm_start(architecture)`` has one (``pretrain.py``)."""
     env = env or current_settings()
-    task = ULTRALYTICS_TASK[spec.task_type]
     if model_path is not None:
         return str(model_path)
     if env.base_model:
@@ -109,7 +111,7 @@ def choose_base(spec: ControlSpec, model_path: Path | None, env: Settings | None
         return env.base_model
     if env.model_config:
         return env.model_config
-    architecture = recipe.model_config(task, imgsz)
+    architecture = recipe.model_config(spec.kind, imgsz)
     warm = warm_start(architecture) if warm_start is not None else None
     return str(warm) if warm is not None else architecture
 
@@ -127,10 +129,10 @@ def train(
     try:
         if not base.endswith((".yaml", ".yml")):
             check_weights(base)  # a user's or registry checkpoint: refuse a malicious pickle before ultralytics unpickles it
-        model = YOLO(base, task=ULTRALYTICS_TASK[spec.task_type] if base.endswith((".yaml", ".yml")) else None)
+        model = YOLO(base, task=spec.kind.ultralytics_task if base.endswith((".yaml", ".yml")) else None)
     except Exception as exc:
         raise TrainingError(f"cannot load base model {base}: {exc}") from exc
-    wanted = ULTRALYTICS_TASK[spec.task_type]
+    wanted = spec.kind.ultralytics_task
     if model.task != wanted:  # (a segment model can *serve* boxes, but it cannot learn from boxes)
         raise TrainingError(f"base model {base} is a {model.task} model; training for {spec.task_type} "
                             f"needs a {wanted} model")
@@ -162,7 +164,7 @@ def train(
     if train_settings.time_hours:
         kwargs["time"] = train_settings.time_hours
     kwargs.update(train_settings.extra)  # LABELLOOP_TRAIN_ARGS: any ultralytics train argument
-    if wanted == "classify":  # the small-data recipe's augmentation and label smoothing
+    if spec.kind.whole_image:  # the small-data recipe's augmentation and label smoothing
         kwargs["trainer"] = recipe.classification_trainer()
     try:
         model.train(**kwargs)
@@ -188,8 +190,10 @@ def evaluate(weights: Path | str, dataset: DatasetInfo, imgsz: int, device: str)
     return metrics_of(result, model.task)
 
 
-def metrics_of(result, task: str) -> dict[str, float]:
-    if task == "classify":
+def metrics_of(result, task: TaskKind | str) -> dict[str, float]:
+    """Tuning-split metrics of an ultralytics validation ``result`` for a model of ``task``."""
+    kind = kind_of(task)
+    if kind.whole_image:
         metrics = {"top1": float(result.top1), "top5": float(result.top5)}
     else:
         box = result.box
@@ -199,11 +203,11 @@ def metrics_of(result, task: str) -> dict[str, float]:
             "box_precision": float(box.mp),
             "box_recall": float(box.mr),
         }
-        if task == "segment":
+        if kind.polygons:
             seg = result.seg
             metrics.update(mask_map50=float(seg.map50), mask_map50_95=float(seg.map),
                            mask_precision=float(seg.mp), mask_recall=float(seg.mr))
-    metrics["primary"] = metrics[PRIMARY_METRIC[task]]
+    metrics["primary"] = metrics[kind.primary_metric]
     return metrics
 
 

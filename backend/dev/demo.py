@@ -25,8 +25,8 @@ import httpx
 
 from labelloop.config import settings
 from labelloop.core.labelconfig import parse_label_config
-from labelloop.labelstudio.media import LocalFileFetcher
 from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
+from labelloop.labelstudio.media import LocalFileFetcher
 
 TASK_TYPE = "classification"  # learnable from scratch on 2 CPU cores in minutes (see README)
 
@@ -131,7 +131,8 @@ def held_out_metrics(predicted: list[str], truth: list[str], classes: list[str])
 
     report = classification_report(truth, predicted, labels=classes, output_dict=True, zero_division=0)
     matrix = confusion_matrix(truth, predicted, labels=classes).tolist()
-    return {"accuracy": float(accuracy_score(truth, predicted)), "report": {c: {**report[c], "support": int(report[c]["support"])} for c in classes},
+    per_class = {c: {**report[c], "support": int(report[c]["support"])} for c in classes}
+    return {"accuracy": float(accuracy_score(truth, predicted)), "report": per_class,
             "confusion_matrix": {"classes": classes, "matrix": matrix}}
 
 
@@ -142,9 +143,9 @@ def _random_curve(data, noisy: list[str], test, spec, budgets: list[int], seed: 
     import shutil
     import tempfile
 
-    from labelloop.workflows.pipeline import train_new_version
     from labelloop.core.predict import load_model, predict_images
     from labelloop.core.registry import Registry
+    from labelloop.workflows.pipeline import train_new_version
 
     order = list(range(len(data.images)))
     random.Random(seed).shuffle(order)

@@ -20,8 +20,15 @@ from typing import Any
 import httpx
 
 from labelloop.config import settings
-from labelloop.dev.localstack import (ManagedProcess, start_backend, start_fiftyone_app, start_label_studio, start_mongod,
-                         start_redis, start_worker)
+from labelloop.dev.localstack import (
+    ManagedProcess,
+    start_backend,
+    start_fiftyone_app,
+    start_label_studio,
+    start_mongod,
+    start_redis,
+    start_worker,
+)
 
 SERVICES = ("redis", "mongod", "label-studio", "backend", "worker-train", "worker-predict", "fiftyone")
 

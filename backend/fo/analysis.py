@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from labelloop.core import scoring
 from labelloop.config import settings as current_settings
-from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
+from labelloop.core import scoring
 from labelloop.core.labelconfig import ControlSpec, parse_label_config
+from labelloop.errors import LabelloopError
+from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -26,7 +27,9 @@ UNCERTAIN_TAG = "labelloop:uncertain"
 MISTAKES_VIEW = "labelloop-high-confidence-mistakes"
 
 
-class AnalysisError(ValueError):
+class AnalysisError(LabelloopError, ValueError):
+    kind, http_status = "analysis", 400
+
     """The dataset lacks what the analysis needs; the message says what to run first."""
 
 
@@ -63,7 +66,7 @@ def mislabel_scores_for(sample_fields: dict[str, Any], spec: ControlSpec) -> tup
     gt = sample_fields.get("ground_truth")
     if gt is None:
         return float("nan"), []
-    if spec.task_type == "classification":
+    if spec.kind.whole_image:
         probs = sample_fields.get("class_probs") or {}
         return scoring.classification_loss(probs, gt.label), []
     ground = [(d.label, d.bounding_box) for d in gt.detections]
@@ -81,7 +84,7 @@ def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progr
     tends to agree with them — weaker. ``out_of_sample``: K-fold models, each scoring only the
     samples it never trained on (``fold_runner``: where the folds run; default: here, one by one).
     """
-    fo = import_fiftyone()
+    import_fiftyone()  # FiftyOne configured for labelloop before its first use
     from fiftyone import ViewField as F
 
     say = progress or (lambda fraction, message: None)
@@ -114,7 +117,7 @@ def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progr
         scores[record["id"]] = score
         flags_by_id[record["id"]] = flags
     dataset.set_values(score_field, scores, key_field="id")
-    if spec.task_type != "classification":
+    if not spec.kind.whole_image:
         _write_object_flags(dataset, flags_by_id, mode)
     cutoff = _suspect_cutoff(spec)
     suspects = labeled.match(F(score_field) >= cutoff).sort_by(score_field, reverse=True)
@@ -127,7 +130,7 @@ def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progr
 def _suspect_cutoff(spec: ControlSpec) -> float:
     # classification: the model gives the human label less than one chance in two (-log 0.5);
     # detection: a flag as strong as the display threshold.
-    return float(np.log(2.0)) if spec.task_type == "classification" else _threshold(spec)
+    return float(np.log(2.0)) if spec.kind.whole_image else _threshold(spec)
 
 
 def _write_object_flags(dataset, flags_by_id: dict[str, list[dict]], mode: str) -> None:
@@ -154,9 +157,9 @@ FoldRunner = Callable[[int, int, Progress], dict[int, Any]]
 
 def run_folds_here(project: int, folds: int, progress: Progress) -> dict[int, Any]:
     """The folds one after another in this process (no worker needed; slower)."""
+    from labelloop.core.labelconfig import parse_label_config
     from labelloop.labelstudio.client import StudioClient
     from labelloop.labelstudio.media import MediaFetcher
-    from labelloop.core.labelconfig import parse_label_config
     from labelloop.workflows.pipeline import cross_val_predictions
 
     client = StudioClient.from_settings()
@@ -171,7 +174,7 @@ def run_folds_here(project: int, folds: int, progress: Progress) -> dict[int, An
 # -- uncertainty sampling ---------------------------------------------------------------------------
 
 def uncertainty_of(sample_fields: dict[str, Any], spec: ControlSpec, method: str) -> float:
-    if spec.task_type == "classification":
+    if spec.kind.whole_image:
         probs = list((sample_fields.get("class_probs") or {}).values())
         if not probs:
             return float("nan")
@@ -190,7 +193,7 @@ def uncertainty_sampling(view, k: int = 20, method: str = "least_confidence", di
     With ``diversity`` the k come from the 4k most uncertain by k-center greedy on ``embeddings``
     (computed if missing), away from what is already labeled.
     """
-    fo = import_fiftyone()
+    import_fiftyone()  # FiftyOne configured for labelloop before its first use
     from fiftyone import ViewField as F
 
     say = progress or (lambda fraction, message: None)
@@ -231,11 +234,11 @@ def uncertainty_sampling(view, k: int = 20, method: str = "least_confidence", di
 def compute_embeddings(view, method: str = "umap", visualize: bool = True, similarity: bool = True,
                        progress: Progress | None = None, brain_key: str = "labelloop_embeddings") -> dict[str, Any]:
     """Per-sample embeddings from the served model's own backbone, then a 2-D map and a similarity index."""
-    fo = import_fiftyone()
+    import_fiftyone()  # FiftyOne configured for labelloop before its first use
     from pathlib import Path
 
-    from labelloop.fo.sync import serving_model
     from labelloop.core.predict import embed_images
+    from labelloop.fo.sync import serving_model
 
     say = progress or (lambda fraction, message: None)
     dataset = root_dataset(view)
@@ -348,7 +351,7 @@ def evaluate_model(view, version: str | None = None, split: str | None = "val", 
     eval_key = "eval_" + (version or "serving").replace("-", "_")
     if eval_key in dataset.list_evaluations():
         dataset.delete_evaluation(eval_key)
-    if spec.task_type == "classification":
+    if spec.kind.whole_image:
         results = scope.evaluate_classifications(pred_field, gt_field="ground_truth", eval_key=eval_key)
         mistakes = scope.match((F(eval_key) == False) & (F(f"{pred_field}.confidence") >= confidence))  # noqa: E712
     else:
@@ -362,7 +365,7 @@ def evaluate_model(view, version: str | None = None, split: str | None = "val", 
     out = {"eval_key": eval_key, "prediction_field": pred_field, "report": report,
            "confusion_matrix": {"classes": classes, "matrix": np.asarray(matrix).tolist()},
            "high_confidence_mistakes": len(mistakes), "samples": len(scope), "computed_on": computed_on(split)}
-    if spec.task_type == "classification":
+    if spec.kind.whole_image:
         out["accuracy"] = float(results.metrics()["accuracy"])
     if cohort:
         out["cohorts"] = cohort_metrics(scope, eval_key, cohort, spec)
@@ -377,7 +380,7 @@ def cohort_metrics(view, eval_key: str, by: str, spec: ControlSpec) -> dict[str,
     out = {}
     for value in values:
         part = view.match_tags(value) if by == "tags" else view.match(F(by) == value)
-        if spec.task_type == "classification":
+        if spec.kind.whole_image:
             correct = part.count_values(eval_key)
             n = sum(correct.values())
             out[str(value)] = {"samples": n, "accuracy": correct.get(True, 0) / n if n else float("nan")}
@@ -402,7 +405,7 @@ def compare_versions(view, version_a: str, version_b: str, split: str | None = "
         key = "eval_" + version.replace("-", "_")
         if key in dataset.list_evaluations():
             dataset.delete_evaluation(key)
-        if spec.task_type == "classification":
+        if spec.kind.whole_image:
             scope.evaluate_classifications(field, gt_field="ground_truth", eval_key=key)
             errors[version] = dict(zip(*scope.values(["id", key])))
             errors[version] = {i: (0 if ok else 1) for i, ok in errors[version].items()}
@@ -415,7 +418,7 @@ def compare_versions(view, version_a: str, version_b: str, split: str | None = "
         scope.untag_samples(tag)
     gained = [i for i in errors[version_a] if errors[version_b][i] < errors[version_a][i]]
     lost = [i for i in errors[version_a] if errors[version_b][i] > errors[version_a][i]]
-    label_path = "label" if spec.task_type == "classification" else "detections.label"
+    label_path = "label" if spec.kind.whole_image else "detections.label"
     a_labels = dict(zip(*scope.values(["id", f"{fields[version_a]}.{label_path}"])))
     b_labels = dict(zip(*scope.values(["id", f"{fields[version_b]}.{label_path}"])))
     changed = [i for i in a_labels if _normalized(a_labels[i]) != _normalized(b_labels.get(i))]
@@ -438,7 +441,7 @@ def send_to_label_studio(view, title: str = "labelloop review queue", client=Non
     press "Label All Tasks": Label Studio then hands out those tasks, in the tab's order)."""
     from labelloop.labelstudio.client import StudioClient
 
-    fo = import_fiftyone()
+    import_fiftyone()  # FiftyOne configured for labelloop before its first use
     dataset = root_dataset(view)
     project = project_of(dataset)
     task_ids = [int(t) for t in view.values("ls_task_id")]

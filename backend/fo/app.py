@@ -21,7 +21,8 @@ import logging
 import os
 from pathlib import Path
 
-from labelloop.config import Settings, settings as current_settings
+from labelloop.config import Settings
+from labelloop.config import settings as current_settings
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labelloop.config import Settings, settings as current_settings
+from labelloop.config import Settings
+from labelloop.config import settings as current_settings
 from labelloop.core.datasets import latest_human_annotation, link_or_copy, rectangle_to_polygon, split_of
-from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
 from labelloop.core.labelconfig import ControlSpec, parse_label_config
 from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
 from labelloop.core.registry import Registry
+from labelloop.fo.env import import_fiftyone, root_dataset
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -90,9 +91,9 @@ def ground_truth_labels(task: dict[str, Any], spec: ControlSpec) -> dict[str, An
     fo = import_fiftyone()
     annotation = latest_human_annotation(task)
     if annotation is None:
-        return {"ground_truth": None} | ({"ground_truth_polygons": None} if spec.task_type == "segmentation" else {})
+        return {"ground_truth": None} | ({"ground_truth_polygons": None} if spec.kind.polygons else {})
     regions = [r for r in annotation.get("result") or [] if r.get("from_name") == spec.from_name]
-    if spec.task_type == "classification":
+    if spec.kind.whole_image:
         choice = next((c for r in regions for c in (r.get("value") or {}).get("choices") or [] if c in spec.labels), None)
         return {"ground_truth": fo.Classification(label=choice) if choice else None}
     detections, polylines = [], []
@@ -101,7 +102,7 @@ def ground_truth_labels(task: dict[str, Any], spec: ControlSpec) -> dict[str, An
         label = next((v for v in value.get(spec.result_type) or [] if v in spec.labels), None)
         if label is None:
             continue
-        if spec.task_type == "detection":
+        if not spec.kind.polygons:
             points = rectangle_to_polygon(value)
         else:
             points = [(float(x), float(y)) for x, y in value.get("points") or []]
@@ -113,7 +114,7 @@ def ground_truth_labels(task: dict[str, Any], spec: ControlSpec) -> dict[str, An
         x1, y1, x2, y2 = max(0, min(xs)), max(0, min(ys)), min(1, max(xs)), min(1, max(ys))
         detections.append(fo.Detection(label=label, bounding_box=[x1, y1, x2 - x1, y2 - y1]))
     out = {"ground_truth": fo.Detections(detections=detections)}
-    if spec.task_type == "segmentation":
+    if spec.kind.polygons:
         out["ground_truth_polygons"] = fo.Polylines(polylines=polylines)
     return out
 
@@ -122,7 +123,7 @@ def prediction_labels(pred: ImagePrediction, spec: ControlSpec, version: str) ->
     """FiftyOne fields for one engine prediction."""
     fo = import_fiftyone()
     fields: dict[str, Any] = {"ls_score": pred.score, "prediction_version": version}
-    if spec.task_type == "classification":
+    if spec.kind.whole_image:
         region = pred.regions[0] if pred.regions else None
         fields["predictions"] = (fo.Classification(label=region.label, confidence=region.score)
                                  if region else None)
@@ -167,8 +168,8 @@ def load_or_create(name: str):
 def sync_project(project_id: int | str, dataset_name: str | None = None, predict: bool = True,
                  progress: Progress | None = None, env: Settings | None = None, client=None) -> SyncReport:
     """Create or update the FiftyOne dataset of a Label Studio project; only what changed is written."""
-    from labelloop.labelstudio.media import MediaFetcher
     from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
@@ -234,7 +235,7 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
                 if field_name in sample.field_names:
                     sample[field_name] = value
             report.updated_ground_truth += 1
-    if spec.task_type == "segmentation" and report.updated_ground_truth:
+    if spec.kind.polygons and report.updated_ground_truth:
         _refresh_polygons(dataset, by_id, spec)
 
     if predict:
@@ -253,8 +254,8 @@ def _declare_fields(dataset, spec: ControlSpec) -> None:
     fo = import_fiftyone()
     kinds = {"ls_annotation": (fo.StringField, {}),
              "ground_truth": (fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Classification
-                                                         if spec.task_type == "classification" else fo.Detections})}
-    if spec.task_type == "segmentation":
+                                                         if spec.kind.whole_image else fo.Detections})}
+    if spec.kind.polygons:
         kinds["ground_truth_polygons"] = (fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Polylines})
     for field_name, (kind, kwargs) in kinds.items():
         if not dataset.has_sample_field(field_name):
@@ -272,7 +273,7 @@ def _own_cached_images(dataset, fetcher, env: Settings, media: Path, report: Syn
     if not stale:
         return
     moved = {}
-    for (sample_id, url), fetched in zip(stale, fetcher.fetch_many([u or "" for _, u in stale])):
+    for (sample_id, _url), fetched in zip(stale, fetcher.fetch_many([u or "" for _, u in stale])):
         try:
             if isinstance(fetched, Exception):
                 raise fetched
@@ -307,7 +308,7 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
                     progress: Progress | None = None, fields_prefix: str = "") -> int:
     """Write the engine's predictions of ``model`` into the samples of ``view`` that lack them."""
     say = progress or (lambda fraction, message: None)
-    fo = import_fiftyone()
+    import_fiftyone()  # FiftyOne configured for labelloop before its first use
     version_field = f"{fields_prefix}prediction_version"
     if view.has_field(version_field):
         ids, paths, versions = view.values(["id", "filepath", version_field])

@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx
 
-from labelloop.config import Settings, settings as current_settings
-
+from labelloop.config import Settings
+from labelloop.config import settings as current_settings
+from labelloop.errors import LabelloopError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,9 @@ RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
 PREDICTION_CHUNK = 100  # predictions per bulk import request
 
 
-class StudioError(RuntimeError):
+class StudioError(LabelloopError, RuntimeError):
+    kind, http_status = "label_studio", 502
+
     """Label Studio could not be reached or refused a call; the message says which and why."""
 
     def __init__(self, message: str, status: int | None = None):
@@ -43,7 +46,7 @@ class StudioClient:
         self._http = httpx.Client(base_url=self.url, timeout=timeout)
 
     @classmethod
-    def from_settings(cls, env: Settings | None = None) -> "StudioClient":
+    def from_settings(cls, env: Settings | None = None) -> StudioClient:
         env = env or current_settings()
         return cls(env.label_studio_url, env.label_studio_api_key)
 

@@ -49,6 +49,8 @@ import httpcore
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from labelloop.errors import LabelloopError
+
 try:  # optional (httpx[brotli]); without it a brotli-encoded body is refused, never inflated unbounded
     import brotli
 except ImportError:  # pragma: no cover - depends on the environment
@@ -86,11 +88,15 @@ _CACHE_LOCK = threading.Lock()  # a cache hit's touch vs. eviction's re-check + 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class MediaError(Exception):
-    """A task image could not be fetched; ``reason`` is short enough to show a labeler or log."""
+class MediaError(LabelloopError):
+    """A task image could not be fetched; ``reason`` is short enough to show a labeler or log.
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    ``kind`` (a metrics label): not_allowed, timeout, http, not_decodable, too_large, unreachable, media."""
+
+    kind, http_status = "media", 422
+
+    def __init__(self, reason: str, kind: str | None = None):
+        super().__init__(reason, kind=kind)
         self.reason = reason
 
     def __str__(self) -> str:
@@ -171,7 +177,7 @@ class _Origin:
     port: int
 
     @classmethod
-    def of(cls, url: httpx.URL) -> "_Origin":
+    def of(cls, url: httpx.URL) -> _Origin:
         scheme = url.scheme.lower()
         return cls(scheme, _norm_host(url.host), url.port or _DEFAULT_PORTS.get(scheme, 0))
 
@@ -192,7 +198,7 @@ class _AllowList:
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
-    def parse(cls, entries) -> "_AllowList":
+    def parse(cls, entries) -> _AllowList:
         names, name_ports, suffixes, networks = set(), set(), [], []
         for raw in entries or ():
             entry = str(raw).strip().lower()
@@ -316,16 +322,16 @@ class _LabelStudioAuth:
         try:
             response = self._client.post(self._refresh_url, json={"refresh": self._key})
         except httpx.HTTPError as exc:
-            raise MediaError(f"cannot refresh the Label Studio access token: {type(exc).__name__}") from exc
+            raise MediaError(f"cannot refresh the Label Studio access token: {type(exc).__name__}", kind="auth") from exc
         if response.status_code != 200:
             raise MediaError(f"Label Studio refused the personal access token (HTTP {response.status_code} "
-                             "from /api/token/refresh/); check LABEL_STUDIO_API_KEY")
+                             "from /api/token/refresh/); check LABEL_STUDIO_API_KEY", kind="auth")
         try:
             access = response.json()["access"]
         except (ValueError, KeyError, TypeError):
             access = None
         if not isinstance(access, str) or not access:
-            raise MediaError("Label Studio's /api/token/refresh/ answered without an access token")
+            raise MediaError("Label Studio's /api/token/refresh/ answered without an access token", kind="auth")
         exp = _jwt_expiry(access)
         lifetime = ACCESS_TOKEN_LIFETIME if exp is None else max(exp - time.time(), 0.0)
         return access, lifetime
@@ -362,7 +368,7 @@ class _DeadlineStream(httpcore.NetworkStream):
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> "_DeadlineStream":
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> _DeadlineStream:
         timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
         return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
 
@@ -477,13 +483,13 @@ def _body_decoder(content_encoding: str):
     if not codings:
         return _Identity()
     if len(codings) > 1:
-        raise MediaError(f"Content-Encoding {content_encoding!r} is not supported (one coding at most)")
+        raise MediaError(f"Content-Encoding {content_encoding!r} is not supported (one coding at most)", kind="http")
     coding = codings[0]
     if coding in ("gzip", "x-gzip", "deflate"):
         return _Zlib(coding)
     if coding == "br" and _bounded_brotli_available():
         return _Brotli()
-    raise MediaError(f"Content-Encoding {coding} is not supported")
+    raise MediaError(f"Content-Encoding {coding} is not supported", kind="http")
 
 
 # --------------------------------------------------------------------------- image checks
@@ -514,20 +520,20 @@ def _check_image(path: Path, max_pixels: int) -> str:
                 fmt = image.format or ""
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise MediaError(_pixel_cap_reason(width, height, max_pixels))
+                    raise MediaError(_pixel_cap_reason(width, height, max_pixels), kind="too_large")
                 image.verify()  # container-level checks (PNG CRCs), cheap
             with Image.open(path) as image:  # verify() leaves the image unusable: open again
                 image.load()
         except MediaError:
             raise
         except Image.DecompressionBombError as exc:  # only if PIL's own limit is below ours
-            raise MediaError(f"image refused by PIL's decompression-bomb check: {exc}") from exc
+            raise MediaError(f"image refused by PIL's decompression-bomb check: {exc}", kind="too_large") from exc
         except (UnidentifiedImageError, ImportError) as exc:
             # ImportError: ultralytics registers a HEIF opener that imports pi_heif while PIL probes an
             # unknown file; without it installed, that is still "no plugin can read this"
-            raise MediaError("not a decodable image") from exc
+            raise MediaError("not a decodable image", kind="not_decodable") from exc
         except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error...
-            raise MediaError(f"corrupt {fmt or 'image'} data: {exc}") from exc
+            raise MediaError(f"corrupt {fmt or 'image'} data: {exc}", kind="not_decodable") from exc
     return _PIL_EXTS.get(fmt, "." + fmt.lower() if fmt else ".img")
 
 
@@ -594,7 +600,7 @@ class MediaFetcher:
         self._auth = _LabelStudioAuth(self._ls_url, api_key, self._client)
 
     @classmethod
-    def from_settings(cls, s=None) -> "MediaFetcher":
+    def from_settings(cls, s=None) -> MediaFetcher:
         """Build from ``labelloop.config.settings()`` (read now, so tests can set the env first)."""
         if s is None:
             from labelloop.config import settings
@@ -608,7 +614,7 @@ class MediaFetcher:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "MediaFetcher":
+    def __enter__(self) -> MediaFetcher:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -647,7 +653,7 @@ class MediaFetcher:
             return exc
         except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
             log.exception("unexpected error fetching %s", _redact(url) if isinstance(url, str) else url)
-            return MediaError(f"unexpected error: {type(exc).__name__}")
+            return MediaError(f"unexpected error: {type(exc).__name__}", kind="media")
 
     def _fetch(self, url: str) -> Path:
         absolute = self._absolute_url(url)
@@ -664,38 +670,38 @@ class MediaFetcher:
         except httpx.TimeoutException as exc:
             if time.monotonic() >= deadline - 0.05:  # a wait cut short by the deadline, not a slow read
                 raise self._past_deadline(absolute) from exc
-            raise MediaError(f"timed out fetching {_redact(absolute)}") from exc
+            raise MediaError(f"timed out fetching {_redact(absolute)}", kind="timeout") from exc
         except httpx.HTTPError as exc:
-            raise MediaError(f"error fetching {_redact(absolute)}: {type(exc).__name__}") from exc
+            raise MediaError(f"error fetching {_redact(absolute)}: {type(exc).__name__}", kind="unreachable") from exc
         except OSError as exc:
-            raise MediaError(f"cannot write the media cache: {exc.strerror or exc}") from exc
+            raise MediaError(f"cannot write the media cache: {exc.strerror or exc}", kind="media") from exc
         finally:
             _fetch_deadline.at = None
 
     def _past_deadline(self, url: httpx.URL) -> MediaError:
         return MediaError(f"fetch took longer than the {self._deadline:g}-s deadline "
-                          f"(LABELLOOP_FETCH_DEADLINE_S) for {_redact(url)}")
+                          f"(LABELLOOP_FETCH_DEADLINE_S) for {_redact(url)}", kind="timeout")
 
     def _absolute_url(self, url: str) -> httpx.URL:
         """Absolute http(s) URL for any URL kind found in task data; other schemes are refused."""
         if not isinstance(url, str) or not url.strip():
-            raise MediaError("empty image URL")
+            raise MediaError("empty image URL", kind="bad_url")
         url = url.strip()
         scheme_match = _SCHEME_RE.match(url)
         if scheme_match is None:
             if not self._ls_url:
-                raise MediaError(f"relative URL {_redact(url)} needs LABEL_STUDIO_URL")
+                raise MediaError(f"relative URL {_redact(url)} needs LABEL_STUDIO_URL", kind="bad_url")
             # Concatenated, not RFC-joined: Label Studio served under a path prefix keeps it, and
             # "//other-host/x" stays a path on the Label Studio host (as label-studio-sdk does).
             url = self._ls_url + ("" if url.startswith("/") else "/") + url
         else:
             scheme = scheme_match.group(0)[:-1].lower()
             if scheme not in _DEFAULT_PORTS:
-                raise MediaError(f"URL scheme {scheme}: is not allowed (only http and https)")
+                raise MediaError(f"URL scheme {scheme}: is not allowed (only http and https)", kind="not_allowed")
         try:
             return httpx.URL(url)
         except Exception as exc:  # httpx raises InvalidURL and sometimes ValueError/TypeError
-            raise MediaError(f"invalid image URL {_redact(url)}") from exc
+            raise MediaError(f"invalid image URL {_redact(url)}", kind="bad_url") from exc
 
     # ----------------------------------------------------------------------- checks
 
@@ -711,15 +717,15 @@ class MediaFetcher:
     def _admit(self, url: httpx.URL) -> tuple[_Origin, str]:
         """Allow-list check by name. Returns (origin, how it is allowed: "ls", "named", ...)."""
         if url.scheme.lower() not in _DEFAULT_PORTS:
-            raise MediaError(f"URL scheme {url.scheme}: is not allowed (only http and https)")
+            raise MediaError(f"URL scheme {url.scheme}: is not allowed (only http and https)", kind="not_allowed")
         origin = _Origin.of(url)
         if not origin.host:
-            raise MediaError(f"image URL {_redact(url)} has no host")
+            raise MediaError(f"image URL {_redact(url)} has no host", kind="bad_url")
         if origin == self._ls_origin:
             return origin, "ls"
         how = self._allow.match(origin)
         if how is None:
-            raise MediaError(f"host {origin.netloc} is not allowed (add it to {_ALLOW_HINT})")
+            raise MediaError(f"host {origin.netloc} is not allowed (add it to {_ALLOW_HINT})", kind="not_allowed")
         return origin, how
 
     def _target(self, url: httpx.URL) -> _Target:
@@ -731,7 +737,7 @@ class MediaFetcher:
                 if _is_internal(addr) and not self._allow.covers(addr):
                     raise MediaError(
                         f"host {origin.netloc} resolves to internal address {addr} (list the host by "
-                        f"name, or the address range, in {_ALLOW_HINT} if that is intended)")
+                        f"name, or the address range, in {_ALLOW_HINT} if that is intended)", kind="not_allowed")
         return _Target(url, origin, how == "ls", addresses)
 
     @staticmethod
@@ -742,11 +748,11 @@ class MediaFetcher:
         try:
             infos = socket.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError, OSError) as exc:
-            raise MediaError(f"cannot resolve host {origin.host}") from exc
+            raise MediaError(f"cannot resolve host {origin.host}", kind="unreachable") from exc
         found = [_ip_or_none(str(info[4][0]).split("%", 1)[0]) for info in infos]
         addresses = tuple(dict.fromkeys(a for a in found if a is not None))
         if not addresses:
-            raise MediaError(f"cannot resolve host {origin.host}")
+            raise MediaError(f"cannot resolve host {origin.host}", kind="unreachable")
         return addresses
 
     # ----------------------------------------------------------------------- network
@@ -755,7 +761,7 @@ class MediaFetcher:
         response = self._open(url)
         try:
             if not 200 <= response.status_code < 300:
-                raise MediaError(self._status_reason(response.status_code, url))
+                raise MediaError(self._status_reason(response.status_code, url), kind="http")
             shard = self._media_dir / digest[:2]
             tmp = self._stream_to_temp(response, url, shard, digest, deadline)
         finally:
@@ -782,12 +788,12 @@ class MediaFetcher:
             location = response.headers.get("location")
             response.close()
             if not location:
-                raise MediaError(f"HTTP {response.status_code} without Location fetching {_redact(url)}")
+                raise MediaError(f"HTTP {response.status_code} without Location fetching {_redact(url)}", kind="http")
             try:
                 current = current.join(location)
             except Exception as exc:  # noqa: BLE001 - a garbage Location header
-                raise MediaError(f"bad redirect fetching {_redact(url)}") from exc
-        raise MediaError(f"too many redirects (more than {MAX_REDIRECTS}) fetching {_redact(url)}")
+                raise MediaError(f"bad redirect fetching {_redact(url)}", kind="http") from exc
+        raise MediaError(f"too many redirects (more than {MAX_REDIRECTS}) fetching {_redact(url)}", kind="http")
 
     def _request(self, target: _Target) -> httpx.Response:
         """One hop; auth only for Label Studio; a 401 with a PAT refreshes the token and retries once."""
@@ -808,7 +814,7 @@ class MediaFetcher:
                 return self._client.send(request, stream=True)
             except httpx.ConnectError as exc:
                 last_error = exc
-        raise MediaError(f"cannot connect to {target.origin.netloc}: {last_error}")
+        raise MediaError(f"cannot connect to {target.origin.netloc}: {last_error}", kind="unreachable")
 
     def _pinned_request(self, target: _Target, addr: IPAddress, headers: dict[str, str]) -> httpx.Request:
         """The request with the checked IP in the URL, the real name in Host and in TLS SNI.
@@ -883,7 +889,7 @@ class MediaFetcher:
                 keep(decoder.finish())
         except _BODY_DECODE_ERRORS as exc:
             tmp.unlink(missing_ok=True)
-            raise MediaError(f"body is not valid {decoder.coding} data: {exc}") from exc
+            raise MediaError(f"body is not valid {decoder.coding} data: {exc}", kind="http") from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -891,7 +897,7 @@ class MediaFetcher:
 
     def _too_large(self, coding: str = "") -> MediaError:
         reason = f"image larger than {self._max_bytes / 2**20:.3g} MB"
-        return MediaError(reason + (f" after decoding Content-Encoding {coding}" if coding else ""))
+        return MediaError(reason + (f" after decoding Content-Encoding {coding}" if coding else ""), kind="too_large")
 
     def _commit(self, tmp: Path, shard: Path, digest: str, url_ext: str | None) -> Path:
         """Check the temp file decodes fully as an image, then move it into place atomically."""
@@ -1021,11 +1027,11 @@ class LocalFileFetcher:
     def _checked(self, value) -> Path | MediaError:
         path = Path(value) if isinstance(value, str) and value else None
         if path is None or not path.is_file():
-            return MediaError(f"no such file: {value}")
+            return MediaError(f"no such file: {value}", kind="no_image")
         try:
             _check_image_once(path, self._max_pixels, _file_key(path))
         except MediaError as exc:
-            return MediaError(f"{exc.reason}: {path}")
+            return MediaError(f"{exc.reason}: {path}", kind="no_image")
         except OSError as exc:
-            return MediaError(f"cannot read {path}: {exc.strerror or exc}")
+            return MediaError(f"cannot read {path}: {exc.strerror or exc}", kind="no_image")
         return path

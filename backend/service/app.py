@@ -36,14 +36,16 @@ from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from labelloop import __version__
-from labelloop.config import Settings, settings as current_settings
-from labelloop.core.labelconfig import LabelConfigError, parse_label_config
+from labelloop.config import Settings
+from labelloop.config import settings as current_settings
+from labelloop.core.labelconfig import parse_label_config
+from labelloop.core.predict import cached_model_count
+from labelloop.core.registry import Registry
+from labelloop.errors import LabelloopError
+from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER  # installed on the project's webhook by studio.py
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.service.metrics import CONTENT_TYPE, ServiceMetrics, method_label
 from labelloop.workflows.pipeline import predict_tasks, resolve_model
-from labelloop.core.predict import cached_model_count
-from labelloop.core.registry import Registry, RegistryError
-from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER  # installed on the project's webhook by studio.py
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,13 @@ MAX_ID = 2**53  # Label Studio ids are database integers; anything larger (or <=
 KNOWN_PROJECTS_CAP = 10_000  # projects remembered from /setup (oldest forgotten first)
 
 
-class BadRequest(Exception):
+class BadRequest(LabelloopError):
+    """A request the service cannot take; answered with ``status`` (4xx) and the message."""
+
+    kind = "bad_request"
+
     def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+        super().__init__(message, http_status=status)
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -406,17 +411,10 @@ def create_app(env: Settings | None = None) -> FastAPI:
             metrics.errors.labels(endpoint, str(response.status_code)).inc()
         return response
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(_: Request, exc: BadRequest):
-        return error(exc.status, str(exc))
-
-    @app.exception_handler(LabelConfigError)
-    async def bad_config(_: Request, exc: LabelConfigError):
-        return error(422, str(exc))
-
-    @app.exception_handler(RegistryError)
-    async def bad_registry(_: Request, exc: RegistryError):
-        return error(404, str(exc))
+    @app.exception_handler(LabelloopError)
+    async def labelloop_error(_: Request, exc: LabelloopError):
+        # one error base: a bad request, an unservable label config (422), an unknown version (404), ...
+        return error(exc.http_status, str(exc))
 
     @app.exception_handler(404)
     async def not_found(request: Request, _exc):
@@ -451,7 +449,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
     def _ask_for_warm_start(project: str, spec, trigger: str) -> dict[str, Any] | None:
         """Queue the project's self-supervised warm start (classification trained from the recipe's own
         architecture) once: at connect and on imports. Never fails the request that asked."""
-        if spec.task_type != "classification" or env.base_model or env.model_config or not env.warm_start_steps:
+        if not spec.kind.whole_image or env.base_model or env.model_config or not env.warm_start_steps:
             return None
         if trigger == "setup" and (project in warm_start_asked or registry.has_warm_start(project)):
             return None
@@ -523,7 +521,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
             item = p.to_label_studio()
             if p.error:
                 item["error"] = p.error
-                metrics.prediction_errors.labels(_reason_kind(p.error)).inc()
+                metrics.prediction_errors.labels(p.error_kind or "error").inc()
             else:
                 metrics.predictions.labels(p.model_version).inc()
             results.append(item)
@@ -711,14 +709,6 @@ class _LazyJobStore:
 def _no_model_message(project: str | None) -> str:
     return (f"no model yet for project {project}: annotate some tasks so labelloop can train one, "
             "or set LABELLOOP_BASE_MODEL to an ultralytics .pt file")
-
-
-def _reason_kind(reason: str) -> str:
-    lowered = reason.lower()
-    for kind in ("not allowed", "refused", "timeout", "http", "decodable", "larger", "no image"):
-        if kind in lowered:
-            return kind.replace(" ", "_")
-    return "other"
 
 
 def _endpoint_label(path: str) -> str:

@@ -14,18 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labelloop.config import Settings, settings as current_settings
-from labelloop.core.datasets import (DatasetError, annotation_fingerprint, build_dataset, first_training_minimum,
-                       labeled_tasks, latest_human_annotation)
+from labelloop.config import Settings
+from labelloop.config import settings as current_settings
+from labelloop.core import gate, recipe
+from labelloop.core.datasets import (
+    DatasetError,
+    annotation_fingerprint,
+    build_dataset,
+    first_training_minimum,
+    labeled_tasks,
+    latest_human_annotation,
+)
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path
 from labelloop.core.predict import LoadedModel, load_model, predict_images, to_label_studio
-from labelloop.core import gate
-from labelloop.core import recipe
 from labelloop.core.registry import Manifest, Registry
 from labelloop.core.training import (
-    ULTRALYTICS_TASK,
     Progress,
-    TrainingError,
     choose_base,
     choose_settings,
     evaluate,
@@ -33,6 +37,7 @@ from labelloop.core.training import (
     settings_dict,
     train,
 )
+from labelloop.errors import LabelloopError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class TaskPrediction:
     score: float | None = None
     model_version: str = ""
     error: str | None = None
+    error_kind: str | None = None  # a fixed name for metrics (MediaError.kind, or no_image)
 
     def to_label_studio(self) -> dict[str, Any]:
         return {"result": self.result, "score": 0.0 if self.score is None else round(self.score, 6),
@@ -88,6 +94,7 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
         url = (task.get("data") or {}).get(spec.value_key)
         if not isinstance(url, str) or not url:
             out[i].error = f"task data has no image under '{spec.value_key}'"
+            out[i].error_kind = "no_image"
         urls.append(url if out[i].error is None else None)
     wanted = [i for i, url in enumerate(urls) if url is not None]
     fetched = fetcher.fetch_many([urls[i] for i in wanted]) if wanted else []
@@ -95,6 +102,7 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
     for i, item in zip(wanted, fetched):
         if isinstance(item, Exception):
             out[i].error = str(item)
+            out[i].error_kind = item.kind if isinstance(item, LabelloopError) else "error"
         else:
             ready.append((i, item))
     if ready:
@@ -110,7 +118,9 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
 
 # -- training ------------------------------------------------------------------------------------
 
-class NothingNew(Exception):
+class NothingNew(LabelloopError):
+    kind, http_status = "nothing_new", 409
+
     """No annotation changed since the last version: training again would learn nothing new."""
 
 
@@ -150,13 +160,13 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         log.warning("project %s: %d image(s) could not be fetched, e.g. %s", project, len(failures), failures[0])
 
     serving = registry.serving(project)
-    task = ULTRALYTICS_TASK[spec.task_type]
+    task = spec.kind.ultralytics_task
     with tempfile.TemporaryDirectory(prefix="labelloop-train-") as tmp:
         # The first-training minimum counts labeled tasks (checked above, as README promises); the split
         # only needs two training images (BatchNorm), or which tasks the id hash puts in the tuning
         # split would decide whether 10 labels are enough.
         dataset = build_dataset(tasks, spec, image_paths, Path(tmp) / "data", min_train=2)
-        chosen = choose_settings(dataset.counts["train"], image_sides(list(image_paths.values())), task, env)
+        chosen = choose_settings(dataset.counts["train"], image_sides(list(image_paths.values())), spec.kind, env)
         same_classes = serving is not None and serving.task == task and sorted(serving.classes) == sorted(dataset.classes)
         # Every round trains afresh from the base (the user's weights or the recipe's architecture),
         # not from the version in service: measured on the demo's loop (40 -> 240 labels), a fine-tune
@@ -174,7 +184,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         weights = train(dataset, spec, base, chosen, Path(tmp) / "run", train_progress)
         say(0.92, "evaluating on the tuning split")
         metrics = evaluate(weights, dataset, chosen.imgsz, chosen.device)
-        calibration = calibrate_on_tuning_split(weights, dataset, spec) if task == "classify" else {}
+        calibration = calibrate_on_tuning_split(weights, dataset, spec) if spec.kind.whole_image else {}
         from labelloop.core.yolo_env import import_yolo
 
         names = dict(import_yolo()(str(weights)).names)
@@ -187,7 +197,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
             "label_map": {name: label for name, label in zip(classes, classes) if label in spec.labels},
             "counts": dataset.counts,
             "metrics": metrics,
-            "settings": {**settings_dict(chosen), "recipe": recipe.describe(task, chosen.imgsz, dataset.counts["train"],
+            "settings": {**settings_dict(chosen), "recipe": recipe.describe(spec.kind, chosen.imgsz, dataset.counts["train"],
                                                                             base)},
             "base": base,
             "data_fingerprint": fingerprint,
@@ -245,12 +255,6 @@ def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, servi
     return TrainOutcome(manifest, False, reason, serving.version, old_metrics)
 
 
-def training_error_reason(exc: Exception) -> str:
-    if isinstance(exc, (DatasetError, TrainingError, LabelConfigError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
 def train_project(project_id: int | str, progress: Progress | None = None, env: Settings | None = None,
                   force: bool = True) -> TrainOutcome:
     """Train a new version for a Label Studio project, reading the truth from its API.
@@ -260,8 +264,8 @@ def train_project(project_id: int | str, progress: Progress | None = None, env: 
     tasks before the first version, and skip when no annotation changed since the newest version.
     """
     from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.media import MediaFetcher
     from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
     client = StudioClient.from_settings(env)
@@ -303,7 +307,7 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
     steps = env.warm_start_steps if steps is None else steps
     if steps <= 0:
         return {"skipped": "warm start switched off (LABELLOOP_WARM_START_STEPS=0)"}
-    if spec.task_type != "classification":
+    if not spec.kind.whole_image:
         return {"skipped": f"no warm start for {spec.task_type} yet"}
     if resolve_model_path(spec, env.allow_custom_model_path, env.model_root) or env.base_model or env.model_config:
         return {"skipped": "the project trains from the user's weights or model config"}
@@ -315,8 +319,8 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
     paths = [p for p in fetcher.fetch_many(sample) if not isinstance(p, Exception)]
     if len(paths) < WARM_START_MIN_IMAGES:
         return {"skipped": f"only {len(paths)} of {len(sample)} images could be fetched"}
-    imgsz = choose_settings(len(paths), image_sides(paths), "classify", env).imgsz
-    target = registry.warm_start_path(project, recipe.model_config("classify", imgsz))
+    imgsz = choose_settings(len(paths), image_sides(paths), spec.kind, env).imgsz
+    target = registry.warm_start_path(project, recipe.model_config(spec.kind, imgsz))
     info_path = target.with_suffix(".json")
     try:
         previous = json.loads(info_path.read_text()) if target.is_file() else None
@@ -340,8 +344,8 @@ def warm_start_project(project_id: int | str, progress: Progress | None = None,
                        env: Settings | None = None) -> dict[str, Any]:
     """``build_warm_start`` for a Label Studio project, reading its tasks from the API."""
     from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.media import MediaFetcher
     from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
     client = StudioClient.from_settings(env)
@@ -363,8 +367,8 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
     Tasks that already hold a prediction of this version are skipped, so running twice is harmless.
     """
     from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.media import MediaFetcher
     from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
@@ -387,7 +391,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             # The scores this job pushes order the Data Manager (the loop's uncertainty picks): for
             # classification, averaged over four label-preserving views — measured (bench/active_learning.py,
             # 3 seeds) never below random picks at 80-400 labels, where single-view scores fell 3 points below.
-            predictions = predict_tasks(part, spec, model, fetcher, tta=spec.task_type == "classification")
+            predictions = predict_tasks(part, spec, model, fetcher, tta=spec.kind.whole_image)
             payload = [{"task": t["id"], "result": p.result, "score": p.score, "model_version": version}
                        for t, p in zip(part, predictions) if p.error is None]
             counts["errors"] += len(part) - len(payload)

@@ -9,9 +9,9 @@ plainly what is missing (no model yet, no ground truth, no embeddings).
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from labelloop.core.registry import RegistryError
 from labelloop.fo import analysis as fo_analysis
 from labelloop.fo import sync as fo_dataset
-from labelloop.core.registry import RegistryError
 
 METHODS = ("least_confidence", "margin", "entropy")
 
