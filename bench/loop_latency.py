@@ -127,7 +127,7 @@ def main() -> int:
         for process in reversed(started):
             process.stop()
 
-    ms = lambda s: f"{1000 * s:7.1f} ms"  # noqa: E731
+    ms = lambda s: f"{1000 * s:7.1f} ms"
     print(f"\nclassification project, {len(tasks)} tasks, {args.labeled} labeled, {args.epochs} epochs, one worker")
     print(f"  last annotation → predictions of {version} on all {unlabeled} unlabeled tasks: {loop_seconds:6.1f} s")
     print(f"  /predict (8 tasks) idle          p50 {ms(statistics.median(idle))}  p95 {ms(percentile(idle, .95))}")

@@ -70,7 +70,7 @@ def main() -> int:
     if args.weights:
         weights = Path(args.weights)
         registry.promote(1, registry.add_version(1, weights, {
-            "parent": None, "task": "detect", "task_type": "detection", "classes": [], "label_map": {}}).version)
+            "parent": None, "task": "detect", "task_type": "detection", "classes": []}).version)
     else:
         print("training a small detection model for the benchmark (quality is not the point) ...", flush=True)
         train_data = generate_shapes(work / "train", n=60, seed=5)

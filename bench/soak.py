@@ -253,7 +253,7 @@ def fmt(value, unit: str = "", digits: int = 1) -> str:
 
 def table(summary: dict) -> str:
     w, p, r, wr = summary["webhook"], summary["predict"], summary["rss_mb"], summary["worker_rss_mb"]
-    codes = lambda c: ", ".join(f"{k} × {v}" for k, v in c.items()) or "–"  # noqa: E731
+    codes = lambda c: ", ".join(f"{k} × {v}" for k, v in c.items()) or "–"
     rows = [
         ("webhook with the secret: answer p50 / p95 / p99 / max",
          f"{fmt(w['p50_ms'])} / {fmt(w['p95_ms'])} / **{fmt(w['p99_ms'])}** / {fmt(w['max_ms'])} ms "

@@ -117,12 +117,6 @@ class JobStore:
         raws = self.r.mget([self._key(i) for i in ids]) if ids else []
         return [json.loads(raw) for raw in raws if raw]
 
-    def count_by_state(self, limit: int = 1000) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for job in self.list(limit=limit):
-            counts[f"{job['kind']}:{job['state']}"] = counts.get(f"{job['kind']}:{job['state']}", 0) + 1
-        return counts
-
     # -- coalescing ----------------------------------------------------------------------------
     def pending_key(self, project: str, kind: str = "train", version: str | None = None) -> str:
         if kind == "train":
@@ -212,9 +206,6 @@ class ProjectLock:
 
     def acquire(self) -> bool:
         return bool(self.r.set(self.key, self.token, nx=True, ex=self.ttl))
-
-    def holder(self) -> str | None:
-        return self.r.get(self.key)
 
     def renew(self) -> bool:
         script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end"

@@ -104,7 +104,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 
 def _load(path: Path) -> dict:
     with path.open() as fh:
-        data = yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(fh, Loader=_StrictLoader)
     assert isinstance(data, dict), f"{path} is not a YAML mapping"
     return data
 
@@ -415,8 +415,8 @@ def repo_files(source: str) -> list[str]:
 def _no_abbreviations(parser) -> None:
     """argparse takes `--queue` for `--queues`; a compose file should spell options out."""
     parser.allow_abbrev = False
-    for action in parser._actions:  # noqa: SLF001 - where argparse keeps its subparsers
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 _no_abbreviations(sub)
 
@@ -969,7 +969,7 @@ def healthcheck_module():
 
 def test_healthcheck_script_http():
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             self.send_response(200 if self.path == "/health" else 503)
             self.end_headers()
             self.wfile.write(b"{}")

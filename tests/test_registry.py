@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
 
 def manifest(**extra):
     return {"parent": None, "task": "detect", "task_type": "detection", "classes": ["a", "b"],
-            "label_map": {"a": "a", "b": "b"}, "counts": {"train": 3}, "metrics": {"primary": 0.5}, **extra}
+            "counts": {"train": 3}, "metrics": {"primary": 0.5}, **extra}
 
 
 @pytest.fixture
@@ -68,11 +68,9 @@ def test_serving_pointer_promote_and_rollback(tmp_path, weights):
     v2 = reg.add_version(1, weights, manifest())
     reg.promote(1, v2.version, "better")
     assert reg.serving(1).version == "p1-v2"
-    stamp = reg.serving_stamp(1)
     reg.promote(1, v1.version, "rollback")
     assert reg.serving(1).version == "p1-v1"
     assert reg.serving_info(1)["reason"] == "rollback"
-    assert reg.serving_stamp(1) >= stamp
     with pytest.raises(RegistryError):
         reg.promote(1, "p1-v7")
 

@@ -120,7 +120,7 @@ def plant_manifest(directory: Path, project: str = "3") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "manifest.json").write_text(json.dumps({
         "version": "p3-v1", "project": project, "parent": None, "created_at": 0.0, "task": "classify",
-        "task_type": "classification", "classes": ["a"], "label_map": {"a": "a"}}))
+        "task_type": "classification", "classes": ["a"]}))
 
 
 @pytest.mark.parametrize("version", ["../../planted", "p3-v1/../../../planted", str(Path("/tmp")), "p3-v1\n",

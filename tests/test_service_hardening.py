@@ -108,8 +108,7 @@ def served(tmp_path_factory, run_home, redis_server, images):
                    env={**os.environ, "YOLO_CONFIG_DIR": os.environ["YOLO_CONFIG_DIR"]}, timeout=120)
     registry = Registry(home / "models")
     version = registry.add_version(SERVED_PROJECT, weights, {
-        "parent": None, "task": "classify", "task_type": "classification", "classes": list(CLASSES),
-        "label_map": {c: c for c in CLASSES}}).version
+        "parent": None, "task": "classify", "task_type": "classification", "classes": list(CLASSES)}).version
     registry.promote(SERVED_PROJECT, version, "installed by the test suite")
     redis_url = redis_server.url.rsplit("/", 1)[0] + "/4"  # jobs enqueued here are never run
     connect(redis_url).flushdb()

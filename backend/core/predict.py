@@ -7,6 +7,7 @@ in FiftyOne is the score Label Studio got.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -103,36 +104,37 @@ def _temperature_beside(weights: Path) -> float:
     return temperature if 0.0 < temperature < 1000.0 else 1.0
 
 
-_capture = threading.local()
+class _KeepClassScores:
+    """Keeps each kept box's per-class scores, which ultralytics' Results drop after NMS.
 
-
-def _install_class_score_capture() -> None:
-    """Keep each kept box's per-class scores, which ultralytics' results drop after NMS.
-
-    ultralytics has no public API for them; its NMS can return the indices of the kept rows of the
-    raw output, whose class columns are the per-class sigmoid scores. The wrapper is inert unless
-    the calling thread asked for capture, and returns what the caller asked for.
+    Uses the predictor's own object-feature hook: when ``_feats`` is set, its postprocess asks NMS for
+    the kept rows and hands them to ``get_obj_feats``, whose answer lands in ``result.feats``. Here
+    ``_feats`` is the raw output and ``get_obj_feats`` reads the class columns of the kept rows.
     """
-    from ultralytics.utils import nms
 
-    if getattr(nms.non_max_suppression, "_labelloop_capture", False):
-        return
-    original = nms.non_max_suppression
+    def postprocess(self, preds, img, orig_imgs, **kwargs):
+        raw = preds
+        while isinstance(raw, (list, tuple)):  # detect: tensor or (y, x); segment: ((y, x), protos)
+            raw = raw[0]
+        self._feats = raw
+        try:
+            return super().postprocess(preds, img, orig_imgs, **kwargs)
+        finally:
+            self._feats = None
 
-    def non_max_suppression(prediction, *args, **kwargs):
-        sink = getattr(_capture, "sink", None)
-        if sink is None:
-            return original(prediction, *args, **kwargs)
-        wanted = kwargs.get("return_idxs", False)
-        kwargs["return_idxs"] = True
-        output, keep = original(prediction, *args, **kwargs)
-        raw = prediction[0] if isinstance(prediction, (list, tuple)) else prediction
-        for b, idx in enumerate(keep):
-            sink.append(raw[b, 4 : 4 + _capture.nc, idx.long().view(-1)].T.float().cpu().numpy())
-        return (output, keep) if wanted else output
+    def get_obj_feats(self, raw, idxs):
+        nc = len(self.model.names)
+        return [raw[b, 4 : 4 + nc, idx.long().view(-1)].T.float().cpu().numpy() for b, idx in enumerate(idxs)]
 
-    non_max_suppression._labelloop_capture = True
-    nms.non_max_suppression = non_max_suppression
+
+@functools.cache
+def _scoring_predictor(task: str):
+    """The ultralytics predictor class for ``task`` with class scores kept (classify needs none)."""
+    if task == "segment":
+        from ultralytics.models.yolo.segment import SegmentationPredictor as Base
+    else:
+        from ultralytics.models.yolo.detect import DetectionPredictor as Base
+    return type(f"Scoring{Base.__name__}", (_KeepClassScores, Base), {})
 
 
 def cached_model_count() -> int:
@@ -172,18 +174,12 @@ def predict_images(
         kwargs = dict(conf=floor, verbose=False, batch=len(chunk))
         if imgsz:
             kwargs["imgsz"] = imgsz
-        box_scores: list[np.ndarray] = []
+        if not spec.kind.whole_image:
+            kwargs["predictor"] = _scoring_predictor(model.task)
         with model.lock:  # ultralytics predictors keep per-call state: one call at a time per model
-            if not spec.kind.whole_image:
-                _install_class_score_capture()
-                _capture.sink, _capture.nc = box_scores, len(model.names)
-            try:
-                results = model.yolo.predict(chunk, **kwargs)
-            finally:
-                _capture.sink = None
-        for k, result in enumerate(results):
-            scores = box_scores[k] if k < len(box_scores) else None
-            out.append(_convert(result, model, spec, label_of, threshold, floor, scores))
+            results = model.yolo.predict(chunk, **kwargs)
+        for result in results:
+            out.append(_convert(result, model, spec, label_of, threshold, floor, getattr(result, "feats", None)))
     return out
 
 

@@ -58,7 +58,7 @@ def augment_batch(images, generator=None):
 
     x = images.float() / 255.0
     n = x.shape[0]
-    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    rand = lambda *shape: torch.rand(*shape, generator=generator)
     area = 0.35 + 0.65 * rand(n)
     aspect = torch.exp((rand(n) - 0.5) * 2 * math.log(4 / 3))
     sw = torch.sqrt(area * aspect).clamp(max=1.0)

@@ -47,7 +47,6 @@ class Manifest:
     task: str  # ultralytics task: classify | detect | segment
     task_type: str  # classification | detection | segmentation
     classes: list[str]  # model class names, in class-index order
-    label_map: dict[str, str]  # model class name -> Label Studio label
     counts: dict[str, Any] = field(default_factory=dict)  # train/val images, objects per class
     metrics: dict[str, float] = field(default_factory=dict)  # on the held-out tuning split
     settings: dict[str, Any] = field(default_factory=dict)  # training settings actually used
@@ -168,13 +167,6 @@ class Registry:
             return json.loads(pointer.read_text())
         except FileNotFoundError:
             return None
-
-    def serving_stamp(self, project: str | int) -> float:
-        """mtime of the serving pointer: a cheap per-request check for a newly promoted version."""
-        try:
-            return (self.project_dir(project) / SERVING).stat().st_mtime_ns
-        except FileNotFoundError:
-            return 0
 
     # -- writing -------------------------------------------------------------------------------
     def add_version(self, project: str | int, weights_file: str | Path, manifest: dict[str, Any]) -> Manifest:

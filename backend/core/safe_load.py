@@ -154,7 +154,7 @@ def _scan(stream, pickles: int, where: str) -> list[str]:
             if index == 0:
                 raise UnsafeWeightsError(f"{where} is empty, not a PyTorch checkpoint") from None
             break
-        except Exception as exc:  # noqa: BLE001 - any other failure means torch.load would not read it either
+        except Exception as exc:  # any other failure means torch.load would not read it either
             raise UnsafeWeightsError(f"{where} is not a readable PyTorch checkpoint "
                                      f"({type(exc).__name__}: {exc})") from None
     return unpickler.seen

@@ -340,7 +340,7 @@ def _write_report(directory: Path, budgets, curve, random_curve, found, n_flippe
     tuning_n, tuning_accuracy = tuning["samples"], tuning["accuracy"]
     rows = "\n".join(f"| {c} | {report[c]['precision']:.2f} | {report[c]['recall']:.2f} | {report[c]['f1-score']:.2f} "
                      f"| {int(report[c]['support'])} |" for c in classes if c in report)
-    at = lambda k: found[min(k, len(found)) - 1] if found else 0  # noqa: E731
+    at = lambda k: found[min(k, len(found)) - 1] if found else 0
     text = f"""# labelloop demo report
 
 **{version}** (the version in service) is right on **{held_out['accuracy']:.2f}** of

@@ -204,7 +204,7 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
             if isinstance(fetched, Exception):
                 raise fetched
             filepath = own_copy(fetched, media)
-        except Exception as exc:  # noqa: BLE001 - one image (unfetchable, disk full) is that task's problem
+        except Exception as exc:  # one image (unfetchable, disk full) is that task's problem
             report.missing_images += 1
             report.errors.append(f"task {task['id']}: {exc}")
             continue
@@ -278,7 +278,7 @@ def _own_cached_images(dataset, fetcher, env: Settings, media: Path, report: Syn
             if isinstance(fetched, Exception):
                 raise fetched
             moved[sample_id] = str(own_copy(fetched, media))
-        except Exception as exc:  # noqa: BLE001 - the sample keeps its old path; the report says why
+        except Exception as exc:  # the sample keeps its old path; the report says why
             report.errors.append(f"sample {sample_id}: image not moved off the media cache: {exc}")
     if moved:
         dataset.set_values("filepath", moved, key_field="id")

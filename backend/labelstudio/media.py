@@ -135,7 +135,7 @@ def _redact(url: str | httpx.URL) -> str:
     """
     try:
         u = httpx.URL(str(url))
-    except Exception:  # noqa: BLE001 - a message helper must never raise
+    except Exception:  # a message helper must never raise
         return "<invalid URL>"
     params = [(k, "***" if _SECRET_PARAM_RE.search(k) else v) for k, v in u.params.multi_items()]
     query = urlencode(params, safe="/*").encode() if params else b""
@@ -234,7 +234,7 @@ class _AllowList:
             entry = "http://" + entry
         try:
             url = httpx.URL(entry)
-        except Exception:  # noqa: BLE001 - malformed entry, reported by the caller
+        except Exception:  # malformed entry, reported by the caller
             return None, None
         return (_norm_host(url.host) or None), url.port
 
@@ -532,7 +532,7 @@ def _check_image(path: Path, max_pixels: int) -> str:
             # ImportError: ultralytics registers a HEIF opener that imports pi_heif while PIL probes an
             # unknown file; without it installed, that is still "no plugin can read this"
             raise MediaError("not a decodable image", kind="not_decodable") from exc
-        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error...
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
             raise MediaError(f"corrupt {fmt or 'image'} data: {exc}", kind="not_decodable") from exc
     return _PIL_EXTS.get(fmt, "." + fmt.lower() if fmt else ".img")
 
@@ -651,7 +651,7 @@ class MediaFetcher:
             return self.fetch(url)
         except MediaError as exc:
             return exc
-        except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
+        except Exception as exc:  # one bad item must not sink the batch
             log.exception("unexpected error fetching %s", _redact(url) if isinstance(url, str) else url)
             return MediaError(f"unexpected error: {type(exc).__name__}", kind="media")
 
@@ -791,7 +791,7 @@ class MediaFetcher:
                 raise MediaError(f"HTTP {response.status_code} without Location fetching {_redact(url)}", kind="http")
             try:
                 current = current.join(location)
-            except Exception as exc:  # noqa: BLE001 - a garbage Location header
+            except Exception as exc:  # a garbage Location header
                 raise MediaError(f"bad redirect fetching {_redact(url)}", kind="http") from exc
         raise MediaError(f"too many redirects (more than {MAX_REDIRECTS}) fetching {_redact(url)}", kind="http")
 

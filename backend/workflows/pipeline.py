@@ -194,7 +194,6 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
             "task": task,
             "task_type": spec.task_type,
             "classes": classes,
-            "label_map": {name: label for name, label in zip(classes, classes) if label in spec.labels},
             "counts": dataset.counts,
             "metrics": metrics,
             "settings": {**settings_dict(chosen), "recipe": recipe.describe(spec.kind, chosen.imgsz, dataset.counts["train"],
