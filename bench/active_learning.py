@@ -42,6 +42,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -388,7 +389,7 @@ def report(args, runs, throughput, elapsed, pretrain_seconds=()):
         f.write(f"## Run {stamp} ({platform.node() or 'this machine'}, {os.cpu_count()} CPU cores, "
                 f"{elapsed / 60:.0f} min)\n\nTest accuracy, mean (min–max) over seeds. {settings}.\n\n"
                 f"{table}\n\n{ratio_line}\n\nEngine training seconds per round: {seconds_line}.\n\n{throughput_line}\n\n"
-                f"Reproduce: `.venv/bin/python bench/active_learning.py --seeds {','.join(map(str, args.seeds))}`\n\n")
+                f"Reproduce: `.venv/bin/python bench/active_learning.py {shlex.join(sys.argv[1:])}`\n\n")
     print(f"table appended to {md}")
 
 
