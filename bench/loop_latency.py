@@ -24,8 +24,6 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -41,8 +39,8 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="labelloop-loop-bench-"))
     os.environ["LABELLOOP_HOME"] = str(work / "home")
-    from conftest import LabelStudioAPI  # the same REST calls the tests make
 
+    from labelloop.dev.labeler import LabelerClient
     from labelloop.dev.localstack import start_backend, start_label_studio, start_redis, start_worker
     from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_result
 
@@ -59,7 +57,7 @@ def main() -> int:
         started.append(backend)
         worker = start_worker(work / "home", env={**env, "LABELLOOP_EPOCHS": str(args.epochs)})
         started.append(worker)
-        api = LabelStudioAPI(ls.url, ls.info["token"])
+        api = LabelerClient(ls.url, ls.info["token"])
 
         images = generate_shapes(work / "images", n=args.tasks, seed=3, max_objects=1)
         config = label_config("classification")

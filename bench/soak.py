@@ -3,7 +3,7 @@
 The stack is the one ``bench/loop_latency.py`` starts (Redis, Label Studio 1.23.2 from its own venv,
 ``labelloop serve``, one worker on both queues, via ``labelloop.dev.localstack``), here with the backend
 locked the way a deployment is: basic auth on, ``LABELLOOP_WEBHOOK_SECRET`` set and installed on the
-project's Label Studio webhook (``labelloop.labelstudio.client.install_webhook_secret``). A classification
+project's Label Studio webhook (``StudioClient.install_webhook_secret``). A classification
 project of ~200 generated 64 px shapes is connected with the backend's basic auth; ``--labeled``
 tasks are annotated and the soak clock starts once the first model serves. Then, for ``--minutes``:
 
@@ -52,7 +52,6 @@ import httpx
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from loop_latency import percentile  # noqa: E402  (the same nearest-rank percentile as the loop bench)
 
@@ -400,11 +399,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="labelloop-soak-"))
     os.environ["LABELLOOP_HOME"] = str(work / "home")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
-    from conftest import LabelStudioAPI  # the same REST calls the tests make
 
+    from labelloop.dev.labeler import LabelerClient
     from labelloop.dev.localstack import start_backend, start_label_studio, start_redis, start_worker
     from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_result
-    from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER, install_webhook_secret
+    from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER
 
     user, password, secret = "labelstudio", secrets.token_urlsafe(16), secrets.token_urlsafe(24)
     auth = (user, password)
@@ -426,7 +425,7 @@ def main() -> int:
         started.append(backend)
         worker = start_worker(work / "home", env={**env, "LABELLOOP_EPOCHS": str(args.epochs)})
         started.append(worker)
-        api = LabelStudioAPI(ls.url, ls.info["token"])
+        api = LabelerClient(ls.url, ls.info["token"])
 
         print(f"creating a {args.tasks}-task classification project (64 px shapes) ...", flush=True)
         images = generate_shapes(work / "images", n=args.tasks, seed=3, size=64, max_objects=1)
@@ -438,7 +437,7 @@ def main() -> int:
         tasks = api.tasks(project)
         api.connect_backend(project, backend.url, auth_method="BASIC_AUTH", basic_auth_user=user,
                             basic_auth_pass=password)
-        install_webhook_secret(api.call, project, backend.url, secret)
+        api.install_webhook_secret(project, backend.url, secret)
         truth = {t["id"]: next(im for im in images.images if t["data"]["image"].endswith(im.file)) for t in tasks}
         results = [(t["id"], to_label_studio_result(truth[t["id"]], "classification")) for t in tasks]
 

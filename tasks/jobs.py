@@ -285,24 +285,19 @@ def _count_fold_attempt(task) -> None:
 @app.task(name="labelloop.crossval_fold", bind=True, acks_late=True, reject_on_worker_lost=True)
 def crossval_fold(self, project: str, folds: int, fold: int) -> dict[str, Any]:
     """One fold of out-of-sample scoring: train without the fold, predict the fold (train queue)."""
-    from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.client import read_project
     from labelloop.labelstudio.media import MediaFetcher
     from labelloop.workflows.pipeline import train_fold_and_predict
 
     _count_fold_attempt(self)
-    client = StudioClient.from_settings()
-    try:
-        spec = parse_label_config(client.project(project)["label_config"])
-        tasks = client.export_tasks(project)
-    finally:
-        client.close()
+    data = read_project(project)
 
     def report(fraction: float, message: str) -> None:
         self.update_state(state="PROGRESS", meta={"progress": fraction, "message": f"fold {fold}: {message}"})
 
-    return {str(k): v for k, v in train_fold_and_predict(tasks, spec, MediaFetcher.from_settings(), folds, fold,
-                                                         report).items()}
+    with MediaFetcher.from_settings() as fetcher:
+        outputs = train_fold_and_predict(data.tasks, data.spec, fetcher, folds, fold, report)
+    return {str(k): v for k, v in outputs.items()}
 
 
 def run_folds_on_celery(project: int, folds: int, progress) -> dict[int, Any]:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import functools
 import http.server
-import json
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 # Isolate every process of the run (this one included) before labelloop reads its settings.
@@ -117,52 +115,6 @@ def install_model(model_dir: Path, project: int | str, model: TrainedModel) -> s
 
 # -- Label Studio -------------------------------------------------------------------------------------
 
-class LabelStudioAPI:
-    """The calls a labeler's browser (or an admin's script) makes, over Label Studio's REST API."""
-
-    def __init__(self, url: str, token: str):
-        self.url = url
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=120)
-
-    def call(self, method: str, path: str, **kwargs):
-        response = self.http.request(method, path, **kwargs)
-        assert response.status_code < 400, f"{method} {path} -> {response.status_code}: {response.text[:500]}"
-        return response.json() if response.content else None
-
-    def create_project(self, title: str, label_config: str) -> dict:
-        return self.call("POST", "/api/projects", json={"title": title, "label_config": label_config})
-
-    def upload_images(self, project: int, paths: list[Path]) -> list[dict]:
-        files = [(f"file{i}", (p.name, p.read_bytes(), "image/png")) for i, p in enumerate(paths)]
-        self.call("POST", f"/api/projects/{project}/import", files=files)
-        return self.tasks(project)
-
-    def tasks(self, project: int, ordering: list[str] | None = None) -> list[dict]:
-        params = {"project": project, "page_size": 1000, "fields": "all"}
-        if ordering:
-            params["query"] = json.dumps({"ordering": ordering})
-        return self.call("GET", "/api/tasks", params=params)["tasks"]
-
-    def task(self, task_id: int) -> dict:
-        return self.call("GET", f"/api/tasks/{task_id}")
-
-    def annotate(self, task_id: int, result: list[dict]) -> dict:
-        return self.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": result})
-
-    def connect_backend(self, project: int, url: str, **extra) -> dict:
-        return self.call("POST", "/api/ml", json={"url": url, "project": project, "title": "labelloop", **extra})
-
-    def retrieve_predictions(self, project: int) -> dict:
-        return self.call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
-                         json={"selectedItems": {"all": True, "excluded": []}, "project": project})
-
-    def predictions(self, project: int) -> list[dict]:
-        return self.call("GET", "/api/predictions", params={"project": project})
-
-    def set_model_version(self, project: int, version: str) -> dict:
-        return self.call("PATCH", f"/api/projects/{project}", json={"model_version": version})
-
-
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory, run_home):
     from labelloop.dev.localstack import start_label_studio
@@ -173,8 +125,12 @@ def label_studio(tmp_path_factory, run_home):
 
 
 @pytest.fixture(scope="session")
-def ls_api(label_studio) -> LabelStudioAPI:
-    return LabelStudioAPI(label_studio.url, label_studio.info["token"])
+def ls_api(label_studio):
+    """The labeler's and admin's REST calls (the same client the demo uses)."""
+    from labelloop.dev.labeler import LabelerClient
+
+    with LabelerClient(label_studio.url, label_studio.info["token"]) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,7 @@ def test_resync_updates_only_what_changed_and_keeps_the_analysts_work(fo, fo_pro
     other = next(c for c in ("circle", "square", "triangle", "star") if c != sample.ground_truth.label)
     result = annotation["result"]
     result[0]["value"]["choices"] = [other]
-    ls_api.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
+    ls_api.request("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
 
     report = run(fo, dataset, "sync_label_studio", project=fo_project["project"], predict=True)
     assert report["added"] == 0 and report["updated_ground_truth"] == 1 and report["predicted"] == 0
@@ -135,6 +135,6 @@ def test_operators_write_scores_views_and_a_review_queue(fo, fo_project, ls_api,
     assert diff["compared"] >= 1 and diff["gained"] == diff["lost"] == 0  # same weights: nothing moves
 
     sent = run(fo, dataset.match_tags("labelloop:uncertain"), "send_to_label_studio", title="review these")
-    queue = ls_api.call("GET", "/api/tasks", params={"view": sent["tab"], "project": fo_project["project"]})["tasks"]
+    queue = ls_api.request("GET", "/api/tasks", params={"view": sent["tab"], "project": fo_project["project"]})["tasks"]
     assert sorted(t["id"] for t in queue) == sorted(tagged.values("ls_task_id"))
 

@@ -100,7 +100,7 @@ def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, b
     predictions = [p for p in ls_api.predictions(project) if p["model_version"] == serving]
     assert {p["task"] for p in predictions} == unlabeled
     assert all(isinstance(p["score"], float) and p["result"][0]["value"]["choices"] for p in predictions)
-    assert ls_api.call("GET", f"/api/projects/{project}")["model_version"] == serving
+    assert ls_api.request("GET", f"/api/projects/{project}")["model_version"] == serving
     scores = {p["task"]: p["score"] for p in predictions}
     ordered = [t["id"] for t in ls_api.tasks(project, ordering=["tasks:predictions_score"]) if t["id"] in scores]
     assert [scores[t] for t in ordered] == sorted(scores.values())

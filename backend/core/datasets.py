@@ -28,9 +28,9 @@ INDEXED_NAMES_FILE = ".ndjson.yaml"
 
 
 class DatasetError(LabelloopError, ValueError):
-    kind, http_status = "dataset", 422
-
     """The annotations cannot make a training set (too few, no labels...); the message says why."""
+
+    kind, http_status = "dataset", 422
 
 
 def is_safe_name(text: str) -> bool:

@@ -26,14 +26,16 @@ from pathlib import Path
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from labelloop.config import Settings
+from labelloop.config import settings as current_settings
 from labelloop.core.kinds import BY_LS_TAG, KINDS, TaskKind
 from labelloop.errors import LabelloopError
 
 
 class LabelConfigError(LabelloopError, ValueError):
-    kind, http_status = "label_config", 422
-
     """The label config cannot be served; the message names the tag and says what to change."""
+
+    kind, http_status = "label_config", 422
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,13 @@ class ControlSpec:
     @property
     def result_type_tag(self) -> str:
         return self.kind.ls_tag
+
+
+def threshold_for(spec: ControlSpec, env: Settings | None = None) -> float:
+    """The score a region needs to be offered: the tag's ``model_score_threshold``, else LABELLOOP_SCORE_THRESHOLD."""
+    if spec.score_threshold is not None:
+        return spec.score_threshold
+    return (env or current_settings()).score_threshold
 
 
 def _truthy(value: str | None) -> bool:

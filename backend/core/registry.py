@@ -33,9 +33,9 @@ _VERSION_RE = re.compile(r"^p(?P<project>[A-Za-z0-9_.-]+)-v(?P<n>\d+)$")
 
 
 class RegistryError(LabelloopError, RuntimeError):
-    kind, http_status = "registry", 404
+    """No such project or version, or a name that cannot be one."""
 
-    pass
+    kind, http_status = "registry", 404
 
 
 @dataclass

@@ -66,12 +66,12 @@ _LEGACY_PICKLES = 5  # legacy torch.save: magic number, protocol, sys info, the 
 
 
 class UnsafeWeightsError(LabelConfigError):
-    kind = "unsafe_weights"
-
     """A weights file that would run code (or cannot be read as a checkpoint) when loaded.
 
     A ``LabelConfigError``: like a missing ``model_path``, the service answers it as a 422 with this
     message and a training reports it as its reason."""
+
+    kind = "unsafe_weights"
 
 
 def check_weights(path: str | Path, trusted_roots: tuple[str | Path, ...] | None = None) -> None:

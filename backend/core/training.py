@@ -36,9 +36,9 @@ Progress = Callable[[float, str], None]
 
 
 class TrainingError(LabelloopError, RuntimeError):
-    kind = "training"
-
     """Training could not run; the message says why in words a labeler's admin can act on."""
+
+    kind = "training"
 
 
 @dataclass

@@ -25,6 +25,7 @@ import httpx
 
 from labelloop.config import settings
 from labelloop.core.labelconfig import parse_label_config
+from labelloop.dev.labeler import LabelerClient
 from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
 from labelloop.labelstudio.media import LocalFileFetcher
 
@@ -39,25 +40,7 @@ def _choice_result(label: str) -> list[dict]:
     return [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
 
 
-class Studio:
-    """The simulated labeler's (and admin's) Label Studio API calls."""
-
-    def __init__(self, url: str, token: str):
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=120)
-
-    def call(self, method: str, path: str, **kwargs) -> Any:
-        response = self.http.request(method, path, **kwargs)
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-    def tasks(self, project: int, ordering: list[str] | None = None) -> list[dict]:
-        params: dict[str, Any] = {"project": project, "page_size": 10000, "fields": "all"}
-        if ordering:
-            params["query"] = json.dumps({"ordering": ordering})
-        return self.call("GET", "/api/tasks", params=params)["tasks"]
-
-
-def _wait_for_version(backend: str, project: int, studio: Studio, after: set[str], unlabeled: int,
+def _wait_for_version(backend: str, project: int, studio: LabelerClient, after: set[str], unlabeled: int,
                       since: float, timeout: float) -> str:
     """Wait until the jobs this round's annotations started have finished; return the version serving
     then. A new version must also have its predictions on every unlabeled task in Label Studio; when
@@ -77,7 +60,7 @@ def _wait_for_version(backend: str, project: int, studio: Studio, after: set[str
             serving = httpx.get(f"{backend}/versions", params={"project": project}, timeout=10).json()["serving"].get(
                 str(project))
             if serving and serving not in after:
-                predicted = {p["task"] for p in studio.call("GET", "/api/predictions", params={"project": project})
+                predicted = {p["task"] for p in studio.predictions(project)
                              if p["model_version"] == serving}
                 if len(predicted) >= unlabeled:
                     return serving
@@ -180,7 +163,7 @@ def run_demo(args) -> int:
     os.environ.update(env)
     services = state["services"]
     backend, ls_url = services["backend"]["url"], services["label-studio"]["url"]
-    studio = Studio(ls_url, state["label_studio"]["token"])
+    studio = LabelerClient(ls_url, state["label_studio"]["token"])
 
     _say(f"2/6 generating {n_images} images (+150 test images), 10 % of the labeler's answers wrong")
     data = generate_shapes(workdir / "data", n=n_images, seed=7, size=64, max_objects=1, style="simple")
@@ -189,21 +172,19 @@ def run_demo(args) -> int:
     spec = parse_label_config(label_config(TASK_TYPE))
 
     _say("3/6 creating the Label Studio project and connecting the backend")
-    project = studio.call("POST", "/api/projects", json={"title": f"labelloop demo {time.strftime('%H%M%S')}",
-                                                         "label_config": label_config(TASK_TYPE),
-                                                         "sampling": "Uncertainty sampling"})["id"]
+    project = studio.request("POST", "/api/projects", json={"title": f"labelloop demo {time.strftime('%H%M%S')}",
+                                                            "label_config": label_config(TASK_TYPE),
+                                                            "sampling": "Uncertainty sampling"})["id"]
     for start in range(0, n_images, 50):
         files = [(f"f{i}", (im.file, (data.images_dir / im.file).read_bytes(), "image/png"))
                  for i, im in enumerate(data.images[start : start + 50])]
-        studio.call("POST", f"/api/projects/{project}/import", files=files)
+        studio.request("POST", f"/api/projects/{project}/import", files=files)
     tasks = studio.tasks(project)
     image_of = {t["id"]: next(i for i, im in enumerate(data.images) if t["data"]["image"].endswith(im.file))
                 for t in tasks}
-    studio.call("POST", "/api/ml", json={"url": backend, "project": project, "title": "labelloop"})
+    studio.connect_backend(project, backend)
     if settings().webhook_secret:  # Label Studio made the webhook without it: add it, or events get 401
-        from labelloop.labelstudio.client import install_webhook_secret
-
-        install_webhook_secret(studio.call, project, backend, settings().webhook_secret)
+        studio.install_webhook_secret(project, backend, settings().webhook_secret)
 
     _say("  learning from the unlabeled images first (self-supervised warm start, a Celery job queued at connect)")
     _wait_for_warm_start(backend, project)
@@ -222,7 +203,7 @@ def run_demo(args) -> int:
             batch = ranked[:per_round]
         since = time.time()
         for task_id in batch:  # the simulated labeler, with its 10 % of mistakes
-            studio.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": _choice_result(noisy[image_of[task_id]])})
+            studio.annotate(task_id, _choice_result(noisy[image_of[task_id]]))
         labeled.update(batch)
         _say(f"  round {round_no + 1}: labeled {len(labeled)} tasks; waiting for the loop (webhook → Celery)")
         version = _wait_for_version(backend, project, studio, versions, len(tasks) - len(labeled), since,

@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from labelloop.config import settings as current_settings
 from labelloop.core import scoring
-from labelloop.core.labelconfig import ControlSpec, parse_label_config
+from labelloop.core.labelconfig import ControlSpec, parse_label_config, threshold_for
 from labelloop.errors import LabelloopError
 from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
 
@@ -28,9 +27,9 @@ MISTAKES_VIEW = "labelloop-high-confidence-mistakes"
 
 
 class AnalysisError(LabelloopError, ValueError):
-    kind, http_status = "analysis", 400
-
     """The dataset lacks what the analysis needs; the message says what to run first."""
+
+    kind, http_status = "analysis", 400
 
 
 def spec_of(dataset) -> ControlSpec:
@@ -45,7 +44,7 @@ def project_of(dataset) -> int:
 
 
 def _threshold(spec: ControlSpec) -> float:
-    return spec.score_threshold if spec.score_threshold is not None else current_settings().score_threshold
+    return threshold_for(spec)
 
 
 def _require(view, field: str, hint: str) -> None:
@@ -157,18 +156,13 @@ FoldRunner = Callable[[int, int, Progress], dict[int, Any]]
 
 def run_folds_here(project: int, folds: int, progress: Progress) -> dict[int, Any]:
     """The folds one after another in this process (no worker needed; slower)."""
-    from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.client import read_project
     from labelloop.labelstudio.media import MediaFetcher
     from labelloop.workflows.pipeline import cross_val_predictions
 
-    client = StudioClient.from_settings()
-    try:
-        spec = parse_label_config(client.project(project)["label_config"])
-        tasks = client.export_tasks(project)
-    finally:
-        client.close()
-    return cross_val_predictions(tasks, spec, MediaFetcher.from_settings(), folds, progress)
+    project_data = read_project(project)
+    with MediaFetcher.from_settings() as fetcher:
+        return cross_val_predictions(project_data.tasks, project_data.spec, fetcher, folds, progress)
 
 
 # -- uncertainty sampling ---------------------------------------------------------------------------

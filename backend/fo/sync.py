@@ -38,7 +38,7 @@ from typing import Any
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
 from labelloop.core.datasets import latest_human_annotation, link_or_copy, rectangle_to_polygon, split_of
-from labelloop.core.labelconfig import ControlSpec, parse_label_config
+from labelloop.core.labelconfig import ControlSpec, threshold_for
 from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
 from labelloop.core.registry import Registry
 from labelloop.fo.env import import_fiftyone, root_dataset
@@ -173,15 +173,12 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
-    own_client = client is None
-    client = client or StudioClient.from_settings(env)
-    try:
-        project = client.project(project_id)
-        tasks = client.export_tasks(project_id)
-    finally:
-        if own_client:
-            client.close()
-    spec = parse_label_config(project["label_config"])
+    if client is None:
+        with StudioClient.from_settings(env) as own:
+            loaded = own.load_project(project_id)
+    else:
+        loaded = client.load_project(project_id)
+    project, spec, tasks = loaded.info, loaded.spec, loaded.tasks
     name = dataset_name or dataset_name_for(project_id)
     dataset = load_or_create(name)
     _declare_fields(dataset, spec)
@@ -194,31 +191,12 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     by_id = {int(t["id"]): t for t in tasks}
     new_tasks = [t for tid, t in by_id.items() if tid not in known]
     say(0.05, f"{len(new_tasks)} new task(s); fetching images")
-    fetcher = MediaFetcher.from_settings(env)
     media = media_dir_for(project_id, env)
     urls = [(t.get("data") or {}).get(spec.value_key) or "" for t in new_tasks]
-    fo = import_fiftyone()
-    samples = []
-    for task, fetched in zip(new_tasks, fetcher.fetch_many(urls)):
-        try:
-            if isinstance(fetched, Exception):
-                raise fetched
-            filepath = own_copy(fetched, media)
-        except Exception as exc:  # one image (unfetchable, disk full) is that task's problem
-            report.missing_images += 1
-            report.errors.append(f"task {task['id']}: {exc}")
-            continue
-        sample = fo.Sample(filepath=str(filepath), ls_task_id=int(task["id"]), ls_project=int(project_id),
-                           ls_image_url=(task.get("data") or {}).get(spec.value_key),
-                           ls_annotation=annotation_key(task), tuning_split=split_of(task["id"]))
-        for key, value in ground_truth_labels(task, spec).items():
-            sample[key] = value
-        samples.append(sample)
-    if samples:
-        dataset.add_samples(samples)
-    report.added = len(samples)
-    _own_cached_images(dataset, fetcher, env, media, report)
-    say(0.3, f"added {len(samples)} sample(s); updating changed annotations")
+    with MediaFetcher.from_settings(env) as fetcher:
+        report.added = _add_samples(dataset, new_tasks, fetcher.fetch_many(urls), spec, project_id, media, report)
+        _own_cached_images(dataset, fetcher, env, media, report)
+    say(0.3, f"added {report.added} sample(s); updating changed annotations")
 
     for sample in dataset.select_fields(["ls_task_id", "ls_annotation", "ground_truth", "tags"]).iter_samples(
             autosave=True):
@@ -260,6 +238,31 @@ def _declare_fields(dataset, spec: ControlSpec) -> None:
     for field_name, (kind, kwargs) in kinds.items():
         if not dataset.has_sample_field(field_name):
             dataset.add_sample_field(field_name, kind, **kwargs)
+
+
+def _add_samples(dataset, tasks: list[dict[str, Any]], fetched: list, spec: ControlSpec, project_id: int | str,
+                 media: Path, report: SyncReport) -> int:
+    """One sample per task whose image arrived (copied into the project's media folder); returns how many."""
+    fo = import_fiftyone()
+    samples = []
+    for task, image in zip(tasks, fetched):
+        try:
+            if isinstance(image, Exception):
+                raise image
+            filepath = own_copy(image, media)
+        except Exception as exc:  # one image (unfetchable, disk full) is that task's problem
+            report.missing_images += 1
+            report.errors.append(f"task {task['id']}: {exc}")
+            continue
+        sample = fo.Sample(filepath=str(filepath), ls_task_id=int(task["id"]), ls_project=int(project_id),
+                           ls_image_url=(task.get("data") or {}).get(spec.value_key),
+                           ls_annotation=annotation_key(task), tuning_split=split_of(task["id"]))
+        for key, value in ground_truth_labels(task, spec).items():
+            sample[key] = value
+        samples.append(sample)
+    if samples:
+        dataset.add_samples(samples)
+    return len(samples)
 
 
 def _own_cached_images(dataset, fetcher, env: Settings, media: Path, report: SyncReport) -> None:
@@ -316,7 +319,7 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
         ids, paths = view.values(["id", "filepath"])
         versions = [None] * len(ids)
     wanted = [(i, p) for i, p, v in zip(ids, paths, versions) if force or v != model.version]
-    threshold = spec.score_threshold if spec.score_threshold is not None else current_settings().score_threshold
+    threshold = threshold_for(spec)
     dataset = root_dataset(view)
     done = 0
     for start in range(0, len(wanted), batch):

@@ -1,8 +1,10 @@
-"""Label Studio API client for the engine's jobs: read projects and annotations, write predictions.
+"""The one Label Studio API client: read projects and annotations, write predictions and review tabs.
 
-Auth comes from label-studio-sdk (legacy token or personal access token, refreshed by the SDK);
-requests go through httpx with those headers so every call has one timeout and one error type.
-We only ever *read* annotations; the only writes are predictions and project.model_version.
+Auth is labelloop's own (``labelstudio/auth.py``, shared with the media fetcher): a legacy token or a
+personal access token refreshed before it expires and after a 401. Every call has one timeout, retries
+an unreachable or failing (5xx) Label Studio with backoff, and raises ``StudioError`` with the reason.
+The engine only ever *reads* annotations; its writes are predictions, project.model_version, Data
+Manager tabs and its own webhook's headers. Use it as a context manager (or call ``close``).
 """
 
 from __future__ import annotations
@@ -10,57 +12,90 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
+from labelloop.core.labelconfig import ControlSpec, parse_label_config
 from labelloop.errors import LabelloopError
+from labelloop.labelstudio.auth import LabelStudioAuth, StudioAuthError
 
 log = logging.getLogger(__name__)
 
 # Unreachable Label Studio: try again after 1, 2, 4, 8 s (15 s in all), then fail with the reason.
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
 PREDICTION_CHUNK = 100  # predictions per bulk import request
+WEBHOOK_SECRET_HEADER = "X-Labelloop-Webhook-Secret"  # installed on the project's webhook; checked by /webhook
 
 
 class StudioError(LabelloopError, RuntimeError):
-    kind, http_status = "label_studio", 502
-
     """Label Studio could not be reached or refused a call; the message says which and why."""
+
+    kind, http_status = "label_studio", 502
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
 
 
+@dataclass(frozen=True)
+class StudioProject:
+    """A project as the engine reads it: its settings, the control it serves, every task with annotations."""
+
+    id: int
+    info: dict[str, Any]  # Label Studio's project object (title, label_config, model_version, ...)
+    spec: ControlSpec
+    tasks: list[dict[str, Any]]
+
+
+def read_project(project_id: int | str, env: Settings | None = None) -> StudioProject:
+    """``StudioClient.load_project`` with a client opened and closed for it."""
+    with StudioClient.from_settings(env) as client:
+        return client.load_project(project_id)
+
+
 class StudioClient:
     def __init__(self, url: str, api_key: str, timeout: float = 60.0):
         if not url or not api_key:
             raise StudioError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to talk to Label Studio")
-        from label_studio_sdk.client import LabelStudio
-
         self.url = url.rstrip("/")
-        self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self._auth = LabelStudioAuth(self.url, api_key, self._http)
 
     @classmethod
     def from_settings(cls, env: Settings | None = None) -> StudioClient:
         env = env or current_settings()
         return cls(env.label_studio_url, env.label_studio_api_key)
 
+    def __enter__(self) -> StudioClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def headers(self) -> dict[str, str]:
         try:
-            return {"Authorization": self._sdk._client_wrapper.get_headers()["Authorization"]}
-        except Exception as exc:  # token refresh failed: LS down or the key is wrong
+            return self._auth.headers()
+        except StudioAuthError as exc:  # token refresh failed: LS down or the key is wrong
             raise StudioError(f"cannot authenticate to Label Studio at {self.url}: {exc}") from exc
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request; a 401 on a personal access token refreshes it and tries once more."""
+        headers = self.headers()
+        response = self._http.request(method, path, headers=headers, **kwargs)
+        if response.status_code == 401 and self._auth.is_pat:
+            self._auth.invalidate(headers)
+            response = self._http.request(method, path, headers=self.headers(), **kwargs)
+        return response
 
     def request(self, method: str, path: str, retry_delays=RETRY_DELAYS, **kwargs) -> Any:
         """One API call; connection failures and 5xx are retried with backoff, then raise StudioError."""
         for attempt, delay in enumerate((*retry_delays, None)):
             try:
-                response = self._http.request(method, path, headers=self.headers(), **kwargs)
+                response = self._send(method, path, **kwargs)
             except (httpx.HTTPError, StudioError) as exc:
                 failure = StudioError(f"Label Studio at {self.url} unreachable ({method} {path}) after "
                                       f"{attempt + 1} attempt(s): {exc}")
@@ -86,10 +121,26 @@ class StudioClient:
     def project(self, project_id: int | str) -> dict[str, Any]:
         return self.request("GET", f"/api/projects/{int(project_id)}")
 
+    def load_project(self, project_id: int | str) -> StudioProject:
+        """The project, its parsed label config and every task with its annotations (the truth)."""
+        info = self.project(project_id)
+        spec = parse_label_config(info["label_config"])
+        return StudioProject(int(project_id), info, spec, self.export_tasks(project_id))
+
     def export_tasks(self, project_id: int | str) -> list[dict[str, Any]]:
         """Every task of the project with its annotations (Label Studio's JSON export)."""
         return self.request("GET", f"/api/projects/{int(project_id)}/export",
                             params={"exportType": "JSON", "download_all_tasks": "true"})
+
+    def tasks(self, project_id: int | str, ordering: list[str] | None = None, page_size: int = 10_000) -> list[dict[str, Any]]:
+        """Tasks as the Data Manager lists them (``ordering`` e.g. ``["tasks:predictions_score"]``)."""
+        params: dict[str, Any] = {"project": int(project_id), "page_size": page_size, "fields": "all"}
+        if ordering:
+            params["query"] = json.dumps({"ordering": ordering})
+        return self.request("GET", "/api/tasks", params=params)["tasks"]
+
+    def task(self, task_id: int | str) -> dict[str, Any]:
+        return self.request("GET", f"/api/tasks/{int(task_id)}")
 
     def predictions(self, project_id: int | str) -> list[dict[str, Any]]:
         return self.request("GET", "/api/predictions", params={"project": int(project_id)})
@@ -115,28 +166,22 @@ class StudioClient:
         return self.request("POST", "/api/dm/views", json={"project": int(project_id), "data": data})
 
     def install_webhook_secret(self, project_id: int | str, backend_url: str, secret: str) -> dict[str, Any]:
-        return install_webhook_secret(self.request, project_id, backend_url, secret)
+        """Make the project's webhook to ``<backend_url>/webhook`` send LABELLOOP_WEBHOOK_SECRET.
+
+        Label Studio creates that webhook itself when the backend is connected (``POST /api/ml``), with
+        ``headers={}``: without our header its events are indistinguishable from forged ones. Its other
+        headers are kept; the webhook is created when missing.
+        """
+        url = backend_url.rstrip("/") + "/webhook"
+        for hook in self.request("GET", "/api/webhooks/", params={"project": int(project_id)}) or []:
+            if hook.get("url") == url:
+                headers = {**(hook.get("headers") or {}), WEBHOOK_SECRET_HEADER: secret}
+                return self.request("PATCH", f"/api/webhooks/{int(hook['id'])}/", json={"headers": headers})
+        return self.request("POST", "/api/webhooks/", json={
+            "project": int(project_id), "url": url, "send_payload": True, "send_for_all_actions": True,
+            "headers": {WEBHOOK_SECRET_HEADER: secret}})
 
     def close(self) -> None:
         self._http.close()
 
 
-WEBHOOK_SECRET_HEADER = "X-Labelloop-Webhook-Secret"  # checked by service.py's /webhook
-
-
-def install_webhook_secret(call, project_id: int | str, backend_url: str, secret: str) -> dict[str, Any]:
-    """Make the project's webhook to ``<backend_url>/webhook`` send LABELLOOP_WEBHOOK_SECRET.
-
-    Label Studio creates that webhook itself when the backend is connected (``POST /api/ml``), with
-    ``headers={}``: without our header its events are indistinguishable from forged ones. Its other
-    headers are kept; the webhook is created when missing. ``call(method, path, **kwargs)`` is any
-    Label Studio API caller returning the decoded JSON (StudioClient.request, the demo's client).
-    """
-    url = backend_url.rstrip("/") + "/webhook"
-    for hook in call("GET", "/api/webhooks/", params={"project": int(project_id)}) or []:
-        if hook.get("url") == url:
-            headers = {**(hook.get("headers") or {}), WEBHOOK_SECRET_HEADER: secret}
-            return call("PATCH", f"/api/webhooks/{int(hook['id'])}/", json={"headers": headers})
-    return call("POST", "/api/webhooks/", json={"project": int(project_id), "url": url, "send_payload": True,
-                                                "send_for_all_actions": True,
-                                                "headers": {WEBHOOK_SECRET_HEADER: secret}})

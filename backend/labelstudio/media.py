@@ -27,11 +27,9 @@ shared/notes/label-studio-protocol.md, "Auth"). Both kinds work here.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.cookiejar
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -50,6 +48,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from labelloop.errors import LabelloopError
+from labelloop.labelstudio.auth import LabelStudioAuth, StudioAuthError
 
 try:  # optional (httpx[brotli]); without it a brotli-encoded body is refused, never inflated unbounded
     import brotli
@@ -59,8 +58,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
-ACCESS_TOKEN_LIFETIME = 300.0  # seconds; Label Studio 1.23's access tokens, used when no `exp` claim
-REFRESH_MARGIN = 30.0  # refresh this long before expiry so a token never dies in flight
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -140,20 +137,6 @@ def _redact(url: str | httpx.URL) -> str:
     params = [(k, "***" if _SECRET_PARAM_RE.search(k) else v) for k, v in u.params.multi_items()]
     query = urlencode(params, safe="/*").encode() if params else b""
     return str(u.copy_with(userinfo=b"", fragment=None, query=query or None))
-
-
-def _jwt_expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT (unix seconds), read without verifying; None if not readable.
-
-    Only used to schedule a refresh; the server is the one that checks signatures.
-    """
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        exp = claims.get("exp")
-        return float(exp) if isinstance(exp, (int, float)) else None
-    except (IndexError, ValueError, TypeError, AttributeError):
-        return None
 
 
 def _ext_from_url(url: httpx.URL) -> str | None:
@@ -261,80 +244,6 @@ class _Target:
     origin: _Origin
     is_label_studio: bool
     addresses: tuple[IPAddress, ...] = field(default=())
-
-
-# --------------------------------------------------------------------------- Label Studio auth
-
-
-class _LabelStudioAuth:
-    """The Authorization header for requests to the Label Studio host.
-
-    A legacy token is sent as ``Token <key>``. A personal access token (JWT refresh token, starts
-    with "eyJ") is exchanged at ``/api/token/refresh/`` for an access token sent as ``Bearer``;
-    it is cached until ~30 s before it expires, and dropped after a 401 so the next call refreshes.
-    One lock serialises refreshes so a burst of threads costs one refresh call.
-
-    label-studio-sdk 2.1.2 has this machinery (``tokens.client_ext.TokensClientExt``) but it is not
-    usable here: it decides PAT-vs-legacy by decoding the key as a JWT with an ``exp`` claim
-    (raising otherwise), refreshes only once the access token has already expired, never
-    retries on 401, needs a whole SDK client wrapper, and drops a path prefix of the LS URL.
-    """
-
-    def __init__(self, label_studio_url: str, api_key: str, client: httpx.Client):
-        self._refresh_url = f"{label_studio_url}/api/token/refresh/"
-        self._key = (api_key or "").strip()
-        self._client = client
-        self._lock = threading.Lock()
-        self._access: str | None = None
-        self._refresh_at = 0.0  # time.monotonic() after which the cached access token is replaced
-
-    @property
-    def has_key(self) -> bool:
-        return bool(self._key)
-
-    @property
-    def is_pat(self) -> bool:
-        return self._key.startswith("eyJ")
-
-    def headers(self) -> dict[str, str]:
-        if not self._key:
-            return {}
-        if not self.is_pat:
-            return {"Authorization": f"Token {self._key}"}
-        return {"Authorization": f"Bearer {self._access_token()}"}
-
-    def invalidate(self, sent: dict[str, str]) -> None:
-        """Forget the access token that just got a 401 (unless another thread already replaced it)."""
-        with self._lock:
-            if self._access is not None and sent.get("Authorization") == f"Bearer {self._access}":
-                self._access = None
-
-    def _access_token(self) -> str:
-        with self._lock:
-            if self._access is None or time.monotonic() >= self._refresh_at:
-                self._access, lifetime = self._refresh()
-                self._refresh_at = time.monotonic() + max(lifetime - REFRESH_MARGIN, lifetime / 2)
-            return self._access
-
-    def _refresh(self) -> tuple[str, float]:
-        """POST the PAT, return (access token, seconds it lives)."""
-        log.info("refreshing the Label Studio access token")
-        try:
-            response = self._client.post(self._refresh_url, json={"refresh": self._key})
-        except httpx.HTTPError as exc:
-            raise MediaError(f"cannot refresh the Label Studio access token: {type(exc).__name__}", kind="auth") from exc
-        if response.status_code != 200:
-            raise MediaError(f"Label Studio refused the personal access token (HTTP {response.status_code} "
-                             "from /api/token/refresh/); check LABEL_STUDIO_API_KEY", kind="auth")
-        try:
-            access = response.json()["access"]
-        except (ValueError, KeyError, TypeError):
-            access = None
-        if not isinstance(access, str) or not access:
-            raise MediaError("Label Studio's /api/token/refresh/ answered without an access token", kind="auth")
-        exp = _jwt_expiry(access)
-        lifetime = ACCESS_TOKEN_LIFETIME if exp is None else max(exp - time.time(), 0.0)
-        return access, lifetime
 
 
 # --------------------------------------------------------------------------- total deadline per fetch
@@ -597,7 +506,7 @@ class MediaFetcher:
             cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
             headers={"User-Agent": "labelloop-media", "Accept-Encoding": "identity"},
         )
-        self._auth = _LabelStudioAuth(self._ls_url, api_key, self._client)
+        self._auth = LabelStudioAuth(self._ls_url, api_key, self._client)
 
     @classmethod
     def from_settings(cls, s=None) -> MediaFetcher:
@@ -797,12 +706,15 @@ class MediaFetcher:
 
     def _request(self, target: _Target) -> httpx.Response:
         """One hop; auth only for Label Studio; a 401 with a PAT refreshes the token and retries once."""
-        headers = self._auth.headers() if target.is_label_studio else {}
-        response = self._send(target, headers)
-        if response.status_code == 401 and target.is_label_studio and self._auth.is_pat:
-            response.close()
-            self._auth.invalidate(headers)
-            response = self._send(target, self._auth.headers())
+        try:
+            headers = self._auth.headers() if target.is_label_studio else {}
+            response = self._send(target, headers)
+            if response.status_code == 401 and target.is_label_studio and self._auth.is_pat:
+                response.close()
+                self._auth.invalidate(headers)
+                response = self._send(target, self._auth.headers())
+        except StudioAuthError as exc:  # this task's image cannot be fetched: its error, not the batch's
+            raise MediaError(str(exc), kind="auth") from exc
         return response
 
     def _send(self, target: _Target, headers: dict[str, str]) -> httpx.Response:

@@ -25,7 +25,7 @@ from labelloop.core.datasets import (
     labeled_tasks,
     latest_human_annotation,
 )
-from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path
+from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path, threshold_for
 from labelloop.core.predict import LoadedModel, load_model, predict_images, to_label_studio
 from labelloop.core.registry import Manifest, Registry
 from labelloop.core.training import (
@@ -82,12 +82,12 @@ class TaskPrediction:
 
 
 def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedModel, fetcher,
-                  threshold: float | None = None, batch: int | None = None, tta: bool = False) -> list[TaskPrediction]:
+                  threshold: float | None = None, batch: int | None = None, tta: bool = False,
+                  env: Settings | None = None) -> list[TaskPrediction]:
     """One TaskPrediction per task, in order. A task whose image is missing, broken or refused gets an
     empty result with ``error`` set; the others are predicted in batches. ``tta``: see predict_images."""
-    env = current_settings()
-    threshold = spec.score_threshold if threshold is None and spec.score_threshold is not None else threshold
-    threshold = env.score_threshold if threshold is None else threshold
+    env = env or current_settings()
+    threshold = threshold_for(spec, env) if threshold is None else threshold
     out = [TaskPrediction(task_id=t.get("id"), model_version=model.version) for t in tasks]
     urls = []
     for i, task in enumerate(tasks):
@@ -119,9 +119,9 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
 # -- training ------------------------------------------------------------------------------------
 
 class NothingNew(LabelloopError):
-    kind, http_status = "nothing_new", 409
-
     """No annotation changed since the last version: training again would learn nothing new."""
+
+    kind, http_status = "nothing_new", 409
 
 
 @dataclass
@@ -135,14 +135,14 @@ class TrainOutcome:
 
 def train_new_version(registry: Registry, project: str | int, tasks: list[dict[str, Any]], spec: ControlSpec,
                       fetcher, progress: Progress | None = None, min_train: int = 2,
-                      skip_if_unchanged: bool = False) -> TrainOutcome:
+                      skip_if_unchanged: bool = False, env: Settings | None = None) -> TrainOutcome:
     """Export → dataset → train → evaluate → register → promote-if-not-worse.
 
     Trains from ``choose_base`` (the user's weights or the recipe's architecture) every round; the
     version in service is the manifest's ``parent`` and the bar to promotion. Raises DatasetError/TrainingError with a reason, and
     NothingNew when ``skip_if_unchanged`` and the newest version saw exactly these annotations.
     """
-    env = current_settings()
+    env = env or current_settings()
     say = progress or (lambda fraction, message: None)
     rows = labeled_tasks(tasks, spec)
     if len(rows) < min_train:
@@ -262,24 +262,18 @@ def train_project(project_id: int | str, progress: Progress | None = None, env: 
     least 2 tasks). Not forced (annotation events): wait for ``first_training_minimum`` labeled
     tasks before the first version, and skip when no annotation changed since the newest version.
     """
-    from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.client import read_project
     from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
-    client = StudioClient.from_settings(env)
-    try:
-        project = client.project(project_id)
-        spec = parse_label_config(project["label_config"])
-        tasks = client.export_tasks(project_id)
-    finally:
-        client.close()
+    project = read_project(project_id, env)
     registry = Registry(env.model_dir)
     registry.remove_stale_temp()
     first = registry.serving(project_id) is None
-    min_train = 2 if force or not first else first_training_minimum(spec)
-    return train_new_version(registry, project_id, tasks, spec, MediaFetcher.from_settings(env), progress,
-                             min_train=min_train, skip_if_unchanged=not force)
+    min_train = 2 if force or not first else first_training_minimum(project.spec)
+    with MediaFetcher.from_settings(env) as fetcher:
+        return train_new_version(registry, project_id, project.tasks, project.spec, fetcher, progress,
+                                 min_train=min_train, skip_if_unchanged=not force, env=env)
 
 
 WARM_START_MIN_IMAGES = 32  # fewer images than this teach a contrastive pretraining nothing useful
@@ -342,19 +336,13 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
 def warm_start_project(project_id: int | str, progress: Progress | None = None,
                        env: Settings | None = None) -> dict[str, Any]:
     """``build_warm_start`` for a Label Studio project, reading its tasks from the API."""
-    from labelloop.core.labelconfig import parse_label_config
-    from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.client import read_project
     from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
-    client = StudioClient.from_settings(env)
-    try:
-        spec = parse_label_config(client.project(project_id)["label_config"])
-        tasks = client.export_tasks(project_id)
-    finally:
-        client.close()
+    project = read_project(project_id, env)
     with MediaFetcher.from_settings(env) as fetcher:
-        return build_warm_start(Registry(env.model_dir), project_id, tasks, spec, fetcher, progress, env)
+        return build_warm_start(Registry(env.model_dir), project_id, project.tasks, project.spec, fetcher, progress, env)
 
 
 def predict_unlabeled(project_id: int | str, version: str, progress: Progress | None = None,
@@ -365,7 +353,6 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
 
     Tasks that already hold a prediction of this version are skipped, so running twice is harmless.
     """
-    from labelloop.core.labelconfig import parse_label_config
     from labelloop.labelstudio.client import StudioClient
     from labelloop.labelstudio.media import MediaFetcher
 
@@ -373,15 +360,12 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
     say = progress or (lambda fraction, message: None)
     registry = Registry(env.model_dir)
     manifest = registry.get(project_id, version)
-    client = StudioClient.from_settings(env)
-    try:
-        project = client.project(project_id)
-        spec = parse_label_config(project["label_config"])
-        tasks = client.export_tasks(project_id)
+    with StudioClient.from_settings(env) as client, MediaFetcher.from_settings(env) as fetcher:
+        project = client.load_project(project_id)
+        spec, tasks = project.spec, project.tasks
         done = {p["task"] for p in client.predictions(project_id) if p.get("model_version") == version}
         todo = [t for t in tasks if latest_human_annotation(t) is None and t["id"] not in done]
         model = load_model(manifest.weights, version)
-        fetcher = MediaFetcher.from_settings(env)
         counts = {"unlabeled": len(todo) + len([t for t in tasks if t["id"] in done]), "pushed": 0,
                   "already_there": len(done), "errors": 0}
         say(0.0, f"predicting {len(todo)} unlabeled task(s) with {version}")
@@ -390,7 +374,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             # The scores this job pushes order the Data Manager (the loop's uncertainty picks): for
             # classification, averaged over four label-preserving views — measured (bench/active_learning.py,
             # 3 seeds) never below random picks at 80-400 labels, where single-view scores fell 3 points below.
-            predictions = predict_tasks(part, spec, model, fetcher, tta=spec.kind.whole_image)
+            predictions = predict_tasks(part, spec, model, fetcher, tta=spec.kind.whole_image, env=env)
             payload = [{"task": t["id"], "result": p.result, "score": p.score, "model_version": version}
                        for t, p in zip(part, predictions) if p.error is None]
             counts["errors"] += len(part) - len(payload)
@@ -402,8 +386,6 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         if serving is not None and serving.version == version:
             client.set_model_version(project_id, version)
         return counts
-    finally:
-        client.close()
 
 
 # -- out-of-sample model outputs (K-fold) ------------------------------------------------------------
@@ -449,7 +431,7 @@ def train_fold_and_predict(tasks: list[dict[str, Any]], spec: ControlSpec, fetch
         model = load_model(outcome.manifest.weights, f"fold{fold}-of-{folds}")
         fetched = fetcher.fetch_many([(t.get("data") or {}).get(spec.value_key) or "" for t in held_out])
         ready = [(t, p) for t, p in zip(held_out, fetched) if not isinstance(p, Exception)]
-        threshold = spec.score_threshold if spec.score_threshold is not None else current_settings().score_threshold
+        threshold = threshold_for(spec)
         preds = predict_images(model, [p for _, p in ready], spec, threshold)
         return {int(t["id"]): prediction_to_json(pred) for (t, _), pred in zip(ready, preds)}
 
