@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     from labelloop.core.training import evaluate
     from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
     from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.labelstudio.results import labeled_images
     from labelloop.workflows.pipeline import train_new_version
 
     rows = []
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         spec = parse_label_config(label_config(task_type))
         test_tasks = to_label_studio_tasks(test, task_type)
         # an evaluation set: every test task on the 'val' side (the split hash is ignored here)
-        test_set = build_dataset(test_tasks, spec, {t["id"]: Path(t["data"]["image"]) for t in test_tasks},
+        test_set = build_dataset(labeled_images(test_tasks, spec), spec, {t["id"]: Path(t["data"]["image"]) for t in test_tasks},
                                  work / f"testset-{task_type}", min_train=0)
         _all_to_val(test_set)
         for seed in args.seeds:

@@ -1,13 +1,14 @@
-"""Label Studio annotations → ultralytics datasets; the deterministic split."""
+"""Label Studio annotations → labeled images → ultralytics datasets; the deterministic split."""
 
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from labelloop.core.datasets import DatasetError, build_dataset, latest_human_annotation, rectangle_to_polygon, split_of
+from labelloop.core.datasets import DatasetError, build_dataset, split_of
 from labelloop.core.labelconfig import parse_label_config
 from labelloop.dev.shapes import label_config
+from labelloop.labelstudio.results import labeled_images, latest_human_annotation, rectangle_to_polygon
 
 pytestmark = pytest.mark.unit  # pure logic, no server: `make test-fast`
 
@@ -60,7 +61,7 @@ def test_detection_dataset_files(tmp_path, images):
               "annotations": [{"id": i, "result": [rect("dog", 10, 20, 30, 40)]}]} for i in images]
     tasks.append({"id": 99, "data": {"image": "x"}, "annotations": []})  # unlabeled: left out
     tasks.append({"id": 98, "data": {"image": "x"}, "annotations": [{"id": 5, "result": []}]})  # no image fetched
-    info = build_dataset(tasks, spec, images, tmp_path / "ds")
+    info = build_dataset(labeled_images(tasks, spec), spec, images, tmp_path / "ds")
     assert info.counts["train"] + info.counts["val"] == 20
     assert info.counts["val"] >= 1 and info.counts["per_class"] == {"dog": 20}
     assert set(info.task_ids["val"]) == {i for i in images if split_of(i) == "val"} or len(info.task_ids["val"]) == 1
@@ -77,7 +78,7 @@ def test_segmentation_and_classification_layouts(tmp_path, images):
     poly = {"from_name": "label", "to_name": "image", "type": "polygonlabels",
             "value": {"points": [[10, 10], [50, 10], [50, 60]], "polygonlabels": ["cat"]}}
     tasks = [{"id": i, "data": {}, "annotations": [{"id": i, "result": [poly]}]} for i in images]
-    info = build_dataset(tasks, seg, images, tmp_path / "seg")
+    info = build_dataset(labeled_images(tasks, seg), seg, images, tmp_path / "seg")
     some_id = info.task_ids["train"][0]
     values = (tmp_path / "seg" / "labels" / "train" / f"{some_id}.txt").read_text().split()
     assert values[0] == "0" and [float(v) for v in values[1:]] == pytest.approx([0.1, 0.1, 0.5, 0.1, 0.5, 0.6])
@@ -86,7 +87,7 @@ def test_segmentation_and_classification_layouts(tmp_path, images):
     choice = lambda label: {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}
     tasks = [{"id": i, "data": {}, "annotations": [{"id": i, "result": [choice("cat" if i % 2 else "dog")]}]}
              for i in images]
-    info = build_dataset(tasks, cls, images, tmp_path / "cls")
+    info = build_dataset(labeled_images(tasks, cls), cls, images, tmp_path / "cls")
     for split in ("train", "val"):
         assert {p.name for p in (tmp_path / "cls" / split).iterdir()} == {"cat", "dog"}
     assert sum(info.counts["per_class"].values()) == 20
@@ -96,4 +97,4 @@ def test_too_few_labels_is_a_clear_error(tmp_path, images):
     spec = parse_label_config(label_config("detection", classes=("cat",)))
     tasks = [{"id": 1, "data": {}, "annotations": [{"id": 1, "result": []}]}]
     with pytest.raises(DatasetError, match="need at least 2"):
-        build_dataset(tasks, spec, images, tmp_path / "ds")
+        build_dataset(labeled_images(tasks, spec), spec, images, tmp_path / "ds")

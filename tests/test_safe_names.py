@@ -15,6 +15,7 @@ from PIL import Image
 from labelloop.core.datasets import build_dataset
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, parse_label_config
 from labelloop.core.registry import Registry, RegistryError
+from labelloop.labelstudio.results import labeled_images
 
 PLUGIN = "@labelloop/labelloop"
 
@@ -56,7 +57,7 @@ def test_hostile_labels_build_a_dataset_only_inside_its_root(tmp_path):
     out.parent.mkdir()
     before = files_under(tmp_path)
 
-    info = build_dataset(tasks, spec, paths, out)
+    info = build_dataset(labeled_images(tasks, spec), spec, paths, out)
 
     created = files_under(tmp_path) - before
     outside = sorted(str(p) for p in created if out != p and out not in p.parents)
@@ -80,13 +81,13 @@ def test_hostile_labels_build_a_dataset_only_inside_its_root(tmp_path):
     # a NUL cannot be in an XML label config, but a spec built otherwise must not reach a path either
     nul_spec = ControlSpec("classification", "label", "image", "image", ("nul\x00byte", "ok"))
     nul_tasks, nul_paths = choice_tasks(nul_spec.labels, 3, tmp_path / "src-nul")
-    nul_info = build_dataset(nul_tasks, nul_spec, nul_paths, tmp_path / "nul" / "data")
+    nul_info = build_dataset(labeled_images(nul_tasks, nul_spec), nul_spec, nul_paths, tmp_path / "nul" / "data")
     assert nul_info.class_dirs == {"nul\x00byte": "0", "ok": "1"}
 
     # ordinary labels keep the layout training has always used: folders named by the labels
     plain = parse_label_config(choices_config(["circle", "square"]))
     plain_tasks, plain_paths = choice_tasks(plain.labels, 3, tmp_path / "src-plain")
-    plain_info = build_dataset(plain_tasks, plain, plain_paths, tmp_path / "plain" / "data")
+    plain_info = build_dataset(labeled_images(plain_tasks, plain), plain, plain_paths, tmp_path / "plain" / "data")
     assert sorted(p.name for p in (plain_info.root / "train").iterdir()) == ["circle", "square"]
     assert not (plain_info.root / INDEXED_NAMES_FILE).exists()
 
@@ -99,7 +100,7 @@ def test_a_model_trained_on_hostile_labels_names_its_classes_by_the_real_labels(
     labels = ["../../up", "a/b", "plain"]
     spec = parse_label_config(choices_config(labels))
     tasks, paths = choice_tasks(labels, 4, tmp_path / "src")
-    info = build_dataset(tasks, spec, paths, tmp_path / "data")
+    info = build_dataset(labeled_images(tasks, spec), spec, paths, tmp_path / "data")
     settings = TrainSettings(epochs=1, imgsz=32, batch=info.counts["train"], patience=1, device="cpu")  # one batch
     weights = train(info, spec, recipe.model_config("classify", 32), settings, tmp_path / "run")
 

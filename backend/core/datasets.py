@@ -1,4 +1,4 @@
-"""Label Studio annotations (export JSON) → ultralytics datasets, with a deterministic split.
+"""Labeled images (``core.truth``) → ultralytics datasets, with a deterministic split.
 
 The split is by task id (a hash), so a task never changes sides as the project grows: the held-out
 tuning split of version n is a subset of version n+1's, and versions compare on the same tasks.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from labelloop.core.labelconfig import ControlSpec
+from labelloop.core.truth import LabeledImage, TruthRegion
 from labelloop.errors import LabelloopError
 
 VAL_FRACTION = 0.2
@@ -68,39 +68,10 @@ def split_of(task_id: int | str, val_fraction: float = VAL_FRACTION) -> str:
     return "val" if int.from_bytes(digest[:4], "big") / 2**32 < val_fraction else "train"
 
 
-def latest_human_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
-    """The newest annotation that was not skipped/cancelled, or None (predictions never count)."""
-    kept = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-    if not kept:
-        return None
-    return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
-
-
-def labeled_tasks(tasks: list[dict[str, Any]], spec: ControlSpec) -> list[tuple[dict, list[dict]]]:
-    """(task, regions of our control) for every task whose latest human annotation uses our control.
-
-    For detection/segmentation an annotation with no region of our control still counts (an image
-    with nothing in it is a useful negative); for classification it needs a choice.
-    """
-    out = []
-    for task in tasks:
-        annotation = latest_human_annotation(task)
-        if annotation is None:
-            continue
-        regions = [r for r in annotation.get("result") or [] if r.get("from_name") == spec.from_name]
-        if spec.kind.whole_image and not any(_choice(r, spec) for r in regions):
-            continue
-        out.append((task, regions))
-    return out
-
-
-def annotation_fingerprint(rows: list[tuple[dict, list[dict]]]) -> str:
+def annotation_fingerprint(images: list[LabeledImage]) -> str:
     """A digest of which annotations (id, last update) a training would read: equal → nothing new."""
-    items = []
-    for task, _ in rows:
-        annotation = latest_human_annotation(task) or {}
-        items.append(f"{task.get('id')}:{annotation.get('id')}:{annotation.get('updated_at')}")
-    return hashlib.sha1("\n".join(sorted(items)).encode()).hexdigest()
+    items = sorted(f"{image.task_id}:{image.annotation}" for image in images)
+    return hashlib.sha1("\n".join(items).encode()).hexdigest()
 
 
 def first_training_minimum(spec: ControlSpec) -> int:
@@ -108,51 +79,16 @@ def first_training_minimum(spec: ControlSpec) -> int:
     return max(8, 2 * len(spec.labels))
 
 
-def _choice(region: dict, spec: ControlSpec) -> str | None:
-    choices = (region.get("value") or {}).get("choices") or []
-    return next((c for c in choices if c in spec.labels), None)
-
-
-def _region_label(region: dict, spec: ControlSpec) -> str | None:
-    value = region.get("value") or {}
-    labels = value.get(spec.result_type) or []
-    return next((label for label in labels if label in spec.labels), None)
-
-
-def rectangle_to_polygon(value: dict) -> list[tuple[float, float]]:
-    """Corners (percent) of a possibly rotated Label Studio rectangle; rotation is about (x, y)."""
-    x, y, w, h = (float(value.get(k, 0)) for k in ("x", "y", "width", "height"))
-    angle = math.radians(float(value.get("rotation") or 0))
-    cos, sin = math.cos(angle), math.sin(angle)
-    corners = [(0, 0), (w, 0), (w, h), (0, h)]
-    return [(x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in corners]
-
-
-def _clip01(v: float) -> float:
-    return min(1.0, max(0.0, v))
-
-
-def yolo_label_lines(regions: list[dict], spec: ControlSpec, class_index: dict[str, int]) -> list[str]:
+def yolo_label_lines(regions: tuple[TruthRegion, ...], spec: ControlSpec, class_index: dict[str, int]) -> list[str]:
     """ultralytics txt lines for one image: 'cls cx cy w h' (detect) or 'cls x1 y1 ...' (segment)."""
     lines = []
     for region in regions:
-        label = _region_label(region, spec)
-        if label is None:
-            continue
-        value = region["value"]
-        if not spec.kind.polygons:
-            xs, ys = zip(*rectangle_to_polygon(value))
-            x1, x2 = _clip01(min(xs) / 100), _clip01(max(xs) / 100)
-            y1, y2 = _clip01(min(ys) / 100), _clip01(max(ys) / 100)
-            if x2 - x1 <= 0 or y2 - y1 <= 0:
-                continue
-            lines.append(f"{class_index[label]} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}")
+        if spec.kind.polygons:
+            coords = " ".join(f"{x:.6f} {y:.6f}" for x, y in region.polygon)
+            lines.append(f"{class_index[region.label]} {coords}")
         else:
-            points = value.get("points") or []
-            if len(points) < 3:
-                continue
-            coords = " ".join(f"{_clip01(float(px) / 100):.6f} {_clip01(float(py) / 100):.6f}" for px, py in points)
-            lines.append(f"{class_index[label]} {coords}")
+            x1, y1, x2, y2 = region.box
+            lines.append(f"{class_index[region.label]} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}")
     return lines
 
 
@@ -171,13 +107,13 @@ class DatasetInfo:
 
 
 def build_dataset(
-    tasks: list[dict[str, Any]],
+    images: list[LabeledImage],
     spec: ControlSpec,
     image_paths: dict[int, Path],
     out: Path,
     min_train: int = 2,
 ) -> DatasetInfo:
-    """Write an ultralytics dataset for ``spec`` from labeled tasks whose image is in ``image_paths``.
+    """Write an ultralytics dataset for ``spec`` from labeled images whose file is in ``image_paths``.
 
     Tasks whose image could not be fetched (absent from ``image_paths``) are left out and counted.
     Every class of the label config is a model class, in config order, so class indices are stable
@@ -188,12 +124,11 @@ def build_dataset(
     classes = list(spec.labels)
     class_index = {label: i for i, label in enumerate(classes)}
     dirs = class_dir_names(classes) if spec.kind.whole_image else {}
-    rows = labeled_tasks(tasks, spec)
-    missing = [t["id"] for t, _ in rows if t["id"] not in image_paths]
-    rows = [(t, r) for t, r in rows if t["id"] in image_paths]
-    splits = {"train": [], "val": []}
-    for task, regions in rows:
-        splits[split_of(task["id"])].append((task, regions))
+    missing = [image.task_id for image in images if image.task_id not in image_paths]
+    splits: dict[str, list[LabeledImage]] = {"train": [], "val": []}
+    for image in images:
+        if image.task_id in image_paths:
+            splits[split_of(image.task_id)].append(image)
     _ensure_both_splits(splits)
     if len(splits["train"]) < min_train:
         raise DatasetError(
@@ -202,17 +137,16 @@ def build_dataset(
 
     per_class: Counter[str] = Counter()
     for split, items in splits.items():
-        for task, regions in items:
-            source = image_paths[task["id"]]
-            stem = _file_stem(task["id"])
+        for image in items:
+            source = image_paths[image.task_id]
+            stem = _file_stem(image.task_id)
             name = f"{stem}{source.suffix.lower() or '.png'}"
             if spec.kind.whole_image:
-                label = next(_choice(r, spec) for r in regions if _choice(r, spec))
-                per_class[label] += 1
-                link_or_copy(source, out / split / dirs[label] / name)
+                per_class[image.label] += 1
+                link_or_copy(source, out / split / dirs[image.label] / name)
             else:
                 link_or_copy(source, out / "images" / split / name)
-                lines = yolo_label_lines(regions, spec, class_index)
+                lines = yolo_label_lines(image.regions, spec, class_index)
                 per_class.update(classes[int(line.split()[0])] for line in lines)
                 label_file = out / "labels" / split / f"{stem}.txt"
                 label_file.parent.mkdir(parents=True, exist_ok=True)
@@ -239,14 +173,14 @@ def build_dataset(
         "missing_images": len(missing),
         "per_class": dict(per_class),
     }
-    task_ids = {s: sorted(t["id"] for t, _ in items) for s, items in splits.items()}
+    task_ids = {s: sorted(image.task_id for image in items) for s, items in splits.items()}
     return DatasetInfo(root=out, data=data, classes=classes, counts=counts, task_ids=task_ids, class_dirs=dirs)
 
 
 def _ensure_both_splits(splits: dict[str, list]) -> None:
     """With very few tasks the hash can put all on one side; move one so both sides exist."""
     if not splits["val"] and len(splits["train"]) >= 3:
-        splits["train"].sort(key=lambda item: hashlib.sha1(str(item[0]["id"]).encode()).digest())
+        splits["train"].sort(key=lambda image: hashlib.sha1(str(image.task_id).encode()).digest())
         splits["val"].append(splits["train"].pop(0))
     if not splits["train"] and len(splits["val"]) >= 2:
         splits["train"].append(splits["val"].pop())

@@ -299,38 +299,3 @@ def simplify_polygon(points: np.ndarray, tolerance_px: float = 1.0) -> list[tupl
     if len(approx) < 3:
         approx = array
     return [(float(x), float(y)) for x, y in approx]
-
-
-def to_label_studio(pred: ImagePrediction, spec: ControlSpec) -> list[dict]:
-    """Label Studio ``result`` list for one image (coordinates in percent of the image size)."""
-    items: list[dict] = []
-    for k, region in enumerate(pred.regions):
-        item = {
-            "id": f"ll{k}",
-            "from_name": spec.from_name,
-            "to_name": spec.to_name,
-            "type": spec.result_type,
-            "score": round(region.score, 6),
-        }
-        if spec.kind.whole_image:
-            item["value"] = {"choices": [region.label]}
-        else:
-            item.update(original_width=pred.width, original_height=pred.height, image_rotation=0)
-            if not spec.kind.polygons:
-                x, y, w, h = region.bbox
-                item["value"] = {
-                    "x": _pct(x, pred.width), "y": _pct(y, pred.height),
-                    "width": _pct(w, pred.width), "height": _pct(h, pred.height),
-                    "rotation": 0, "rectanglelabels": [region.label],
-                }
-            else:
-                item["value"] = {
-                    "points": [[_pct(x, pred.width), _pct(y, pred.height)] for x, y in region.polygon],
-                    "closed": True, "polygonlabels": [region.label],
-                }
-        items.append(item)
-    return items
-
-
-def _pct(value: float, size: int) -> float:
-    return round(min(100.0, max(0.0, 100.0 * value / size)), 4) if size else 0.0

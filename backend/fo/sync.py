@@ -37,11 +37,12 @@ from typing import Any
 
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
-from labelloop.core.datasets import latest_human_annotation, link_or_copy, rectangle_to_polygon, split_of
+from labelloop.core.datasets import link_or_copy, split_of
 from labelloop.core.labelconfig import ControlSpec, threshold_for
 from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
 from labelloop.core.registry import Registry
 from labelloop.fo.env import import_fiftyone, root_dataset
+from labelloop.labelstudio.results import annotation_key, labeled_image, latest_human_annotation
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -79,43 +80,23 @@ def own_copy(source: Path, folder: Path) -> Path:
     return target
 
 
-def annotation_key(task: dict[str, Any]) -> str | None:
-    annotation = latest_human_annotation(task)
-    return None if annotation is None else f"{annotation.get('id')}@{annotation.get('updated_at')}"
-
-
 # -- Label Studio / engine objects → FiftyOne labels ------------------------------------------------
 
 def ground_truth_labels(task: dict[str, Any], spec: ControlSpec) -> dict[str, Any]:
     """FiftyOne fields holding the latest human annotation of ``task`` (None values when unlabeled)."""
     fo = import_fiftyone()
-    annotation = latest_human_annotation(task)
-    if annotation is None:
-        return {"ground_truth": None} | ({"ground_truth_polygons": None} if spec.kind.polygons else {})
-    regions = [r for r in annotation.get("result") or [] if r.get("from_name") == spec.from_name]
+    truth = labeled_image(task, spec)
     if spec.kind.whole_image:
-        choice = next((c for r in regions for c in (r.get("value") or {}).get("choices") or [] if c in spec.labels), None)
-        return {"ground_truth": fo.Classification(label=choice) if choice else None}
-    detections, polylines = [], []
-    for region in regions:
-        value = region.get("value") or {}
-        label = next((v for v in value.get(spec.result_type) or [] if v in spec.labels), None)
-        if label is None:
-            continue
-        if not spec.kind.polygons:
-            points = rectangle_to_polygon(value)
-        else:
-            points = [(float(x), float(y)) for x, y in value.get("points") or []]
-            if len(points) < 3:
-                continue
-            polylines.append(fo.Polyline(label=label, points=[[(x / 100, y / 100) for x, y in points]],
-                                         closed=True, filled=True))
-        xs, ys = [p[0] / 100 for p in points], [p[1] / 100 for p in points]
-        x1, y1, x2, y2 = max(0, min(xs)), max(0, min(ys)), min(1, max(xs)), min(1, max(ys))
-        detections.append(fo.Detection(label=label, bounding_box=[x1, y1, x2 - x1, y2 - y1]))
+        return {"ground_truth": fo.Classification(label=truth.label) if truth else None}
+    if truth is None and latest_human_annotation(task) is None:
+        return {"ground_truth": None} | ({"ground_truth_polygons": None} if spec.kind.polygons else {})
+    regions = truth.regions if truth else ()
+    detections = [fo.Detection(label=r.label, bounding_box=[r.box[0], r.box[1], r.box[2] - r.box[0], r.box[3] - r.box[1]])
+                  for r in regions]
     out = {"ground_truth": fo.Detections(detections=detections)}
     if spec.kind.polygons:
-        out["ground_truth_polygons"] = fo.Polylines(polylines=polylines)
+        out["ground_truth_polygons"] = fo.Polylines(polylines=[
+            fo.Polyline(label=r.label, points=[list(r.polygon)], closed=True, filled=True) for r in regions])
     return out
 
 

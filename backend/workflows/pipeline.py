@@ -17,16 +17,9 @@ from typing import Any
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
 from labelloop.core import gate, recipe
-from labelloop.core.datasets import (
-    DatasetError,
-    annotation_fingerprint,
-    build_dataset,
-    first_training_minimum,
-    labeled_tasks,
-    latest_human_annotation,
-)
+from labelloop.core.datasets import DatasetError, annotation_fingerprint, build_dataset, first_training_minimum
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path, threshold_for
-from labelloop.core.predict import LoadedModel, load_model, predict_images, to_label_studio
+from labelloop.core.predict import LoadedModel, load_model, predict_images
 from labelloop.core.registry import Manifest, Registry
 from labelloop.core.training import (
     Progress,
@@ -38,6 +31,7 @@ from labelloop.core.training import (
     train,
 )
 from labelloop.errors import LabelloopError
+from labelloop.labelstudio.results import labeled_images, latest_human_annotation, prediction_result
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +102,7 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
     if ready:
         preds = predict_images(model, [p for _, p in ready], spec, threshold, batch or env.predict_batch, tta=tta)
         for (i, _), pred in zip(ready, preds):
-            out[i].result = to_label_studio(pred, spec)
+            out[i].result = prediction_result(pred, spec)
             out[i].score = pred.score
     for p in out:
         if p.error:
@@ -144,17 +138,18 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
     """
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
-    rows = labeled_tasks(tasks, spec)
-    if len(rows) < min_train:
-        raise DatasetError(f"project {project} has {len(rows)} labeled task(s) for '{spec.from_name}'; "
+    images = labeled_images(tasks, spec)
+    if len(images) < min_train:
+        raise DatasetError(f"project {project} has {len(images)} labeled task(s) for '{spec.from_name}'; "
                            f"need at least {min_train}")
-    fingerprint = annotation_fingerprint(rows)
+    fingerprint = annotation_fingerprint(images)
     latest = (registry.versions(project) or [None])[-1]
     if skip_if_unchanged and latest is not None and latest.data_fingerprint == fingerprint:
         raise NothingNew(f"no annotation changed since {latest.version}")
-    say(0.0, f"fetching {len(rows)} images")
-    fetched = fetcher.fetch_many([(t.get("data") or {}).get(spec.value_key) or "" for t, _ in rows])
-    image_paths = {t["id"]: p for (t, _), p in zip(rows, fetched) if not isinstance(p, Exception)}
+    say(0.0, f"fetching {len(images)} images")
+    url_of = {t.get("id"): (t.get("data") or {}).get(spec.value_key) or "" for t in tasks}
+    fetched = fetcher.fetch_many([url_of[image.task_id] for image in images])
+    image_paths = {image.task_id: p for image, p in zip(images, fetched) if not isinstance(p, Exception)}
     failures = [str(p) for p in fetched if isinstance(p, Exception)]
     if failures:
         log.warning("project %s: %d image(s) could not be fetched, e.g. %s", project, len(failures), failures[0])
@@ -165,7 +160,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         # The first-training minimum counts labeled tasks (checked above, as README promises); the split
         # only needs two training images (BatchNorm), or which tasks the id hash puts in the tuning
         # split would decide whether 10 labels are enough.
-        dataset = build_dataset(tasks, spec, image_paths, Path(tmp) / "data", min_train=2)
+        dataset = build_dataset(images, spec, image_paths, Path(tmp) / "data", min_train=2)
         chosen = choose_settings(dataset.counts["train"], image_sides(list(image_paths.values())), spec.kind, env)
         same_classes = serving is not None and serving.task == task and sorted(serving.classes) == sorted(dataset.classes)
         # Every round trains afresh from the base (the user's weights or the recipe's architecture),
@@ -420,9 +415,10 @@ def train_fold_and_predict(tasks: list[dict[str, Any]], spec: ControlSpec, fetch
     """
     from labelloop.core.registry import Registry as _Registry
 
-    rows = labeled_tasks(tasks, spec)
-    held_out = [t for t, _ in rows if fold_of(t["id"], folds) == fold]
-    training = [t for t, _ in rows if fold_of(t["id"], folds) != fold]
+    labeled = {image.task_id for image in labeled_images(tasks, spec)}
+    rows = [t for t in tasks if t.get("id") in labeled]
+    held_out = [t for t in rows if fold_of(t["id"], folds) == fold]
+    training = [t for t in rows if fold_of(t["id"], folds) != fold]
     if not held_out:
         return {}
     with tempfile.TemporaryDirectory(prefix=f"labelloop-fold{fold}-") as tmp:
