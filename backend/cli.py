@@ -27,7 +27,7 @@ def _progress_bar(desc: str):
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from labelloop.service.app import bind_refusal
+    from labelloop.service.guards import bind_refusal
 
     env = settings()
     refusal = bind_refusal(args.host, env)

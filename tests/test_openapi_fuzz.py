@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from labelloop.service.app import LABEL_CONFIG_EXAMPLE
+from labelloop.service.schemas import LABEL_CONFIG_EXAMPLE
 
 USER, PASSWORD, SECRET = "ls", "fuzz-pass", "fuzz-hook-secret"
 MAX_EXAMPLES = 50  # per operation in the fuzzing phase (examples and coverage phases come on top)

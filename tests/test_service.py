@@ -178,7 +178,7 @@ BODIES = {  # path -> (request model, required fields, documented {"error": ...}
 
 
 def test_openapi_declares_request_bodies_and_error_answers(client):
-    from labelloop.service.app import WEBHOOK_ACTIONS, PredictRequest, SetupRequest, WebhookRequest
+    from labelloop.service.schemas import WEBHOOK_ACTIONS, PredictRequest, SetupRequest, WebhookRequest
 
     doc = client.get("/openapi.json").json()
     schemas = doc["components"]["schemas"]

@@ -15,24 +15,17 @@ rate-limits the jobs a project's events can start; /predict work runs in its own
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
-import ipaddress
-import json
 import logging
 import math
-import secrets
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from labelloop import __version__
@@ -42,9 +35,26 @@ from labelloop.core.labelconfig import parse_label_config
 from labelloop.core.predict import cached_model_count
 from labelloop.core.registry import Registry
 from labelloop.errors import LabelloopError
-from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER  # installed on the project's webhook by studio.py
+from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER  # installed on the project's webhook by labelloop
 from labelloop.labelstudio.media import MediaFetcher
+from labelloop.service.guards import LimitBodyMiddleware, TokenBuckets, authorized, secret_ok
 from labelloop.service.metrics import CONTENT_TYPE, ServiceMetrics, method_label
+from labelloop.service.schemas import (
+    MAX_ID,
+    WEBHOOK_ACTIONS,
+    BadRequest,
+    PredictRequest,
+    SetupRequest,
+    WebhookRequest,
+    contract,
+    error,
+    errors,
+    json_body,
+    project_key,
+    read_json_object,
+    validate_tasks,
+    webhook_id,
+)
 from labelloop.workflows.pipeline import predict_tasks, resolve_model
 
 log = logging.getLogger(__name__)
@@ -54,315 +64,9 @@ KNOWN_PATHS = {"/health", "/setup", "/predict", "/webhook", "/versions", "/event
 # Events that can change what the model should learn; START_TRAINING ("Start training") forces a try.
 TRAINING_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
                     "START_TRAINING"}
-WEBHOOK_ACTIONS = {
-    "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "ANNOTATIONS_CREATED",
-    "START_TRAINING", "TASKS_CREATED", "TASKS_DELETED", "PROJECT_CREATED", "PROJECT_UPDATED",
-    "PROJECT_DELETED", "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED", "LABEL_LINK_CREATED",
-    "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED",
-}
 NO_MODEL_VERSION = "labelloop-untrained"
-MAX_ID = 2**53  # Label Studio ids are database integers; anything larger (or <= 0) is invented
 KNOWN_PROJECTS_CAP = 10_000  # projects remembered from /setup (oldest forgotten first)
 
-
-class BadRequest(LabelloopError):
-    """A request the service cannot take; answered with ``status`` (4xx) and the message."""
-
-    kind = "bad_request"
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message, http_status=status)
-
-
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class LimitBodyMiddleware:
-    """Refuse bodies over the limit with 413, also when no Content-Length is sent (chunked).
-
-    ``path_limits`` maps a path to its own (lower) limit and the variable that sets it: a webhook is a
-    hint of a few KB, a /predict may carry hundreds of tasks.
-    """
-
-    def __init__(self, app, max_bytes: int, path_limits: dict[str, tuple[int, str]] | None = None):
-        self.app, self.max_bytes, self.path_limits = app, max_bytes, path_limits or {}
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit, variable = self.path_limits.get(scope.get("path", ""), (self.max_bytes, "LABELLOOP_MAX_BODY_MB"))
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await _send_413(send, limit, variable)
-        seen, exceeded = 0, False
-
-        async def limited_receive():
-            nonlocal seen, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    exceeded = True  # the app sees a disconnect; the client gets our 413
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            if not exceeded:
-                await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except Exception:
-            if not exceeded:
-                raise
-        if exceeded:
-            await _send_413(send, limit, variable)
-
-
-async def _send_413(send, max_bytes: int, variable: str = "LABELLOOP_MAX_BODY_MB") -> None:
-    size = f"{max_bytes / (1024 * 1024):g} MB" if max_bytes >= 1024 * 1024 else f"{max_bytes / 1024:g} KB"
-    body = json.dumps({"error": f"request body larger than {size} ({variable})"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-# -- request validation -----------------------------------------------------------------------------
-
-async def read_json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw:
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        body = json.loads(raw)
-    except RecursionError:  # Python's parser recurses per nesting level
-        raise BadRequest("request body is nested too deeply to be a Label Studio request") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and integers over 4300 digits
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def project_key(value: Any, field: str = "project") -> str | None:
-    """Label Studio's project uid "<id>.<created_at>" (or a bare id) → "<id>"; None when absent."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise BadRequest(f"'{field}' must be a string like \"12.1700000000\" or an integer id", 422)
-    key = str(value).split(".")[0]
-    if len(key) > 64:  # becomes a directory name and a Redis key: keep it short
-        raise BadRequest(f"'{field}' is not a valid project id: longer than 64 characters", 422)
-    # isascii: str.isdigit()/isalnum() accept "¹" or "١", which the registry refuses (was a 404 on /setup)
-    if not key.isascii() or not key.replace("-", "").replace("_", "").isalnum():
-        raise BadRequest(f"'{field}' is not a valid project id: {value!r}", 422)
-    return key
-
-
-def validate_tasks(tasks: Any, limit: int | None = None) -> list[dict[str, Any]]:
-    if not isinstance(tasks, list):
-        raise BadRequest("'tasks' must be a list of task objects", 422)
-    if limit is not None and len(tasks) > limit:
-        raise BadRequest(f"{len(tasks)} tasks in one /predict, more than the {limit} allowed "
-                         "(LABELLOOP_MAX_TASKS_PER_PREDICT): select fewer tasks in the Data Manager", 413)
-    for i, task in enumerate(tasks):
-        if not isinstance(task, dict):
-            raise BadRequest(f"tasks[{i}] must be an object, got {type(task).__name__}", 422)
-        if not isinstance(task.get("data"), dict):
-            raise BadRequest(f"tasks[{i}].data must be an object holding the image URL", 422)
-    return tasks
-
-
-def webhook_id(value: Any) -> int | None:
-    """A Label Studio id from a webhook body, or None: only validated integers reach the event log."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_ID:
-        return None
-    return value
-
-
-# -- the contract in the OpenAPI document ---------------------------------------------------------------
-# The handlers validate bodies by hand (bounded parsing, precise messages, the {"error": ...} shape);
-# these models only *declare* what Label Studio 1.23.2 sends, so /openapi.json is the real contract
-# and schemathesis can fuzz it. Every model allows extra fields: Label Studio adds some across versions.
-
-class _LabelStudioBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ErrorBody(BaseModel):
-    """Every 4xx (and the last-resort 500) carries one human-readable sentence."""
-
-    error: str = Field(description="what was wrong and, where it helps, how to fix it",
-                       examples=["'schema' (the label config XML) is required"])
-
-
-LABEL_CONFIG_EXAMPLE = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
-                        '<Label value="circle"/></RectangleLabels></View>')
-ProjectUid = Annotated[str | int | None, Field(
-    description='Label Studio\'s project uid "<id>.<created_at>" or a bare id; the part before the dot '
-                "(digits, letters, '-', '_', at most 64 characters) names the project",
-    examples=["1.1795358080"])]
-
-
-class SetupRequest(_LabelStudioBody):
-    """Sent right after each /health when Label Studio connects the backend to a project."""
-
-    project: ProjectUid = None
-    label_config: str = Field(alias="schema", description="the project's label config (XML)",
-                              examples=[LABEL_CONFIG_EXAMPLE])
-    hostname: str | None = Field(None, description="Label Studio's URL", examples=["http://localhost:8080"])
-    access_token: str | None = Field(None, description="the connecting user's legacy token (unused: labelloop "
-                                                       "uses its own LABEL_STUDIO_API_KEY)")
-    extra_params: dict[str, Any] | None = None
-
-
-class Task(_LabelStudioBody):
-    """A Label Studio task as exported; only ``data`` (which holds the image URL) is read."""
-
-    id: int | None = None
-    data: dict[str, Any] = Field(description="the task's data; the label config's $variable names the image URL",
-                                 examples=[{"image": "/data/upload/1/abc-x.png"}])
-    meta: dict[str, Any] | None = None
-    annotations: list[Any] | None = None
-    predictions: list[Any] | None = None
-    drafts: list[Any] | None = None
-
-
-class PredictParams(_LabelStudioBody):
-    login: str | None = None
-    password: str | None = None
-    context: Any = None
-
-
-class PredictRequest(_LabelStudioBody):
-    """"Retrieve Predictions", opening a task, interactive annotation. One result per task, in order.
-
-    More tasks than LABELLOOP_MAX_TASKS_PER_PREDICT is a 413 (select fewer tasks in the Data Manager)."""
-
-    tasks: list[Task]
-    project: ProjectUid = None
-    label_config: str | None = Field(None, description="required unless /setup was called for this project",
-                                     examples=[LABEL_CONFIG_EXAMPLE])
-    params: PredictParams | None = None
-
-
-class WebhookProject(_LabelStudioBody):
-    id: int = Field(gt=0, lt=MAX_ID, description="the Label Studio project id")
-
-
-class WebhookObject(_LabelStudioBody):
-    """An annotation or a task of the event. A hint, never trusted: only a valid integer ``id`` reaches
-    the event log, anything else in it (or a value that is not an object) is ignored."""
-
-    id: int | None = None
-
-
-class WebhookRequest(_LabelStudioBody):
-    """A Label Studio webhook event (or "Start training", which sends only action and project)."""
-
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
-        {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": 3, "result": []},
-         "task": {"id": 4, "data": {"image": "/data/upload/1/abc-x.png"}}},
-        {"action": "START_TRAINING", "project": {"id": 1}},
-    ]})
-
-    action: Literal[tuple(sorted(WEBHOOK_ACTIONS))]  # type: ignore[valid-type]
-    project: WebhookProject | Annotated[int, Field(gt=0, lt=MAX_ID)]
-    annotation: WebhookObject | None = Field(None, description="ANNOTATION_* events")
-    task: WebhookObject | None = Field(None, description="ANNOTATION_* events")
-    annotations: list[WebhookObject] | None = Field(None, description="ANNOTATIONS_DELETED: [{\"id\": 2}, ...]")
-
-
-REQUEST_MODELS = (SetupRequest, PredictRequest, WebhookRequest)
-
-_ERRORS = {
-    400: "The body is not a JSON object: empty, malformed, nested too deeply or with a huge integer.",
-    401: "Authentication required: the backend's basic auth (when BASIC_AUTH_USER/PASS are set); on /webhook "
-         "the X-Labelloop-Webhook-Secret header (when LABELLOOP_WEBHOOK_SECRET is set) or the basic auth.",
-    403: "START_TRAINING from an unauthenticated caller.",
-    404: "No such job, version or project.",
-    413: "The body is over LABELLOOP_MAX_BODY_MB (LABELLOOP_MAX_WEBHOOK_MB on /webhook), or more tasks than "
-         "LABELLOOP_MAX_TASKS_PER_PREDICT.",
-    422: "A field is missing or has the wrong type, or the label config cannot be served; the message names it.",
-    429: "Too many job-triggering events for this project (LABELLOOP_TRIGGER_BURST, LABELLOOP_TRIGGER_RATE).",
-    503: "The job store (Redis) is unavailable; on /webhook the event was not queued.",
-}
-_ERROR_HEADERS = {
-    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Basic realm="labelloop"'}},
-    429: {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds until the next event is taken"}},
-}
-
-
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` for FastAPI: the documented {"error": ...} answers of one route."""
-    return {code: {"model": ErrorBody, "description": _ERRORS[code], **({"headers": _ERROR_HEADERS[code]}
-                                                                         if code in _ERROR_HEADERS else {})}
-            for code in codes}
-
-
-def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra=`` declaring the request body; the handler still parses it itself (bounded)."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
-
-
-def contract(app: FastAPI, env: Settings) -> dict[str, Any]:
-    """The OpenAPI document: FastAPI's, plus the request models and the auth this deployment enforces."""
-    if app.openapi_schema is not None:
-        return app.openapi_schema
-    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS],
-                                 ref_template="#/components/schemas/{model}")
-    components = doc.setdefault("components", {})
-    components.setdefault("schemas", {}).update(defs.get("$defs", {}))
-    # Security follows the settings: an operation marked as authenticated must really refuse without it.
-    auth_on = bool(env.basic_auth_user or env.basic_auth_pass)
-    schemes: dict[str, Any] = {}
-    if auth_on:
-        schemes["basicAuth"] = {"type": "http", "scheme": "basic"}
-    if env.webhook_secret:
-        schemes["webhookSecret"] = {"type": "apiKey", "in": "header", "name": WEBHOOK_SECRET_HEADER}
-    if schemes:
-        components["securitySchemes"] = schemes
-        for path, operations in doc.get("paths", {}).items():
-            if path == "/health":
-                continue
-            if path == "/webhook":
-                security = [{name: []} for name in ("webhookSecret", "basicAuth") if name in schemes]
-                if not env.webhook_secret:
-                    security.append({})  # open: anyone may send events (START_TRAINING needs auth: 403)
-            elif auth_on:
-                security = [{"basicAuth": []}]
-            else:
-                continue
-            for operation in operations.values():
-                operation["security"] = security
-    app.openapi_schema = doc
-    return doc
-
-
-class TokenBuckets:
-    """One token bucket per key, in memory: ``take(key)`` is 0.0 when a token was taken, else the
-    seconds until the next one. Only called on the event loop (no lock) and only for known projects,
-    so the dict stays as small as the set of projects."""
-
-    def __init__(self, capacity: int, rate: float, clock=time.monotonic):
-        self.capacity, self.rate, self.clock = float(capacity), float(rate), clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
-
-    def take(self, key: str) -> float:
-        now = self.clock()
-        tokens, at = self._buckets.get(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - at) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / self.rate if self.rate > 0 else 3600.0
-
-
-# -- the app ----------------------------------------------------------------------------------------
 
 def create_app(env: Settings | None = None) -> FastAPI:
     env = env or current_settings()
@@ -395,7 +99,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
     async def observe(request: Request, call_next):
         path = request.url.path
         endpoint = _endpoint_label(path)
-        if path not in OPEN_PATHS and auth_on and not _authorized(request, env):
+        if path not in OPEN_PATHS and auth_on and not authorized(request, env):
             response = JSONResponse({"error": "authentication required"}, status_code=401,
                                     headers={"WWW-Authenticate": 'Basic realm="labelloop"'})
         else:
@@ -534,8 +238,8 @@ def create_app(env: Settings | None = None) -> FastAPI:
         # An untrusted hint unless authenticated: Label Studio's webhooks carry only the headers set on
         # the webhook (our secret, when labelloop installed it); "Start training" comes through its ML
         # connector, which sends the backend's basic auth. Validate, keep scalars, answer fast.
-        authenticated = (_secret_ok(request, env) if env.webhook_secret else False) or \
-            (auth_on and _authorized(request, env))
+        authenticated = (secret_ok(request, env) if env.webhook_secret else False) or \
+            (auth_on and authorized(request, env))
         # No secret and no basic auth configured: an open service by the operator's choice (loopback, or
         # LABELLOOP_INSECURE), where nobody can authenticate; the local stack's "Start training" must work.
         open_service = not env.webhook_secret and not auth_on
@@ -720,59 +424,6 @@ def _endpoint_label(path: str) -> str:
     if path.startswith("/versions/") and path.endswith("/promote"):
         return "/versions/{version}/promote"
     return "other"
-
-
-def _matches(given: bytes, configured: str) -> bool:
-    """Constant-time comparison of raw bytes with a configured credential.
-
-    Bytes, not str: compare_digest raises TypeError on non-ASCII str (a 500 for any client sending
-    one). UTF-8 is what browsers and httpx send; latin-1 what requests' HTTPBasicAuth (Label Studio)
-    sends for characters it can encode.
-    """
-    ok = secrets.compare_digest(given, configured.encode("utf-8"))
-    try:
-        latin = configured.encode("latin-1")
-    except UnicodeEncodeError:
-        return ok
-    return ok | secrets.compare_digest(given, latin)
-
-
-def _authorized(request: Request, env: Settings) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        raw = base64.b64decode(token.strip(), validate=True)
-    except ValueError:  # binascii.Error, and non-ASCII characters in the header
-        return False
-    user, colon, password = raw.partition(b":")
-    return bool(colon) & _matches(user, env.basic_auth_user) & _matches(password, env.basic_auth_pass)
-
-
-def _secret_ok(request: Request, env: Settings) -> bool:
-    # Starlette decodes header bytes as latin-1: encoding back gives the bytes that were sent.
-    given = request.headers.get(WEBHOOK_SECRET_HEADER, "").encode("latin-1")
-    return bool(given) and _matches(given, env.webhook_secret)
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to anything, so it is not loopback
-        return False
-
-
-def bind_refusal(host: str, env: Settings) -> str | None:
-    """Why ``labelloop serve`` must not listen on ``host`` with these settings (one line), or None."""
-    if bool(env.basic_auth_user) != bool(env.basic_auth_pass):
-        return "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together: one of them is empty"
-    if env.basic_auth_user or env.insecure or _is_loopback(host):
-        return None
-    return (f"refusing to listen on {host} without authentication: set BASIC_AUTH_USER and BASIC_AUTH_PASS "
-            "(and the same in Label Studio's model connection), or listen on loopback (--host 127.0.0.1), "
-            "or set LABELLOOP_INSECURE=true to serve without authentication on purpose")
 
 
 def build_app_with_limits(env: Settings | None = None):
