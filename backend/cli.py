@@ -100,11 +100,11 @@ def cmd_data_shapes(args) -> int:
 
 def cmd_train(args) -> int:
     from labelloop.errors import reason_of
-    from labelloop.workflows.pipeline import train_project
+    from labelloop.workflows.pipeline import train_from_label_studio
 
     bar, update = _progress_bar(f"training project {args.project}")
     try:
-        outcome = train_project(args.project, update)
+        outcome = train_from_label_studio(args.project, update)
     except Exception as exc:
         bar.close()
         print(f"training failed: {reason_of(exc)}", file=sys.stderr)

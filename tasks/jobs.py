@@ -211,8 +211,7 @@ def _run_locked_job(task, job_id: str, project: str, kind: str, version: str | N
 def train_project(self, job_id: str, project: str) -> dict[str, Any]:
     """Train the project's next version from Label Studio's annotations; a promotion queues its predictions."""
     from labelloop.core.datasets import DatasetError
-    from labelloop.workflows.pipeline import NothingNew
-    from labelloop.workflows.pipeline import train_project as train_from_label_studio
+    from labelloop.workflows.pipeline import NothingNew, train_from_label_studio
 
     def work(store: JobStore, job: dict[str, Any], progress) -> dict[str, Any]:
         try:
@@ -254,10 +253,10 @@ def predict_project(self, job_id: str, project: str, version: str) -> dict[str, 
 def warm_start_project(self, job_id: str, project: str) -> dict[str, Any]:
     """Pretrain the project's warm start from its task images; under the training lock, so the first
     training waits for it instead of racing it."""
-    from labelloop.workflows.pipeline import warm_start_project as build_from_label_studio
+    from labelloop.workflows.pipeline import warm_start_from_label_studio
 
     def work(store: JobStore, job: dict[str, Any], progress) -> dict[str, Any]:
-        result = build_from_label_studio(project, progress)
+        result = warm_start_from_label_studio(project, progress)
         if result.get("skipped"):
             raise Skip(result["skipped"])
         message = f"warm start pretrained on {result['images']} images ({result['steps']} steps)"

@@ -249,7 +249,7 @@ def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, servi
     return TrainOutcome(manifest, False, reason, serving.version, old_metrics)
 
 
-def train_project(project_id: int | str, progress: Progress | None = None, env: Settings | None = None,
+def train_from_label_studio(project_id: int | str, progress: Progress | None = None, env: Settings | None = None,
                   force: bool = True) -> TrainOutcome:
     """Train a new version for a Label Studio project, reading the truth from its API.
 
@@ -328,7 +328,7 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
     return {"built": True, **info}
 
 
-def warm_start_project(project_id: int | str, progress: Progress | None = None,
+def warm_start_from_label_studio(project_id: int | str, progress: Progress | None = None,
                        env: Settings | None = None) -> dict[str, Any]:
     """``build_warm_start`` for a Label Studio project, reading its tasks from the API."""
     from labelloop.labelstudio.client import read_project
