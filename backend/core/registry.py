@@ -29,7 +29,7 @@ from labelloop.errors import LabelloopError
 WEIGHTS = "weights.pt"
 MANIFEST = "manifest.json"
 SERVING = "serving.json"
-_VERSION_RE = re.compile(r"^p(?P<project>[A-Za-z0-9_.-]+)-v(?P<n>\d+)$")
+VERSION_RE = re.compile(r"^p(?P<project>[A-Za-z0-9_.-]+)-v(?P<n>\d+)$")
 
 
 class RegistryError(LabelloopError, RuntimeError):
@@ -71,7 +71,7 @@ class Manifest:
 
 
 def version_number(name: str) -> int:
-    match = _VERSION_RE.match(name)
+    match = VERSION_RE.match(name)
     if not match:
         raise RegistryError(f"not a labelloop version name: {name!r}")
     return int(match["n"])
@@ -79,7 +79,7 @@ def version_number(name: str) -> int:
 
 def version_project(name: str) -> str:
     """The project a version name belongs to (``p12-v3`` → ``12``)."""
-    match = _VERSION_RE.match(name)
+    match = VERSION_RE.match(name)
     if not match:
         raise RegistryError(f"not a labelloop version name: {name!r}")
     return match["project"]
@@ -131,7 +131,7 @@ class Registry:
 
     def get(self, project: str | int, version: str) -> Manifest:
         # Names come from forms and URLs and end in a pickle load: one path component of our own shape only.
-        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+        if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
             raise RegistryError(f"not a labelloop version name: {version!r} (expected p<project>-v<n>, e.g. p12-v3)")
         directory = self._versions_dir(project) / version
         try:
@@ -148,7 +148,7 @@ class Registry:
             return []
         found = []
         for child in directory.iterdir():
-            if _VERSION_RE.match(child.name) and (child / MANIFEST).exists():
+            if VERSION_RE.match(child.name) and (child / MANIFEST).exists():
                 found.append(self.get(project, child.name))
         return sorted(found, key=lambda m: m.number)
 

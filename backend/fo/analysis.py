@@ -14,8 +14,14 @@ import numpy as np
 
 from labelloop.core import scoring
 from labelloop.core.labelconfig import ControlSpec, parse_label_config, threshold_for
+from labelloop.core.predict import embed_images
+from labelloop.core.registry import VERSION_RE
 from labelloop.errors import LabelloopError
 from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
+from labelloop.fo.sync import model_for_version, predict_samples, prediction_labels, serving_model
+from labelloop.labelstudio.client import StudioClient, read_project
+from labelloop.labelstudio.media import MediaFetcher
+from labelloop.workflows.pipeline import cross_val_predictions
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -99,7 +105,6 @@ def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progr
     else:
         say(0.0, f"training {folds} fold models (out-of-sample)")
         outputs = (fold_runner or run_folds_here)(project_of(dataset), folds, lambda f, m: say(0.9 * f, m))
-    from labelloop.fo.sync import prediction_labels
 
     fields = ["id", "ground_truth", "class_probs", "candidates", "predictions", "ls_task_id"]
     present = [f for f in fields if labeled.has_field(f)]
@@ -156,9 +161,6 @@ FoldRunner = Callable[[int, int, Progress], dict[int, Any]]
 
 def run_folds_here(project: int, folds: int, progress: Progress) -> dict[int, Any]:
     """The folds one after another in this process (no worker needed; slower)."""
-    from labelloop.labelstudio.client import read_project
-    from labelloop.labelstudio.media import MediaFetcher
-    from labelloop.workflows.pipeline import cross_val_predictions
 
     project_data = read_project(project)
     with MediaFetcher.from_settings() as fetcher:
@@ -231,8 +233,6 @@ def compute_embeddings(view, method: str = "umap", visualize: bool = True, simil
     import_fiftyone()  # FiftyOne configured for labelloop before its first use
     from pathlib import Path
 
-    from labelloop.core.predict import embed_images
-    from labelloop.fo.sync import serving_model
 
     say = progress or (lambda fraction, message: None)
     dataset = root_dataset(view)
@@ -276,9 +276,8 @@ def check_version(dataset, version: str) -> str:
     """``version`` when it names a version of the dataset's project (``p<project>-v<n>``), else an
     AnalysisError that says so. A name typed into an operator's form becomes a registry path, field
     names and, at the end, a pickle load: only the registry's own shape goes further."""
-    from labelloop.core.registry import _VERSION_RE
 
-    match = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
+    match = VERSION_RE.fullmatch(version) if isinstance(version, str) else None
     if match is None:
         raise AnalysisError(f"{version!r} is not a labelloop version name (expected p<project>-v<n>, e.g. p12-v3)")
     if "project" not in ((dataset.info or {}).get("labelloop") or {}):
@@ -296,7 +295,6 @@ def version_field(version: str | None) -> str:
 
 def ensure_version_predictions(dataset, view, version: str | None, progress: Progress | None = None) -> str:
     """The field holding ``version``'s predictions on ``view`` (predicting it if needed)."""
-    from labelloop.fo.sync import model_for_version, predict_samples
 
     if not version:
         _require(view, "prediction_version", "sync with predictions first")
@@ -433,7 +431,6 @@ def _normalized(labels) -> Any:
 def send_to_label_studio(view, title: str = "labelloop review queue", client=None) -> dict[str, Any]:
     """Create a Data Manager tab in the project holding exactly these tasks (labelers open the tab and
     press "Label All Tasks": Label Studio then hands out those tasks, in the tab's order)."""
-    from labelloop.labelstudio.client import StudioClient
 
     import_fiftyone()  # FiftyOne configured for labelloop before its first use
     dataset = root_dataset(view)

@@ -42,7 +42,10 @@ from labelloop.core.labelconfig import ControlSpec, threshold_for
 from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
 from labelloop.core.registry import Registry
 from labelloop.fo.env import import_fiftyone, root_dataset
+from labelloop.labelstudio.client import StudioClient
+from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import annotation_key, labeled_image, latest_human_annotation
+from labelloop.workflows.pipeline import resolve_model
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -149,8 +152,6 @@ def load_or_create(name: str):
 def sync_project(project_id: int | str, dataset_name: str | None = None, predict: bool = True,
                  progress: Progress | None = None, env: Settings | None = None, client=None) -> SyncReport:
     """Create or update the FiftyOne dataset of a Label Studio project; only what changed is written."""
-    from labelloop.labelstudio.client import StudioClient
-    from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
@@ -276,7 +277,6 @@ def _refresh_polygons(dataset, by_id, spec) -> None:
 
 
 def serving_model(project_id, spec: ControlSpec, env: Settings | None = None) -> LoadedModel | None:
-    from labelloop.workflows.pipeline import resolve_model
 
     env = env or current_settings()
     return resolve_model(Registry(env.model_dir), str(project_id), spec, env)

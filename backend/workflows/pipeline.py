@@ -16,10 +16,11 @@ from typing import Any
 
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
-from labelloop.core import gate, recipe
+from labelloop.core import gate, pretrain, recipe
+from labelloop.core.calibration import calibration_report
 from labelloop.core.datasets import DatasetError, annotation_fingerprint, build_dataset, first_training_minimum
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path, threshold_for
-from labelloop.core.predict import LoadedModel, load_model, predict_images
+from labelloop.core.predict import ImagePrediction, LoadedModel, Region, load_model, predict_images
 from labelloop.core.registry import Manifest, Registry
 from labelloop.core.training import (
     Progress,
@@ -30,7 +31,10 @@ from labelloop.core.training import (
     settings_dict,
     train,
 )
+from labelloop.core.yolo_env import import_yolo
 from labelloop.errors import LabelloopError
+from labelloop.labelstudio.client import StudioClient, read_project
+from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import labeled_images, latest_human_annotation, prediction_result
 
 log = logging.getLogger(__name__)
@@ -180,7 +184,6 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         say(0.92, "evaluating on the tuning split")
         metrics = evaluate(weights, dataset, chosen.imgsz, chosen.device)
         calibration = calibrate_on_tuning_split(weights, dataset, spec) if spec.kind.whole_image else {}
-        from labelloop.core.yolo_env import import_yolo
 
         names = dict(import_yolo()(str(weights)).names)
         classes = [names[i] for i in sorted(names)]
@@ -204,7 +207,6 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
 
 def calibrate_on_tuning_split(weights: Path, dataset, spec: ControlSpec) -> dict[str, Any]:
     """Temperature scaling of a classifier on its tuning split (``calibration.py``); {} without one."""
-    from labelloop.core.calibration import calibration_report
 
     images, labels = [], []
     for index, label in enumerate(dataset.classes):
@@ -257,8 +259,6 @@ def train_from_label_studio(project_id: int | str, progress: Progress | None = N
     least 2 tasks). Not forced (annotation events): wait for ``first_training_minimum`` labeled
     tasks before the first version, and skip when no annotation changed since the newest version.
     """
-    from labelloop.labelstudio.client import read_project
-    from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
     project = read_project(project_id, env)
@@ -288,7 +288,6 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
     import json
     import random
 
-    from labelloop.core import pretrain
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
@@ -331,8 +330,6 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
 def warm_start_from_label_studio(project_id: int | str, progress: Progress | None = None,
                        env: Settings | None = None) -> dict[str, Any]:
     """``build_warm_start`` for a Label Studio project, reading its tasks from the API."""
-    from labelloop.labelstudio.client import read_project
-    from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
     project = read_project(project_id, env)
@@ -348,8 +345,6 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
 
     Tasks that already hold a prediction of this version are skipped, so running twice is harmless.
     """
-    from labelloop.labelstudio.client import StudioClient
-    from labelloop.labelstudio.media import MediaFetcher
 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
@@ -399,7 +394,6 @@ def prediction_to_json(pred) -> dict[str, Any]:
 
 
 def prediction_from_json(data: dict[str, Any]):
-    from labelloop.core.predict import ImagePrediction, Region
 
     fields = dict(data)
     fields["regions"] = [Region(**r) for r in fields.get("regions") or []]
