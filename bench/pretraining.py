@@ -48,20 +48,16 @@ def main(argv=None) -> int:
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
 
+    from shapes_setup import classification_bench  # bench/ is on sys.path when run as a script
+
     from labelloop.core import pretrain, recipe
-    from labelloop.core.labelconfig import parse_label_config
     from labelloop.core.predict import load_model, predict_images
-    from labelloop.core.registry import Registry
-    from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_tasks
-    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.dev.shapes import flip_image_labels, generate_shapes, to_label_studio_tasks
     from labelloop.workflows.pipeline import train_new_version
 
-    spec = parse_label_config(label_config("classification"))
-    fetcher = LocalFileFetcher()
-    registry = Registry(work / "models")
-    test = generate_shapes(work / "test", n=args.test, seed=999, size=args.size, max_objects=1, style="simple")
-    test_paths = [test.images_dir / im.file for im in test.images]
-    test_labels = [im.label for im in test.images]
+    bench = classification_bench(work, args.size, args.test)
+    spec, fetcher, registry = bench.spec, bench.fetcher, bench.registry
+    test_paths, test_labels = bench.test_paths, bench.test_labels
     started = time.perf_counter()
     results: dict[str, dict[int, list[float]]] = {"scratch": {b: [] for b in budgets}, "warm start": {b: [] for b in budgets}}
     pretrain_seconds = []

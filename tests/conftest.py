@@ -10,6 +10,7 @@ import functools
 import http.server
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,17 @@ def install_model(model_dir: Path, project: int | str, model: TrainedModel) -> s
     version = registry.add_version(project, model.weights, keep).version
     registry.promote(project, version, "installed by the test suite")
     return version
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.5):
+    """Poll ``condition`` until it returns something truthy (returned), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # -- Label Studio -------------------------------------------------------------------------------------

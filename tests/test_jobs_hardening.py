@@ -29,20 +29,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 DATABASE = 15  # test_loop's isolated databases are 2..14; the suite's services use 0
 # kombu's own structures (the broker): queue lists, the unacked hash and its index; and `_kombu.*`
 BROKER_KEYS = {"labelloop.train", "labelloop.predict", "unacked", "unacked_index"}
 
 
-def wait_for(condition, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture

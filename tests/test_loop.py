@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import wait_for
 
 from labelloop.core.registry import Registry
 from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_result
@@ -18,14 +19,6 @@ from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_
 pytestmark = pytest.mark.e2e
 
 
-def wait_for(condition, timeout: float, what: str, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def jobs_of(backend_url: str, project: int) -> list[dict]:
