@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
 
+    from labelloop.config import settings
     from labelloop.core.datasets import build_dataset, split_of
     from labelloop.core.labelconfig import parse_label_config
     from labelloop.core.registry import Registry
@@ -89,15 +91,11 @@ def main(argv=None) -> int:
                 chosen = [tasks[i] for i in order[:budget]]
                 n_train = sum(split_of(t["id"]) == "train" for t in chosen)
                 for recipe_name in ("previous", "recipe"):
-                    if recipe_name == "previous":
-                        os.environ["LABELLOOP_EPOCHS"] = str(previous_epochs(n_train))
-                        os.environ["LABELLOOP_TRAIN_ARGS"] = json.dumps(PREVIOUS_ARGS)
-                    else:
-                        os.environ.pop("LABELLOOP_EPOCHS", None)
-                        os.environ.pop("LABELLOOP_TRAIN_ARGS", None)
+                    env = (dataclasses.replace(settings(), epochs=previous_epochs(n_train), train_args=PREVIOUS_ARGS)
+                           if recipe_name == "previous" else settings())  # injected, never via os.environ
                     registry = Registry(work / f"models-{task_type}-{seed}-{budget}-{recipe_name}")
                     t0 = time.perf_counter()
-                    outcome = train_new_version(registry, "bench", chosen, spec, LocalFileFetcher())
+                    outcome = train_new_version(registry, "bench", chosen, spec, LocalFileFetcher(), env=env)
                     seconds = time.perf_counter() - t0
                     metrics = evaluate(outcome.manifest.weights, test_set, outcome.manifest.settings["imgsz"], "cpu")
                     row = {"task": task_type, "seed": seed, "labels": budget, "recipe": recipe_name,
@@ -106,8 +104,6 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(f"{task_type} seed {seed} {budget} labels {recipe_name:<8}: {METRIC[task_type]} "
                           f"{row['map50_95']:.3f} ({row['epochs']} epochs, {seconds:.0f} s)", flush=True)
-    os.environ.pop("LABELLOOP_EPOCHS", None)
-    os.environ.pop("LABELLOOP_TRAIN_ARGS", None)
     report(args, rows, time.perf_counter() - started)
     return 0
 

@@ -332,3 +332,23 @@ def test_a_pickle_in_front_of_a_harmless_zip_is_read_as_torch_reads_it(tmp_path,
     with pytest.raises(UnsafeWeightsError, match=r"posix\.system"):
         load_model(polyglot, "polyglot")
     assert not marker.exists(), "the leading pickle ran"
+
+
+# -- settings reach the engine as passed ------------------------------------------------------------
+
+def test_injected_settings_reach_the_training_and_not_the_environment(tmp_path, monkeypatch):
+    """A workflow given a Settings uses it end to end (epochs, image size, batch, device), even when the
+    environment says otherwise: the benches and the demo configure runs without touching os.environ."""
+    import dataclasses
+
+    from labelloop.config import settings
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+
+    monkeypatch.setenv("LABELLOOP_EPOCHS", "7")  # what the process environment says; the injected one wins
+    spec = parse_label_config(choices_config(["red", "blue"]))
+    tasks, _ = choice_tasks(spec.labels, 5, tmp_path / "src")
+    env = dataclasses.replace(settings(), epochs=1, imgsz=32, batch=4, device="cpu", warm_start_steps=0)
+    outcome = train_new_version(Registry(tmp_path / "models"), 5, tasks, spec, LocalFileFetcher(), env=env)
+    used = outcome.manifest.settings
+    assert (used["epochs"], used["imgsz"], used["batch"], used["device"]) == (1, 32, 4, "cpu")
