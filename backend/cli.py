@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from labelloop.config import settings
+from labelloop.errors import LabelloopError
 
 
 def _progress_bar(desc: str):
@@ -149,7 +150,7 @@ def cmd_fiftyone_score(args) -> int:
             result["selected"] = len(result["selected"])
         else:
             result = fo_analysis.compute_embeddings(dataset, args.method_2d, progress=update)
-    except fo_analysis.AnalysisError as exc:
+    except LabelloopError as exc:
         bar.close()
         print(f"cannot run {args.analysis}: {exc}", file=sys.stderr)
         return 1
@@ -313,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, settings().log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per HTTP call drowns the CLI's own output
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except LabelloopError as exc:  # our own errors say what to do: no traceback for them
+        print(f"labelloop: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

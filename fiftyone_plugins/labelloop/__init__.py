@@ -9,7 +9,7 @@ plainly what is missing (no model yet, no ground truth, no embeddings).
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from labelloop.core.registry import RegistryError
+from labelloop.errors import LabelloopError
 from labelloop.fo import analysis as fo_analysis
 from labelloop.fo import sync as fo_dataset
 
@@ -35,10 +35,11 @@ def _view_choice(ctx, inputs):
 
 
 def _run(ctx, action):
-    """Run an analysis; turn a missing prerequisite into a message rather than a stack trace."""
+    """Run an analysis; labelloop's own errors (a missing prerequisite, no such version, Label Studio
+    unreachable, an image that cannot be fetched) become a message, not a stack trace."""
     try:
         result = action()
-    except (fo_analysis.AnalysisError, ValueError, RegistryError) as exc:  # RegistryError: no such version
+    except (LabelloopError, ValueError) as exc:
         return {"error": str(exc)}
     ctx.ops.reload_dataset()
     return result
