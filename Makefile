@@ -16,6 +16,7 @@ test-fast: setup lint
 
 lint:
 	.venv/bin/ruff check backend tasks fiftyone_plugins tests bench docker scripts
+	.venv/bin/mypy
 
 bench: setup
 	.venv/bin/python bench/predict_overhead.py

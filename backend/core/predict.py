@@ -13,11 +13,13 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from labelloop.core import scoring
 from labelloop.core.calibration import apply_temperature
+from labelloop.core.kinds import kind_of
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError
 from labelloop.core.yolo_env import import_yolo
 
@@ -51,7 +53,7 @@ class ImagePrediction:
 class LoadedModel:
     """An ultralytics model loaded once per process and weights file; predict calls are serialized."""
 
-    yolo: object
+    yolo: Any  # ultralytics.YOLO
     path: Path
     version: str
     task: str  # classify | detect | segment
@@ -130,11 +132,11 @@ class _KeepClassScores:
 @functools.cache
 def _scoring_predictor(task: str):
     """The ultralytics predictor class for ``task`` with class scores kept (classify needs none)."""
-    if task == "segment":
-        from ultralytics.models.yolo.segment import SegmentationPredictor as Base
-    else:
-        from ultralytics.models.yolo.detect import DetectionPredictor as Base
-    return type(f"Scoring{Base.__name__}", (_KeepClassScores, Base), {})
+    from ultralytics.models.yolo.detect import DetectionPredictor
+    from ultralytics.models.yolo.segment import SegmentationPredictor
+
+    base = SegmentationPredictor if kind_of(task).polygons else DetectionPredictor
+    return type(f"Scoring{base.__name__}", (_KeepClassScores, base), {})
 
 
 def cached_model_count() -> int:
@@ -198,10 +200,12 @@ def _predict_classification_tta(model: LoadedModel, images: list[Path], label_of
     out: list[ImagePrediction] = []
     per_chunk = max(1, batch // TTA_VIEWS)
     for start in range(0, len(images), per_chunk):
-        arrays = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in images[start : start + per_chunk]]
-        for p, a in zip(images[start : start + per_chunk], arrays):
-            if a is None:
+        arrays: list[np.ndarray] = []
+        for p in images[start : start + per_chunk]:
+            decoded = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if decoded is None:
                 raise ValueError(f"cannot decode image {p}")
+            arrays.append(decoded)
         views = [v for a in arrays for v in _views(a)]
         kwargs = dict(verbose=False, batch=len(views))
         if imgsz:
@@ -252,7 +256,7 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
         x1, y1, x2, y2 = (float(v) for v in xyxy[i])
         region = Region(label=label, score=float(conf[i]), class_index=int(cls[i]),
                         bbox=(x1, y1, x2 - x1, y2 - y1))
-        if aligned:
+        if aligned and box_scores is not None:
             region.class_probs = {lab: float(box_scores[i][j]) for j, lab in label_of.items() if j < box_scores.shape[1]}
         pred.candidates.append(region)
         pred.candidate_scores.append(float(conf[i]))
@@ -296,6 +300,5 @@ def simplify_polygon(points: np.ndarray, tolerance_px: float = 1.0) -> list[tupl
     import cv2
 
     approx = cv2.approxPolyDP(array.reshape(-1, 1, 2), tolerance_px, True).reshape(-1, 2)
-    if len(approx) < 3:
-        approx = array
-    return [(float(x), float(y)) for x, y in approx]
+    kept = approx if len(approx) >= 3 else array
+    return [(float(x), float(y)) for x, y in kept]

@@ -178,17 +178,18 @@ def _pretrain(images: list[Path], imgsz: int, out: Path, steps: int, seed: int,
 
     model.eval()
     model.names = {0: "class0", 1: "class1"}  # placeholders: training with real classes replaces the head
+    final_loss = float(np.mean(losses[-10:]))
     checkpoint = {
         "model": model,
         "train_args": {"task": CLASSIFICATION.ultralytics_task, "imgsz": imgsz, "model": Path(config).name},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "labelloop_pretraining": {"method": "SimCLR (NT-Xent)", "images": len(data), "steps": steps,
-                                  "batch": batch, "final_loss": float(np.mean(losses[-10:])),
+                                  "batch": batch, "final_loss": final_loss,
                                   "architecture": Path(config).name},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     torch.save(checkpoint, partial)
     partial.replace(out)
-    say(1.0, f"pretrained on {len(data)} images, final contrastive loss {checkpoint['labelloop_pretraining']['final_loss']:.3f}")
+    say(1.0, f"pretrained on {len(data)} images, final contrastive loss {final_loss:.3f}")
     return out

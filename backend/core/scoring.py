@@ -199,18 +199,18 @@ def diverse_top_k(scores: Sequence[float], embeddings: np.ndarray, k: int, pool_
     chosen (and from ``avoid``, e.g. already-labeled samples), so a budget of k does not go to k
     near-duplicates. Returns indices in pick order.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    k = min(k, len(scores))
+    values = np.asarray(scores, dtype=np.float64)
+    k = min(k, len(values))
     if k <= 0:
         return []
-    pool = np.argsort(-scores, kind="stable")[: max(k, pool_factor * k)]
+    pool = np.argsort(-values, kind="stable")[: max(k, pool_factor * k)]
     vectors = np.asarray(embeddings, dtype=np.float64)[pool]
     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     if avoid is not None and len(avoid):
         others = np.asarray(avoid, dtype=np.float64)
         others = others / np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-12)
         nearest = np.min(np.linalg.norm(vectors[:, None, :] - others[None, :, :], axis=2), axis=1)
-        first = int(np.argmax(nearest * (1 + scores[pool])))
+        first = int(np.argmax(nearest * (1 + values[pool])))
     else:
         nearest = np.full(len(pool), np.inf)
         first = 0
