@@ -179,7 +179,7 @@ def cmd_fiftyone_plugin(args) -> int:
 
 
 def cmd_app(args) -> int:
-    """FiftyOne's App server, its /media route limited to labelloop's media folders (fo_app.py)."""
+    """FiftyOne's App server, its /media route limited to labelloop's media folders (fo/app.py)."""
     from labelloop.fo.app import serve_app
 
     serve_app(args.address, args.port)

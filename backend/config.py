@@ -74,7 +74,7 @@ class Settings:
     score_threshold: float
     predict_batch: int
     max_body_bytes: int
-    # the HTTP face (service.py): who may call it and how much one caller can make it do
+    # the HTTP face (service/): who may call it and how much one caller can make it do
     insecure: bool  # LABELLOOP_INSECURE=true: serve without auth on a non-loopback address, on purpose
     webhook_secret: str  # shared secret Label Studio's webhook sends in X-Labelloop-Webhook-Secret
     max_webhook_bytes: int

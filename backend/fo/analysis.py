@@ -1,7 +1,7 @@
 """Analyses on a synced FiftyOne dataset, written back as fields, tags, saved views and brain runs.
 
 Every number comes from the engine's scoring functions (scoring.py) applied to the engine's
-predictions (predict.py): the plugin operators, the CLI and the Celery jobs all call these.
+predictions (core/predict.py): the plugin operators, the CLI and the Celery jobs all call these.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ runs the same server the way ``fiftyone/server/main.py`` does, with its Starlett
 :class:`MediaRootsMiddleware`: a ``filepath`` outside the allowed roots gets 403 before FiftyOne sees
 the request. The allowed roots:
 
-* ``<LABELLOOP_HOME>/fiftyone-media/`` — every synced image lives there (fo_dataset.py, own_copy);
+* ``<LABELLOOP_HOME>/fiftyone-media/`` — every synced image lives there (fo/sync.py, own_copy);
 * ``<LABELLOOP_CACHE_DIR>/media/`` — samples of datasets synced before they owned their images;
 * each folder of ``LABELLOOP_APP_MEDIA_ROOTS`` (comma-separated), for datasets made by hand.
 

@@ -17,7 +17,7 @@ is never touched, and samples of tasks deleted in Label Studio are tagged ``ls:d
 ``prediction_version``   the version that made ``predictions``
 =======================  =====================================================================
 
-Predictions are made by the engine (predict.py), the same code that answers Label Studio.
+Predictions are made by the engine (core/predict.py), the same code that answers Label Studio.
 
 A sample's ``filepath`` is the dataset's own copy of the image (``<home>/fiftyone-media/<project>/``,
 named by its content, hard-linked from the media cache where possible): the media cache evicts its

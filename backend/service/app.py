@@ -2,7 +2,7 @@
 
 Endpoints: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /events,
 GET /metrics. The contract (request and response shapes, timeouts) is recorded in README.md.
-Every request body is validated here; the engine (pipeline.py) only sees well-formed input.
+Every request body is validated here; the engine (workflows/pipeline.py) only sees well-formed input.
 A bad request gets a 4xx with ``{"error": "..."}`` and the server keeps serving.
 
 Secure and bounded by default (README "Security"): ``labelloop serve`` refuses a non-loopback address

@@ -11,7 +11,7 @@ import fiftyone.operators.types as types
 
 from labelloop.errors import LabelloopError
 from labelloop.fo import analysis as fo_analysis
-from labelloop.fo import sync as fo_dataset
+from labelloop.fo import sync as fo_sync
 
 METHODS = ("least_confidence", "margin", "entropy")
 
@@ -83,7 +83,7 @@ class SyncLabelStudio(foo.Operator):
 
     def execute(self, ctx):
         params = ctx.params
-        report = _run(ctx, lambda: fo_dataset.sync_project(
+        report = _run(ctx, lambda: fo_sync.sync_project(
             params["project"], params.get("dataset_name") or None, params.get("predict", True), _progress(ctx)))
         return report if isinstance(report, dict) else report.__dict__
 
