@@ -52,7 +52,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "typical-uncertainty", "random-scratch")
+STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "typical-uncertainty", "random-scratch", "random-pseudo",
+              "uncertainty-tta-pseudo")
+# -pseudo (measured, not in the product): each round also trains on the unlabeled images the last version
+# predicts with TTA probability >= PSEUDO_CONFIDENCE, labeled with that prediction (CEAL-style)
+PSEUDO_CONFIDENCE = 0.95
 BASELINES = ("tiny-cnn", "hog-lr")
 
 # -- measured and not kept in the product: typical-first picks ------------------------------------
@@ -93,6 +97,21 @@ def typical_first(embeddings: np.ndarray, k: int, seed: int = 0) -> list[int]:
         picks.append(int(members[int(np.argmin(mean_nearest))]))
     return picks
 
+
+
+def pseudo_tasks(model, spec, paths, all_tasks, labeled) -> list[dict]:
+    """``model``'s confident TTA predictions on the unlabeled pool, written as annotations (measured only)."""
+    from labelloop.core.predict import predict_images
+
+    taken = set(labeled)
+    rest = [i for i in range(len(paths)) if i not in taken]
+    out = []
+    for i, pred in zip(rest, predict_images(model, [paths[i] for i in rest], spec, 0.5, tta=True)):
+        label, prob = max(pred.class_probs.items(), key=lambda item: item[1])
+        if prob >= PSEUDO_CONFIDENCE:
+            result = [{**all_tasks[i]["annotations"][0]["result"][0], "value": {"choices": [label]}}]
+            out.append({**all_tasks[i], "annotations": [{"id": all_tasks[i]["id"], "result": result}]})
+    return out
 
 
 def parse_args(argv=None):
@@ -188,12 +207,16 @@ def main(argv=None) -> int:
                 embeddings = embed_images(load_model(warm, "warm-start"), paths)
                 labeled = [int(i) for i in typical_first(embeddings, args.budgets[0], seed=seed)]
             curve = []
+
             for k, budget in enumerate(args.budgets):
                 if strategy.startswith("random"):
                     labeled = order[:budget]
                     random_sets.setdefault(budget, list(labeled))
                 t0 = time.perf_counter()
-                outcome = train_new_version(registry, project, [all_tasks[i] for i in labeled], spec, fetcher)
+                train_tasks = [all_tasks[i] for i in labeled]
+                if k and strategy.endswith("-pseudo"):
+                    train_tasks += pseudo_tasks(serving_model(project), spec, paths, all_tasks, labeled)
+                outcome = train_new_version(registry, project, train_tasks, spec, fetcher)
                 seconds = time.perf_counter() - t0
                 model = serving_model(project)
                 acc = accuracy(model)
@@ -206,7 +229,7 @@ def main(argv=None) -> int:
                     continue
                 unlabeled = [i for i in range(args.pool) if i not in set(labeled)]
                 preds = predict_images(model, [paths[i] for i in unlabeled], spec, 0.5,
-                                       tta=strategy == "uncertainty-tta")
+                                       tta=strategy.startswith("uncertainty-tta"))
                 uncertainty = [scoring.least_confidence(list(p.class_probs.values())) for p in preds]
                 picked = np.argsort(-np.asarray(uncertainty), kind="stable")[: args.budgets[k + 1] - len(labeled)]
                 labeled = labeled + [unlabeled[int(j)] for j in picked]

@@ -66,6 +66,9 @@ def test_hand_made_predict_gives_one_scored_prediction_per_task_in_order(served,
             for region in result["result"]:
                 assert region["value"]["rectanglelabels"][0] in CLASSES
     assert "not allowed" in results[2]["error"] and "404" in results[4]["error"]
+    # where the time went, for anyone looking at a slow request: Server-Timing with the phases that ran
+    timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+    assert {"model", "fetch", "infer", "serialize"} <= set(timing) and all(float(v) >= 0 for v in timing.values())
     # the same request again is served from the image cache and the model cache: identical answer
     again = post(served, "/predict", json={"tasks": tasks, "project": "7.1700000000", "label_config": DETECT})
     assert again.json()["results"] == results
@@ -119,6 +122,8 @@ def test_metrics_count_requests_predictions_and_errors(served, image_host, shape
     assert f'labelloop_predictions_total{{model_version="{served.info["version"]}"}}' in text
     assert 'labelloop_http_errors_total{endpoint="/predict",status="400"}' in text
     assert "labelloop_http_request_duration_seconds_bucket" in text
+    for phase in ("fetch", "infer", "serialize"):  # the same split as Server-Timing
+        assert f'labelloop_predict_phase_seconds_count{{phase="{phase}"}}' in text
 
 
 # -- the validation matrix, in process ----------------------------------------------------------------

@@ -208,18 +208,23 @@ def create_app(env: Settings | None = None) -> FastAPI:
             raise BadRequest("'params' must be an object", 422)
         if not tasks:
             return {"results": []}
+        t_model = time.perf_counter()
         model = await in_predict_pool(resolve_model, registry, project, spec, env)
         if model is None:
             metrics.no_model.inc()
             return {"results": [], "message": _no_model_message(project)}
         t0 = time.perf_counter()
+        timings: dict[str, float] = {"model": t0 - t_model}  # "model": loading (and warming) a version not in memory
         # In chunks: a big request holds a thread (and its images) one chunk at a time, and
         # concurrent requests take turns between chunks instead of waiting for a whole batch.
         chunk = max(1, env.predict_batch or 1) * 4
         preds = []
         for start in range(0, len(tasks), chunk):
-            preds += await in_predict_pool(predict_tasks, tasks[start : start + chunk], spec, model, fetcher)
+            preds += await in_predict_pool(functools.partial(predict_tasks, timings=timings),
+                                           tasks[start : start + chunk], spec, model, fetcher)
         metrics.predict_seconds.observe(time.perf_counter() - t0)
+        for phase, seconds in timings.items():
+            metrics.predict_phase_seconds.labels(phase).observe(seconds)
         results = []
         for p in preds:
             item = p.to_label_studio()
@@ -230,7 +235,9 @@ def create_app(env: Settings | None = None) -> FastAPI:
                 metrics.predictions.labels(p.model_version).inc()
             results.append(item)
         metrics.models_loaded.set(cached_model_count())
-        return {"results": results, "model_version": model.version}
+        server_timing = ", ".join(f"{phase};dur={1000 * seconds:.1f}" for phase, seconds in timings.items())
+        return JSONResponse({"results": results, "model_version": model.version},
+                            headers={"Server-Timing": server_timing})
 
     @app.post("/webhook", openapi_extra=json_body(WebhookRequest),
               responses=errors(400, 401, 403, 413, 422, 429, 503))

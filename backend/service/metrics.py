@@ -41,6 +41,9 @@ class ServiceMetrics:
                                 ["action"], registry=r)
         self.predict_seconds = Histogram("labelloop_predict_batch_seconds", "Model time per /predict call",
                                          registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.predict_phase_seconds = Histogram(
+            "labelloop_predict_phase_seconds", "Seconds per /predict call in each phase (the Server-Timing split)",
+            ["phase"], registry=r, buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
         self.webhooks_dropped = Counter("labelloop_webhook_dropped_total",
                                         "Webhook events not queued because Redis was unavailable", ["action"],
                                         registry=r)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,21 @@ class TaskPrediction:
 
 def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedModel, fetcher,
                   threshold: float | None = None, batch: int | None = None, tta: bool = False,
-                  env: Settings | None = None) -> list[TaskPrediction]:
+                  env: Settings | None = None, timings: dict[str, float] | None = None) -> list[TaskPrediction]:
     """One TaskPrediction per task, in order. A task whose image is missing, broken or refused gets an
-    empty result with ``error`` set; the others are predicted in batches. ``tta``: see predict_images."""
+    empty result with ``error`` set; the others are predicted in batches. ``tta``: see predict_images.
+
+    ``timings`` (optional) gets the seconds of each phase added: ``fetch`` (download, cache, full decode
+    check), ``infer`` (ultralytics: load, letterbox, forward, NMS) and ``serialize`` (Label Studio JSON)."""
+    clock = timings if timings is not None else {}
+    mark = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        clock[phase] = clock.get(phase, 0.0) + now - mark
+        mark = now
+
     env = env or current_settings()
     threshold = threshold_for(spec, env) if threshold is None else threshold
     out = [TaskPrediction(task_id=t.get("id"), model_version=model.version) for t in tasks]
@@ -96,6 +109,7 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
         urls.append(url if out[i].error is None else None)
     wanted = [i for i, url in enumerate(urls) if url is not None]
     fetched = fetcher.fetch_many([urls[i] for i in wanted]) if wanted else []
+    lap("fetch")
     ready: list[tuple[int, Path]] = []
     for i, item in zip(wanted, fetched):
         if isinstance(item, Exception):
@@ -105,9 +119,11 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
             ready.append((i, item))
     if ready:
         preds = predict_images(model, [p for _, p in ready], spec, threshold, batch or env.predict_batch, tta=tta)
+        lap("infer")
         for (i, _), pred in zip(ready, preds):
             out[i].result = prediction_result(pred, spec)
             out[i].score = pred.score
+        lap("serialize")
     for p in out:
         if p.error:
             log.warning("task %s: no prediction: %s", p.task_id, p.error)
