@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 
 import httpx
 import pytest
@@ -80,6 +81,11 @@ def test_setup_health_and_versions_report_the_model(served):
     setup = post(served, "/setup", json={"project": "7.1700000000", "schema": DETECT, "hostname": "http://x",
                                          "access_token": "legacy", "extra_params": None}).json()
     assert setup["model_version"] == served.info["version"] and setup["model_ready"] is True
+    # /setup answers at once (Label Studio waits 3 s) and loads and warms the model behind it
+    deadline = time.monotonic() + 60
+    while served.info["version"] not in httpx.get(served.url + "/health").json()["loaded"]:
+        assert time.monotonic() < deadline, "the model /setup named was not loaded in the background"
+        time.sleep(0.1)
     versions = httpx.get(served.url + "/versions", headers=AUTH).json()
     assert versions["versions"] == [served.info["version"]]
     assert versions["serving"] == {"7": served.info["version"]}

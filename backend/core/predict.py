@@ -64,6 +64,7 @@ class LoadedModel:
 
 _cache: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
 _cache_lock = threading.Lock()
+_loading: dict[tuple[str, int], threading.Lock] = {}  # a lock per file being loaded
 CACHE_SIZE = 3  # a few versions at once: the served one, its predecessor, a comparison
 
 
@@ -79,6 +80,25 @@ def load_model(path: str | Path, version: str) -> LoadedModel:
         if cached is not None:
             _cache.move_to_end(key)
             return cached
+        loading = _loading.setdefault(key, threading.Lock())
+    with loading:  # one load per file at a time: a /predict arriving during /setup's load waits for it
+        with _cache_lock:
+            cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            model = _load(path, version)
+        finally:
+            with _cache_lock:
+                _loading.pop(key, None)
+        with _cache_lock:
+            _cache[key] = model
+            while len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+        return model
+
+
+def _load(path: Path, version: str) -> LoadedModel:
     from labelloop.core.safe_load import check_weights
 
     check_weights(path)  # weights from outside the registry: refuse a pickle that would run code
@@ -89,10 +109,6 @@ def load_model(path: str | Path, version: str) -> LoadedModel:
     warmed = _warm_up(model)
     log.info("loaded model %s (%s, %d classes) from %s; warm-up %.2f s", version, model.task, len(model.names),
              path, warmed)
-    with _cache_lock:
-        _cache[key] = model
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
     return model
 
 
@@ -162,6 +178,12 @@ def _scoring_predictor(task: str):
 
 def cached_model_count() -> int:
     return len(_cache)
+
+
+def loaded_versions() -> list[str]:
+    """Versions in memory and warmed, oldest first: what answers a /predict without loading."""
+    with _cache_lock:
+        return [model.version for model in _cache.values()]
 
 
 def check_compatible(model: LoadedModel, spec: ControlSpec) -> None:

@@ -32,7 +32,7 @@ from labelloop import __version__
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
 from labelloop.core.labelconfig import parse_label_config
-from labelloop.core.predict import cached_model_count
+from labelloop.core.predict import cached_model_count, loaded_versions
 from labelloop.core.registry import Registry
 from labelloop.errors import LabelloopError
 from labelloop.labelstudio.client import WEBHOOK_SECRET_HEADER  # installed on the project's webhook by labelloop
@@ -55,7 +55,7 @@ from labelloop.service.schemas import (
     validate_tasks,
     webhook_id,
 )
-from labelloop.workflows.pipeline import predict_tasks, resolve_model
+from labelloop.workflows.pipeline import model_source, predict_tasks, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
             "models": {p: v for p, v in projects.items() if v},
             "base_model": env.base_model or None,
             "model_ready": any(projects.values()) or bool(env.base_model),
+            "loaded": loaded_versions(),  # warmed in memory: a /predict for these pays no load
         }
 
     warm_start_asked: set[str] = set()  # projects whose warm start this process queued (bounded below)
@@ -186,11 +187,15 @@ def create_app(env: Settings | None = None) -> FastAPI:
                 setup_projects.pop(next(iter(setup_projects)))
         if project:
             await run_in_threadpool(_ask_for_warm_start, project, spec, "setup")
-        model = await run_in_threadpool(resolve_model, registry, project, spec, env)
-        if model is None:
+        source = await run_in_threadpool(model_source, registry, project, spec, env)
+        if source is None:
             return {"model_version": NO_MODEL_VERSION, "model_ready": False,
                     "message": _no_model_message(project)}
-        return {"model_version": model.version, "model_ready": True, "task_type": spec.task_type}
+        # Load and warm the model in the background: Label Studio gives /setup 3 s (ML_TIMEOUT_SETUP) and
+        # a first load with its warm-up can take longer; a /predict arriving meanwhile waits for this load.
+        loading = predict_pool.submit(resolve_model, registry, project, spec, env)
+        loading.add_done_callback(functools.partial(_report_failed_load, source[1]))
+        return {"model_version": source[1], "model_ready": True, "task_type": spec.task_type}
 
     @app.post("/predict", openapi_extra=json_body(PredictRequest), responses=errors(400, 401, 413, 422))
     async def predict(request: Request):
@@ -415,6 +420,12 @@ class _LazyJobStore:
             return self.store().list(limit=200)
         except Exception:
             return []
+
+
+def _report_failed_load(version: str, future) -> None:
+    """A background load that failed is logged; the next /predict loads again and answers with the reason."""
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("loading %s failed: %s", version, future.exception())
 
 
 def _no_model_message(project: str | None) -> str:

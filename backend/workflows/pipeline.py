@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 # -- prediction ----------------------------------------------------------------------------------
 
-def resolve_model(registry: Registry, project: str | int | None, spec: ControlSpec,
-                  env: Settings | None = None) -> LoadedModel | None:
-    """The model that answers for ``project``, or None when there is none yet.
+def model_source(registry: Registry, project: str | int | None, spec: ControlSpec,
+                 env: Settings | None = None) -> tuple[Path, str] | None:
+    """(weights file, version name) of the model that answers for ``project``, or None when there is
+    none yet — without loading it (Label Studio gives ``/setup`` 3 s).
 
     Order: the project's version in service (trained by labelloop) → the tag's ``model_path`` (with
     ALLOW_CUSTOM_MODEL_PATH) → LABELLOOP_BASE_MODEL. The first two are what upstream configs expect;
@@ -54,16 +55,23 @@ def resolve_model(registry: Registry, project: str | int | None, spec: ControlSp
     env = env or current_settings()
     serving = registry.serving(project) if project is not None else None
     if serving is not None:
-        return load_model(serving.weights, serving.version)
+        return serving.weights, serving.version
     custom = resolve_model_path(spec, env.allow_custom_model_path, env.model_root)
     if custom is not None:
-        return load_model(custom, f"custom-{custom.stem}")
+        return custom, f"custom-{custom.stem}"
     if env.base_model:
         path = Path(env.base_model)
         if not path.is_file():
             raise LabelConfigError(f"LABELLOOP_BASE_MODEL={env.base_model} does not exist")
-        return load_model(path, f"base-{path.stem}")
+        return path, f"base-{path.stem}"
     return None
+
+
+def resolve_model(registry: Registry, project: str | int | None, spec: ControlSpec,
+                  env: Settings | None = None) -> LoadedModel | None:
+    """The model that answers for ``project`` (``model_source``), loaded and warmed; None when there is none."""
+    source = model_source(registry, project, spec, env)
+    return None if source is None else load_model(*source)
 
 
 @dataclass
