@@ -53,7 +53,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "typical-uncertainty", "random-scratch", "random-pseudo",
-              "uncertainty-tta-pseudo")
+              "uncertainty-tta-pseudo", "disagreement-tta")
+# disagreement-tta (measured, not in the product): BALD-like — the mutual information between the label
+# and the view, H(mean of the four views' probabilities) - mean of their entropies: high where the
+# views disagree (what the model has not learned), low where all agree on an ambiguous image
 # -pseudo (measured, not in the product): each round also trains on the unlabeled images the last version
 # predicts with TTA probability >= PSEUDO_CONFIDENCE, labeled with that prediction (CEAL-style)
 PSEUDO_CONFIDENCE = 0.95
@@ -97,6 +100,31 @@ def typical_first(embeddings: np.ndarray, k: int, seed: int = 0) -> list[int]:
         picks.append(int(members[int(np.argmin(mean_nearest))]))
     return picks
 
+
+
+def view_disagreement(model, spec, paths, folder: Path) -> list[float]:
+    """Mutual information between label and view over the image, two flips and a 90° turn (nats)."""
+    from PIL import Image
+
+    from labelloop.core.predict import predict_images
+
+    views = []
+    for name, op in (("id", None), ("lr", Image.Transpose.FLIP_LEFT_RIGHT), ("ud", Image.Transpose.FLIP_TOP_BOTTOM),
+                     ("rot", Image.Transpose.ROTATE_90)):
+        out = []
+        for path in paths:
+            target = folder / name / Path(path).name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with Image.open(path) as im:
+                    (im.copy() if op is None else im.transpose(op)).save(target)
+            out.append(target)
+        views.append([list(p.class_probs.values()) for p in predict_images(model, out, spec, 0.5)])
+    probs = np.clip(np.asarray(views, dtype=np.float64), 1e-12, 1.0)  # (views, images, classes)
+    mean = probs.mean(axis=0)
+    entropy_of_mean = -(mean * np.log(mean)).sum(axis=1)
+    mean_entropy = -(probs * np.log(probs)).sum(axis=2).mean(axis=0)
+    return (entropy_of_mean - mean_entropy).tolist()
 
 
 def pseudo_tasks(model, spec, paths, all_tasks, labeled) -> list[dict]:
@@ -230,7 +258,10 @@ def main(argv=None) -> int:
                 unlabeled = [i for i in range(args.pool) if i not in set(labeled)]
                 preds = predict_images(model, [paths[i] for i in unlabeled], spec, 0.5,
                                        tta=strategy.startswith("uncertainty-tta"))
-                uncertainty = [scoring.least_confidence(list(p.class_probs.values())) for p in preds]
+                if strategy == "disagreement-tta":
+                    uncertainty = view_disagreement(model, spec, [paths[i] for i in unlabeled], work / f"views{seed}")
+                else:
+                    uncertainty = [scoring.least_confidence(list(p.class_probs.values())) for p in preds]
                 picked = np.argsort(-np.asarray(uncertainty), kind="stable")[: args.budgets[k + 1] - len(labeled)]
                 labeled = labeled + [unlabeled[int(j)] for j in picked]
             runs.append({"seed": seed, "strategy": strategy, "curve": curve})
