@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,8 +118,6 @@ def _warm_up(model: LoadedModel) -> float:
     pays ultralytics' first-call setup (predictor build, layer fusion, first allocations): measured on a
     yolov8n detector on 2 CPU cores, the first 8-image predict took 3.4 s, the next ones 0.7-1.0 s.
     Returns the seconds it took; a failure here is logged and left to the first request to report."""
-    import time
-
     started = time.perf_counter()
     kwargs: dict[str, Any] = {"verbose": False}
     if model.task in BY_ULTRALYTICS_TASK and not BY_ULTRALYTICS_TASK[model.task].whole_image:

@@ -161,7 +161,6 @@ FoldRunner = Callable[[int, int, Progress], dict[int, Any]]
 
 def run_folds_here(project: int, folds: int, progress: Progress) -> dict[int, Any]:
     """The folds one after another in this process (no worker needed; slower)."""
-
     project_data = read_project(project)
     with MediaFetcher.from_settings() as fetcher:
         return cross_val_predictions(project_data.tasks, project_data.spec, fetcher, folds, progress)

@@ -44,7 +44,7 @@ from labelloop.core.registry import Registry
 from labelloop.fo.env import import_fiftyone, root_dataset
 from labelloop.labelstudio.client import StudioClient
 from labelloop.labelstudio.media import MediaFetcher
-from labelloop.labelstudio.results import annotation_key, labeled_image, latest_human_annotation
+from labelloop.labelstudio.results import annotation_key, labeled_image
 from labelloop.workflows.pipeline import resolve_model
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,9 @@ def ground_truth_labels(task: dict[str, Any], spec: ControlSpec) -> dict[str, An
     truth = labeled_image(task, spec)
     if spec.kind.whole_image:
         return {"ground_truth": fo.Classification(label=truth.label) if truth else None}
-    if truth is None and latest_human_annotation(task) is None:
+    if truth is None:  # boxes and outlines: None only without a human annotation (an empty one is a negative)
         return {"ground_truth": None} | ({"ground_truth_polygons": None} if spec.kind.polygons else {})
-    regions = truth.regions if truth else ()
+    regions = truth.regions
     detections = [fo.Detection(label=r.label, bounding_box=[r.box[0], r.box[1], r.box[2] - r.box[0], r.box[3] - r.box[1]])
                   for r in regions]
     out = {"ground_truth": fo.Detections(detections=detections)}

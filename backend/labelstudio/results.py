@@ -26,10 +26,14 @@ def latest_human_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
     return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
 
 
+def _key(annotation: dict[str, Any]) -> str:
+    return f"{annotation.get('id')}@{annotation.get('updated_at')}"
+
+
 def annotation_key(task: dict[str, Any]) -> str | None:
     """Which annotation is the task's truth now ("<id>@<updated_at>"); None when it has none."""
     annotation = latest_human_annotation(task)
-    return None if annotation is None else f"{annotation.get('id')}@{annotation.get('updated_at')}"
+    return None if annotation is None else _key(annotation)
 
 
 def rectangle_to_polygon(value: dict) -> list[tuple[float, float]]:
@@ -73,7 +77,7 @@ def labeled_image(task: dict[str, Any], spec: ControlSpec) -> LabeledImage | Non
     if annotation is None:
         return None
     items = [r for r in annotation.get("result") or [] if r.get("from_name") == spec.from_name]
-    key = f"{annotation.get('id')}@{annotation.get('updated_at')}"
+    key = _key(annotation)
     if spec.kind.whole_image:
         choice = next((c for r in items for c in (r.get("value") or {}).get("choices") or [] if c in spec.labels), None)
         return None if choice is None else LabeledImage(task["id"], key, label=choice)
