@@ -193,8 +193,9 @@ def create_app(env: Settings | None = None) -> FastAPI:
                     "message": _no_model_message(project)}
         # Load and warm the model in the background: Label Studio gives /setup 3 s (ML_TIMEOUT_SETUP) and
         # a first load with its warm-up can take longer; a /predict arriving meanwhile waits for this load.
-        loading = predict_pool.submit(resolve_model, registry, project, spec, env)
-        loading.add_done_callback(functools.partial(_report_failed_load, source[1]))
+        if source[1] not in loaded_versions():  # Label Studio calls /setup before most requests: usually loaded
+            loading = predict_pool.submit(resolve_model, registry, project, spec, env)
+            loading.add_done_callback(functools.partial(_report_failed_load, source[1]))
         return {"model_version": source[1], "model_ready": True, "task_type": spec.task_type}
 
     @app.post("/predict", openapi_extra=json_body(PredictRequest), responses=errors(400, 401, 413, 422))
