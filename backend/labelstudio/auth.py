@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -65,6 +66,17 @@ class LabelStudioAuth:
         if not self.is_pat:
             return {"Authorization": f"Token {self._key}"}
         return {"Authorization": f"Bearer {self._access_token()}"}
+
+    def send(self, send: Callable[[dict[str, str]], httpx.Response]) -> httpx.Response:
+        """``send(headers)`` with this key's Authorization; a 401 on a personal access token drops the
+        access token and sends once more with a fresh one (it may have expired in flight)."""
+        headers = self.headers()
+        response = send(headers)
+        if response.status_code == 401 and self.is_pat:
+            response.close()
+            self.invalidate(headers)
+            response = send(self.headers())
+        return response
 
     def invalidate(self, sent: dict[str, str]) -> None:
         """Forget the access token that just got a 401 (unless another thread already replaced it)."""

@@ -76,20 +76,12 @@ class StudioClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def headers(self) -> dict[str, str]:
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request with Label Studio's auth (a 401 on a personal access token refreshes it once)."""
         try:
-            return self._auth.headers()
+            return self._auth.send(lambda headers: self._http.request(method, path, headers=headers, **kwargs))
         except StudioAuthError as exc:  # token refresh failed: LS down or the key is wrong
             raise StudioError(f"cannot authenticate to Label Studio at {self.url}: {exc}") from exc
-
-    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """One request; a 401 on a personal access token refreshes it and tries once more."""
-        headers = self.headers()
-        response = self._http.request(method, path, headers=headers, **kwargs)
-        if response.status_code == 401 and self._auth.is_pat:
-            self._auth.invalidate(headers)
-            response = self._http.request(method, path, headers=self.headers(), **kwargs)
-        return response
 
     def request(self, method: str, path: str, retry_delays=RETRY_DELAYS, **kwargs) -> Any:
         """One API call; connection failures and 5xx are retried with backoff, then raise StudioError."""

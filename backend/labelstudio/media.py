@@ -706,13 +706,10 @@ class MediaFetcher:
 
     def _request(self, target: _Target) -> httpx.Response:
         """One hop; auth only for Label Studio; a 401 with a PAT refreshes the token and retries once."""
+        if not target.is_label_studio:
+            return self._send(target, {})
         try:
-            headers = self._auth.headers() if target.is_label_studio else {}
-            response = self._send(target, headers)
-            if response.status_code == 401 and target.is_label_studio and self._auth.is_pat:
-                response.close()
-                self._auth.invalidate(headers)
-                response = self._send(target, self._auth.headers())
+            response = self._auth.send(lambda headers: self._send(target, headers))
         except StudioAuthError as exc:  # this task's image cannot be fetched: its error, not the batch's
             raise MediaError(str(exc), kind="auth") from exc
         return response
