@@ -197,7 +197,10 @@ def cmd_stack(args) -> int:
         print(f"ML backend    {state['services']['backend']['url']}")
         if "fiftyone" in state["services"]:
             print(f"FiftyOne App  {state['services']['fiftyone']['url']}")
+        print('point this shell\'s labelloop commands at it: eval "$(labelloop stack env)"')
         print("stop everything with: labelloop stack down")
+    elif args.action == "env":
+        print(stack.shell_exports())
     elif args.action == "down":
         stack.down()
     elif args.action == "status":
@@ -293,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=int, default=5151)
     app.set_defaults(func=cmd_app)
 
-    stack_cmd = sub.add_parser("stack", help="the whole stack as local processes: up | down | status | logs")
-    stack_cmd.add_argument("action", choices=["up", "down", "status", "logs"])
+    stack_cmd = sub.add_parser("stack", help="the whole stack as local processes: up | down | status | logs | env")
+    stack_cmd.add_argument("action", choices=["up", "down", "status", "logs", "env"],
+                           help="env prints the exports that point a shell at the running stack")
     stack_cmd.add_argument("service", nargs="?", default="backend", help="for logs: which service")
     stack_cmd.add_argument("--lines", type=int, default=50)
     stack_cmd.add_argument("--no-workers", action="store_true")

