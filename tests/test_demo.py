@@ -20,6 +20,7 @@ def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home
     env = {**os.environ, "LABELLOOP_HOME": str(home), "LABELLOOP_LS_PORT": str(free_port()),
            "LABELLOOP_BACKEND_PORT": str(free_port()), "LABELLOOP_REDIS_PORT": str(free_port()),
            "LABELLOOP_MONGO_PORT": str(free_port()), "LABELLOOP_APP_PORT": str(free_port()),
+           "LABELLOOP_FLOWER_PORT": str(free_port()),
            # the warm start runs (connect → Celery → pretraining → first training starts from it), with a
            # fifth of its steps so the suite fits CI's 30 minutes; its full effect is bench/active_learning.py's
            "LABELLOOP_WARM_START_STEPS": "60"}
@@ -48,6 +49,10 @@ def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home
         predictions = httpx.get(f"{summary['label_studio']}/api/predictions", params={"project": project},
                                 headers={"Authorization": f"Token {token}"}).json()
         assert any(p["model_version"] == newest for p in predictions)
+        # Flower of the stack sees both workers over the stack's own Redis (real Celery, real Flower)
+        workers = httpx.get(f"{state['services']['flower']['url']}/api/workers", params={"refresh": 1},
+                            timeout=30).json()
+        assert {"stack-train", "stack-predict"} <= {name.split("@")[0] for name in workers}, workers
         assert "Label Studio" in run.stdout and "stack down" in run.stdout
     finally:
         subprocess.run([sys.executable, "-m", "labelloop.cli", "stack", "down"], env=env, timeout=120)

