@@ -1,6 +1,6 @@
 """The Label Studio face: the ML backend HTTP contract (Label Studio 1.23), auth, errors, metrics.
 
-Endpoints: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /events,
+Endpoints: GET / and GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /events,
 GET /metrics. The contract (request and response shapes, timeouts) is recorded in README.md.
 Every request body is validated here; the engine (workflows/pipeline.py) only sees well-formed input.
 A bad request gets a 4xx with ``{"error": "..."}`` and the server keeps serving.
@@ -59,8 +59,10 @@ from labelloop.workflows.pipeline import model_source, predict_tasks, resolve_mo
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/health", "/webhook"}  # Label Studio sends webhooks without any auth
-KNOWN_PATHS = {"/health", "/setup", "/predict", "/webhook", "/versions", "/events", "/metrics", "/jobs"}
+# Label Studio sends webhooks without any auth; "/" is upstream's alias of /health (label-studio-ml-backend
+# answers both from one handler), open like /health and answering less: that the server is up, nothing else.
+OPEN_PATHS = {"/", "/health", "/webhook"}
+KNOWN_PATHS = {"/", "/health", "/setup", "/predict", "/webhook", "/versions", "/events", "/metrics", "/jobs"}
 # Events that can change what the model should learn; START_TRAINING ("Start training") forces a try.
 TRAINING_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
                     "START_TRAINING"}
@@ -134,6 +136,12 @@ def create_app(env: Settings | None = None) -> FastAPI:
         # FastAPI's own check of typed query parameters (?limit=abc): the same {"error": ...} as the rest
         where = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg', 'invalid')}" for e in exc.errors()]
         return error(422, "invalid request parameter: " + "; ".join(where)[:500])
+
+    @app.get("/")
+    async def root():
+        # upstream's GET / is its /health: {"status": "UP", "model_class": ...}; ours says what to call next
+        # and nothing about projects or models (those are /health's and /versions' business)
+        return {"status": "UP", "model_class": "labelloop", "version": __version__, "health": "/health"}
 
     @app.get("/health")
     async def health():
@@ -381,17 +389,30 @@ def create_app(env: Settings | None = None) -> FastAPI:
 
     @app.get("/versions", responses=errors(401, 422))
     async def versions(project: str | None = None):
-        # Label Studio asks without naming the project; with one project in the registry that is it.
+        # Label Studio's GET /api/ml/{id}/versions calls GET /versions with nothing that names the project
+        # (ml/api_connector.py get_versions: its {'project': uid} is a POST body, dropped for a GET). So the
+        # answer is one project's or none: ?project=<id>; else the one project this backend knows (through
+        # /setup or the registry); with several, no versions and a message, never a mix of projects.
         key = project_key(project) if project else None
-        projects = [key] if key else registry.projects()
-        manifests = [m for p in projects for m in registry.versions(p)]
-        manifests.sort(key=lambda m: m.created_at, reverse=True)
-        serving = {p: (registry.serving_info(p) or {}).get("version") for p in projects}
-        return {
+        message = None
+        if key is None:
+            known = sorted(set(registry.projects()) | set(setup_projects))
+            if len(known) == 1:
+                key = known[0]
+            elif known:
+                message = (f"this backend serves {len(known)} projects and the request names none: "
+                           "ask for one with ?project=<id>")
+        manifests = sorted(registry.versions(key), key=lambda m: m.created_at, reverse=True) if key else []
+        serving = (registry.serving_info(key) or {}).get("version") if key else None
+        answer: dict[str, Any] = {
+            "project": key,
             "versions": [m.version for m in manifests],
-            "serving": {p: v for p, v in serving.items() if v},
-            "details": [{**m.to_json(), "serving": serving.get(m.project) == m.version} for m in manifests],
+            "serving": {key: serving} if key and serving else {},
+            "details": [{**m.to_json(), "serving": m.version == serving} for m in manifests],
         }
+        if message:
+            answer["message"] = message
+        return answer
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}, **errors(401)})

@@ -219,7 +219,7 @@ def contract(app: FastAPI, env: Settings) -> dict[str, Any]:
     if schemes:
         components["securitySchemes"] = schemes
         for path, operations in doc.get("paths", {}).items():
-            if path == "/health":
+            if path in ("/", "/health"):  # open: "/" is upstream's alias of /health
                 continue
             if path == "/webhook":
                 security = [{name: []} for name in ("webhookSecret", "basicAuth") if name in schemes]
