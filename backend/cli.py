@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from labelloop import __version__
 from labelloop.config import settings
 from labelloop.errors import LabelloopError
 
@@ -221,15 +222,34 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except defaults that say nothing (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of ``labelloop`` and, through add_subparsers' parser_class, of every subcommand."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labelloop", description=__doc__)
+    parser = Parser(prog="labelloop", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"labelloop {__version__}",
+                        help="print labelloop's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the Label Studio ML backend (HTTP)")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default loopback); any other needs BASIC_AUTH_USER/PASS "
+                       help="address to listen on; any but loopback needs BASIC_AUTH_USER/PASS "
                             "or LABELLOOP_INSECURE=true")
-    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--port", type=int, default=9090, help="port to listen on")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=cmd_serve)
 
@@ -243,10 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a Celery worker for training and/or prediction jobs")
     worker.add_argument("--queues", default="train,predict",
-                        help="comma-separated: train (GPU-worthy), predict (CPU is fine); default both")
+                        help="comma-separated: train (GPU-worthy), predict (CPU is fine)")
     worker.add_argument("--concurrency", type=int, default=1, help="jobs at once (each uses all its cores)")
-    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
-    worker.add_argument("--max-tasks-per-child", type=int, default=20)
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"], help="Celery pool")
+    worker.add_argument("--max-tasks-per-child", type=int, default=20,
+                        help="recycle a child after this many jobs (torch keeps memory between jobs)")
     worker.add_argument("--max-memory-mb", type=int, default=6000, help="recycle a child above this resident size")
     worker.add_argument("--hostname", default=None, help="Celery node name (default <queues>@<host>)")
     worker.set_defaults(func=cmd_worker)
@@ -256,10 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = data_sub.add_parser("shapes", help="synthetic shapes with exact ground truth and optional label noise")
     shapes.add_argument("--out", required=True, help="output directory")
     shapes.add_argument("--n", type=int, default=200, help="number of images")
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     shapes.add_argument("--size", type=int, default=160, help="image side in pixels")
     shapes.add_argument("--noise", type=float, default=0.0, help="fraction of images with one injected label error")
-    shapes.add_argument("--max-objects", type=int, default=4)
+    shapes.add_argument("--max-objects", type=int, default=4, help="most shapes in one image")
     shapes.set_defaults(func=cmd_data_shapes)
 
     train = sub.add_parser("train", help="train a new model version for a Label Studio project (reads its API)")
@@ -274,35 +295,38 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--no-predict", action="store_true", help="do not predict with the version in service")
     sync.set_defaults(func=cmd_fiftyone_sync)
     score = fo_sub.add_parser("score", help="mislabels | uncertainty | embeddings on a synced dataset")
-    score.add_argument("analysis", choices=["mislabels", "uncertainty", "embeddings"])
-    score.add_argument("--dataset", required=True)
-    score.add_argument("--mode", choices=["in_sample", "out_of_sample"], default="in_sample")
-    score.add_argument("--folds", type=int, default=5)
+    score.add_argument("analysis", choices=["mislabels", "uncertainty", "embeddings"], help="what to compute")
+    score.add_argument("--dataset", required=True, help="a dataset made by `labelloop fiftyone sync`")
+    score.add_argument("--mode", choices=["in_sample", "out_of_sample"], default="in_sample",
+                       help="mislabels: the served model's outputs, or K-fold models trained for it")
+    score.add_argument("--folds", type=int, default=5, help="mislabels out_of_sample: number of folds")
     score.add_argument("--celery", action="store_true", help="out-of-sample folds as Celery jobs")
-    score.add_argument("--method", choices=["least_confidence", "margin", "entropy"], default="least_confidence")
-    score.add_argument("--k", type=int, default=20)
-    score.add_argument("--diversity", action="store_true")
+    score.add_argument("--method", choices=["least_confidence", "margin", "entropy"], default="least_confidence",
+                       help="uncertainty: how a sample's uncertainty is measured")
+    score.add_argument("--k", type=int, default=20, help="uncertainty: how many samples to pick")
+    score.add_argument("--diversity", action="store_true", help="uncertainty: spread the pick over the embeddings")
     score.add_argument("--send", action="store_true", help="send the uncertainty pick to Label Studio as a tab")
-    score.add_argument("--method-2d", choices=["umap", "pca"], default="umap")
+    score.add_argument("--method-2d", choices=["umap", "pca"], default="umap", help="embeddings: the 2-D map")
     score.set_defaults(func=cmd_fiftyone_score)
     plugin = fo_sub.add_parser("install-plugin", help="link (or --copy) the plugin into FIFTYONE_PLUGINS_DIR")
-    plugin.add_argument("--dir", default=None)
-    plugin.add_argument("--copy", action="store_true")
+    plugin.add_argument("--dir", default=None,
+                        help="target plugins folder (default $FIFTYONE_PLUGINS_DIR, else ~/fiftyone/__plugins__)")
+    plugin.add_argument("--copy", action="store_true", help="copy the plugin instead of linking it")
     plugin.set_defaults(func=cmd_fiftyone_plugin)
 
     app = sub.add_parser("app", help="run the FiftyOne App (with the plugin); /media serves only the datasets' "
                                      "media folders and LABELLOOP_APP_MEDIA_ROOTS")
-    app.add_argument("--address", default="127.0.0.1", help="address to listen on (default loopback): no login")
-    app.add_argument("--port", type=int, default=5151)
+    app.add_argument("--address", default="127.0.0.1", help="address to listen on (the App has no login)")
+    app.add_argument("--port", type=int, default=5151, help="port to listen on")
     app.set_defaults(func=cmd_app)
 
     stack_cmd = sub.add_parser("stack", help="the whole stack as local processes: up | down | status | logs | env")
     stack_cmd.add_argument("action", choices=["up", "down", "status", "logs", "env"],
                            help="env prints the exports that point a shell at the running stack")
     stack_cmd.add_argument("service", nargs="?", default="backend", help="for logs: which service")
-    stack_cmd.add_argument("--lines", type=int, default=50)
-    stack_cmd.add_argument("--no-workers", action="store_true")
-    stack_cmd.add_argument("--no-app", action="store_true")
+    stack_cmd.add_argument("--lines", type=int, default=50, help="for logs: how many of the last lines")
+    stack_cmd.add_argument("--no-workers", action="store_true", help="up: without the Celery workers")
+    stack_cmd.add_argument("--no-app", action="store_true", help="up: without the FiftyOne App")
     stack_cmd.set_defaults(func=cmd_stack)
 
     demo = sub.add_parser("demo", help="the main job: the whole loop on the embedded data, with a report")

@@ -7,13 +7,49 @@ change the environment first. Every variable is listed in README.md ("Configurat
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# label-studio-ml-backend's names for our settings: read when ours is unset, with a deprecation line (once
+# per process and name); ours win when both are set. THREADS: upstream's gunicorn threads, here the threads
+# doing /predict work. Upstream's WORKERS (gunicorn processes) has no equivalent: see _ignored_upstream().
+UPSTREAM_ALIASES = {
+    "LABEL_STUDIO_URL": "LABEL_STUDIO_HOST",
+    "LABEL_STUDIO_API_KEY": "LABEL_STUDIO_ACCESS_TOKEN",
+    "LABELLOOP_SCORE_THRESHOLD": "MODEL_SCORE_THRESHOLD",
+    "LABELLOOP_PREDICT_WORKERS": "THREADS",
+}
+_warned: set[str] = set()
+
+
+def _warn_once(name: str, message: str) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        logging.getLogger("labelloop.config").warning("labelloop: %s", message)
+
 
 def _env(name: str, default: str = "") -> str:
-    return os.environ.get(name, default).strip()
+    value = os.environ.get(name, default).strip()
+    alias = UPSTREAM_ALIASES.get(name)
+    upstream = os.environ.get(alias, "").strip() if alias else ""
+    if upstream and os.environ.get(name, "").strip():
+        _warn_once(alias, f"{alias} (label-studio-ml-backend's name) is ignored: {name} is set and wins")
+    elif upstream:
+        _warn_once(alias, f"{alias} (label-studio-ml-backend's name) is deprecated: read as {name}; rename it")
+        return upstream
+    return value
+
+
+def _ignored_upstream() -> None:
+    """Upstream's WORKERS started that many gunicorn processes. One labelloop service process holds the
+    projects connected through /setup, the model cache and the webhook rate limits: several would each
+    keep their own (a webhook reaching another process than /setup did is ignored), so it is not honoured."""
+    if _env("WORKERS"):
+        _warn_once("WORKERS", f"WORKERS={_env('WORKERS')} (label-studio-ml-backend's gunicorn processes) is "
+                              "ignored: labelloop serve is one process; set LABELLOOP_PREDICT_WORKERS for "
+                              "/predict threads and run more `labelloop worker` processes for training")
 
 
 def _env_bool(name: str, default: bool = False) -> bool:
@@ -103,6 +139,7 @@ class Settings:
 
 
 def settings() -> Settings:
+    _ignored_upstream()
     home = Path(_env("LABELLOOP_HOME", str(Path.home() / ".labelloop"))).expanduser()
     hosts = tuple(h.strip().lower() for h in _env("LABELLOOP_ALLOWED_HOSTS").split(",") if h.strip())
     return Settings(

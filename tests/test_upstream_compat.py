@@ -1,19 +1,25 @@
-"""What a label-studio-ml-backend user brings along works here (issue 11, first slice): GET / and
-GET /versions as Label Studio calls them.
+"""What a label-studio-ml-backend user brings along works here (issue 11, first slice): GET /, GET /versions
+as Label Studio calls it, the ``score_threshold`` tag attribute, upstream's environment names, the CLI's
+``--version`` and help defaults.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from labelloop import __version__
+from labelloop import __version__, config
 from labelloop.config import settings
+from labelloop.core.labelconfig import LabelConfigError, parse_label_config, threshold_for
 from labelloop.core.registry import Registry
 
 pytestmark = pytest.mark.unit  # pure logic and in-process requests, no server: `make test-fast`
@@ -24,8 +30,12 @@ DETECT = ('<View><Image name="image" value="$image"/>'
 
 
 @pytest.fixture(autouse=True)
-def no_redis(monkeypatch):
+def fresh_warnings(monkeypatch):
+    """Each test sees config's once-per-process deprecation lines afresh; no Redis is reached."""
+    monkeypatch.setattr(config, "_warned", set())
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")  # the discard port: refused at once
+    for name in ("LABEL_STUDIO_HOST", "LABEL_STUDIO_ACCESS_TOKEN", "MODEL_SCORE_THRESHOLD", "THREADS", "WORKERS"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def harmless_checkpoint(path: Path) -> Path:
@@ -112,3 +122,136 @@ def test_versions_answers_the_one_project_it_knows_and_counts_projects_connected
     assert client.get("/versions", params={"project": 5}).json()["versions"] == [version]
     empty = app_client(tmp_path / "nothing").get("/versions").json()
     assert empty["versions"] == [] and empty["project"] is None and "message" not in empty
+
+
+# -- score_threshold ----------------------------------------------------------------------------------
+
+def _tag(attributes: str) -> str:
+    return ('<View><Image name="image" value="$image"/>'
+            f'<RectangleLabels name="r" toName="image" {attributes}><Label value="a"/></RectangleLabels></View>')
+
+
+def test_the_older_score_threshold_attribute_is_honoured_and_validated():
+    env = dataclasses.replace(settings(), score_threshold=0.5)
+    spec = parse_label_config(_tag('score_threshold="0.35"'))
+    assert spec.score_threshold == pytest.approx(0.35) and threshold_for(spec, env) == pytest.approx(0.35)
+    both = parse_label_config(_tag('model_score_threshold="0.2" score_threshold="0.9"'))
+    assert threshold_for(both, env) == pytest.approx(0.2)  # the upstream YOLO example's name wins
+    assert threshold_for(parse_label_config(_tag("")), env) == pytest.approx(0.5)
+    for raw, message in (("1.5", "score_threshold must be in [0, 1]"), ("-0.1", "must be in [0, 1]"),
+                         ("nan", "must be in [0, 1]"), ("high", "score_threshold='high' is not a number")):
+        with pytest.raises(LabelConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_label_config(_tag(f'score_threshold="{raw}"'))
+    with pytest.raises(LabelConfigError, match="model_score_threshold"):  # the one that was read is named
+        parse_label_config(_tag('model_score_threshold="2" score_threshold="0.3"'))
+
+
+# -- upstream environment names -----------------------------------------------------------------------
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "labelloop.config" and r.levelno == logging.WARNING]
+
+
+def test_upstream_env_names_are_read_with_one_deprecation_line_each(monkeypatch, caplog):
+    for ours in config.UPSTREAM_ALIASES:
+        monkeypatch.delenv(ours, raising=False)
+    monkeypatch.setenv("LABEL_STUDIO_HOST", "http://studio:8080/")
+    monkeypatch.setenv("LABEL_STUDIO_ACCESS_TOKEN", "legacy-token")
+    monkeypatch.setenv("MODEL_SCORE_THRESHOLD", "0.3")
+    monkeypatch.setenv("THREADS", "5")
+    caplog.set_level(logging.WARNING, logger="labelloop.config")
+    env = settings()
+    assert env.label_studio_url == "http://studio:8080" and env.label_studio_api_key == "legacy-token"
+    assert env.score_threshold == pytest.approx(0.3) and env.predict_workers == 5
+    settings()
+    settings()  # read again and again (every request does): still one line per name
+    lines = _warnings(caplog)
+    assert len(lines) == 4, lines
+    for upstream, ours in (("LABEL_STUDIO_HOST", "LABEL_STUDIO_URL"), ("LABEL_STUDIO_ACCESS_TOKEN", "LABEL_STUDIO_API_KEY"),
+                           ("MODEL_SCORE_THRESHOLD", "LABELLOOP_SCORE_THRESHOLD"), ("THREADS", "LABELLOOP_PREDICT_WORKERS")):
+        assert sum(upstream in line and ours in line and "deprecated" in line for line in lines) == 1, upstream
+    assert "legacy-token" not in " ".join(lines)  # the line names variables, never their values
+
+
+def test_our_names_win_over_upstreams_and_say_so_once(monkeypatch, caplog):
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://ours:8080")
+    monkeypatch.setenv("LABEL_STUDIO_HOST", "http://theirs:8080")
+    monkeypatch.setenv("LABELLOOP_PREDICT_WORKERS", "3")
+    monkeypatch.setenv("THREADS", "8")
+    caplog.set_level(logging.WARNING, logger="labelloop.config")
+    env = settings()
+    settings()
+    assert env.label_studio_url == "http://ours:8080" and env.predict_workers == 3
+    lines = _warnings(caplog)
+    assert len(lines) == 2, lines
+    assert all("is ignored" in line for line in lines)
+    assert any("LABEL_STUDIO_HOST" in line and "LABEL_STUDIO_URL is set and wins" in line for line in lines)
+
+
+def test_upstream_workers_is_ignored_with_the_reason(monkeypatch, caplog):
+    monkeypatch.delenv("LABELLOOP_PREDICT_WORKERS", raising=False)
+    monkeypatch.setenv("WORKERS", "4")
+    caplog.set_level(logging.WARNING, logger="labelloop.config")
+    assert settings().predict_workers == 2  # not read as anything
+    settings()
+    (line,) = _warnings(caplog)
+    assert "WORKERS=4" in line and "ignored" in line and "LABELLOOP_PREDICT_WORKERS" in line
+
+
+def test_a_warning_line_is_once_per_process_not_per_import():
+    """A fresh process that reads its settings three times prints the deprecation line once."""
+    code = "from labelloop.config import settings\nfor _ in range(3): settings()\n"
+    env = {**os.environ, "MODEL_SCORE_THRESHOLD": "0.4"}
+    env.pop("LABELLOOP_SCORE_THRESHOLD", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("MODEL_SCORE_THRESHOLD") == 1, done.stderr
+
+
+# -- the CLI ------------------------------------------------------------------------------------------
+
+def test_version_flag_prints_the_package_version(capsys):
+    from importlib.metadata import version
+
+    from labelloop.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"labelloop {__version__}"
+    assert version("labelloop") == __version__  # the installed distribution and the package agree
+    script = Path(sys.executable).with_name("labelloop")
+    for argv in ([sys.executable, "-m", "labelloop.cli", "--version"], [str(script), "--version"]):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == f"labelloop {__version__}", (argv, done.stderr)
+
+
+def _parsers():
+    import argparse
+
+    from labelloop.cli import build_parser
+
+    todo = [("labelloop", build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+
+
+def test_every_help_shows_each_options_default_once():
+    import argparse
+
+    seen = 0
+    for name, parser in _parsers():
+        text = " ".join(parser.format_help().split())  # argparse wraps lines anywhere
+        for action in parser._actions:
+            if action.default in (None, False, argparse.SUPPRESS) or not action.help:
+                continue
+            assert f"(default: {action.default})" in text, f"{name} {action.dest}: default not shown"
+            assert "default" not in action.help, f"{name} {action.dest}: the default is stated twice"
+            seen += 1
+    assert seen >= 15  # every subcommand has some
+    serve = dict(_parsers())["labelloop serve"].format_help()
+    assert "(default: 9090)" in serve and "(default: 127.0.0.1)" in " ".join(serve.split())

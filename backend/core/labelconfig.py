@@ -12,10 +12,11 @@ control tag        task type        ultralytics task
 =================  ===============  =======================
 
 Tag attributes of the upstream YOLO example are honoured so an existing config works unchanged:
-``model_score_threshold`` (keep regions at or above it), ``model_skip="true"`` (ignore this tag),
-``model_path`` (weights file for this tag, only with ``ALLOW_CUSTOM_MODEL_PATH=true``, resolved
-under ``MODEL_ROOT``). Label Studio labels map to model class names through ``predicted_values``
-on ``<Label>``, then an exact match, then a case-insensitive match.
+``model_score_threshold`` (keep regions at or above it; the older upstream name ``score_threshold``
+too, the first wins when both are set), ``model_skip="true"`` (ignore this tag), ``model_path``
+(weights file for this tag, only with ``ALLOW_CUSTOM_MODEL_PATH=true``, resolved under
+``MODEL_ROOT``). Label Studio labels map to model class names through ``predicted_values`` on
+``<Label>``, then an exact match, then a case-insensitive match.
 """
 
 from __future__ import annotations
@@ -100,8 +101,14 @@ class ControlSpec:
         return self.kind.ls_tag
 
 
+# The tag attributes that set a region's display threshold: the upstream YOLO example's name, then the
+# older upstream examples' one.
+THRESHOLD_ATTRIBUTES = ("model_score_threshold", "score_threshold")
+
+
 def threshold_for(spec: ControlSpec, env: Settings | None = None) -> float:
-    """The score a region needs to be offered: the tag's ``model_score_threshold``, else LABELLOOP_SCORE_THRESHOLD."""
+    """The score a region needs to be offered: the tag's ``model_score_threshold`` (or ``score_threshold``),
+    else LABELLOOP_SCORE_THRESHOLD."""
     if spec.score_threshold is not None:
         return spec.score_threshold
     return (env or current_settings()).score_threshold
@@ -174,16 +181,18 @@ def _control_spec(control, image) -> ControlSpec:
         raw = (getattr(attrs, "attr", None) or {}).get("predicted_values")
         if raw:
             predicted[label] = tuple(v.strip() for v in raw.split(",") if v.strip())
-    threshold = control.attr.get("model_score_threshold")
-    if threshold is not None:
+    threshold = None
+    for attribute in THRESHOLD_ATTRIBUTES:  # the first one set wins
+        raw = control.attr.get(attribute)
+        if raw is None:
+            continue
         try:
-            threshold = float(threshold)
+            threshold = float(raw)
         except ValueError:
-            raise LabelConfigError(
-                f"<{tag} name=\"{control.name}\"> model_score_threshold={threshold!r} is not a number"
-            ) from None
-        if not 0.0 <= threshold <= 1.0:
-            raise LabelConfigError(f"<{tag} name=\"{control.name}\"> model_score_threshold must be in [0, 1]")
+            raise LabelConfigError(f"<{tag} name=\"{control.name}\"> {attribute}={raw!r} is not a number") from None
+        if not 0.0 <= threshold <= 1.0:  # NaN fails this too
+            raise LabelConfigError(f"<{tag} name=\"{control.name}\"> {attribute} must be in [0, 1], got {raw!r}")
+        break
     value = str(image.value or "")
     if not value.startswith("$") or len(value) < 2:
         raise LabelConfigError(f"<Image name=\"{image.name}\"> needs value=\"$<data key>\", got {value!r}")
