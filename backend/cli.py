@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from labelloop import __version__
-from labelloop.config import settings
+from labelloop.config import is_weights_name, settings
 from labelloop.errors import LabelloopError
+
+log = logging.getLogger("labelloop.cli")
 
 
 def _progress_bar(desc: str):
@@ -26,6 +28,28 @@ def _progress_bar(desc: str):
     return bar, update
 
 
+def fetch_named_base_model() -> Path | None:
+    """LABELLOOP_BASE_MODEL=yolo11n.pt, a model name that is no local file: fetched into MODEL_ROOT before
+    the service or a worker starts (config reads the name as MODEL_ROOT/<name>), so no Label Studio
+    request waits for a download. Offline or failed: logged with what to do, and the process starts anyway
+    (versions trained by labelloop do not need it). Returns the file when it is there."""
+    import os
+
+    name = os.environ.get("LABELLOOP_BASE_MODEL", "").strip()
+    env = settings()
+    if name and Path(env.base_model).is_file():
+        return Path(env.base_model)
+    if not name or not is_weights_name(name):
+        return None  # unset, or a path: the service reports a missing file itself
+    from labelloop.core.yolo_env import fetch_weights
+
+    try:
+        return fetch_weights(name, env.model_root, offline=env.offline, what="LABELLOOP_BASE_MODEL")
+    except LabelloopError as exc:
+        log.error("%s; starting without it: projects that need the base model get an error at /setup", exc)
+        return None
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -36,6 +60,7 @@ def cmd_serve(args) -> int:
     if refusal:  # secure by default: no unauthenticated backend on a reachable address by accident
         print(f"labelloop serve: {refusal}", file=sys.stderr)
         return 2
+    fetch_named_base_model()
     if env.insecure and not env.basic_auth_user:
         logging.getLogger("labelloop").warning("LABELLOOP_INSECURE=true: serving on %s without authentication",
                                                args.host)
@@ -76,6 +101,7 @@ def cmd_worker(args) -> int:
         print(f"unknown queue(s) {unknown}; choose from {sorted(QUEUES)}", file=sys.stderr)
         return 2
     hostname = args.hostname or f"{'+'.join(names)}@{socket.gethostname()}"
+    fetch_named_base_model()  # before exec: the children that train start from it
     argv = [sys.executable, "-m", "celery", "-A", "labelloop.tasks.celery_app:app", "worker",
             "-Q", ",".join(QUEUES[q] for q in names), "-c", str(args.concurrency), "--pool", args.pool,
             # torch keeps memory between jobs: recycle the child process now and then
@@ -84,6 +110,39 @@ def cmd_worker(args) -> int:
             "-n", hostname, "--loglevel", settings().log_level, "-E"]
     print("exec:", " ".join(argv), flush=True)
     os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def flower_command(host: str, port: int, env=None) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of Celery Flower over labelloop's broker: the jobs, workers and queues live.
+
+    The basic-auth pair goes through Flower's own FLOWER_BASIC_AUTH variable, not argv, so it never
+    shows in the process list.
+    """
+    import os
+
+    env = env or settings()
+    argv = [sys.executable, "-m", "celery", "-A", "labelloop.tasks.celery_app:app", "flower",
+            f"--address={host}", f"--port={port}", "--url_prefix=", "--purge_offline_workers=300"]
+    child_env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    if env.basic_auth_user:
+        child_env["FLOWER_BASIC_AUTH"] = f"{env.basic_auth_user}:{env.basic_auth_pass}"
+    return argv, child_env
+
+
+def cmd_flower(args) -> int:
+    """Become Celery Flower (exec); loopback only unless basic auth is set, like `labelloop serve`."""
+    import os
+
+    from labelloop.service.guards import bind_refusal
+
+    refusal = bind_refusal(args.host, settings())
+    if refusal:
+        print(f"labelloop flower: {refusal}", file=sys.stderr)
+        return 2
+    argv, child_env = flower_command(args.host, args.port)
+    print("exec:", " ".join(argv), flush=True)
+    os.execve(sys.executable, argv, child_env)
     return 0  # not reached
 
 
@@ -196,6 +255,8 @@ def cmd_stack(args) -> int:
         print(f"Label Studio  {state['services']['label-studio']['url']}  login {ls['username']} / {ls['password']}"
               f"  (API token {ls['token']})")
         print(f"ML backend    {state['services']['backend']['url']}")
+        if "flower" in state["services"]:
+            print(f"Flower        {state['services']['flower']['url']}  (Celery jobs, workers, queues)")
         if "fiftyone" in state["services"]:
             print(f"FiftyOne App  {state['services']['fiftyone']['url']}")
         print('point this shell\'s labelloop commands at it: eval "$(labelloop stack env)"')
@@ -271,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-memory-mb", type=int, default=6000, help="recycle a child above this resident size")
     worker.add_argument("--hostname", default=None, help="Celery node name (default <queues>@<host>)")
     worker.set_defaults(func=cmd_worker)
+
+    flower = sub.add_parser("flower", help="Celery Flower: live jobs, workers and queues (basic auth as for serve)")
+    flower.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; anything but loopback needs BASIC_AUTH_USER/_PASS")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.set_defaults(func=cmd_flower)
 
     data = sub.add_parser("data", help="embedded data generators")
     data_sub = data.add_subparsers(dest="generator", required=True)

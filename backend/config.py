@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,23 @@ def _ignored_upstream() -> None:
         _warn_once("WORKERS", f"WORKERS={_env('WORKERS')} (label-studio-ml-backend's gunicorn processes) is "
                               "ignored: labelloop serve is one process; set LABELLOOP_PREDICT_WORKERS for "
                               "/predict threads and run more `labelloop worker` processes for training")
+
+
+# An ultralytics model *name* (yolo11n.pt): one path component, a .pt suffix, nothing that could climb or hide.
+WEIGHTS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.pt")
+
+
+def is_weights_name(value: str) -> bool:
+    return len(value) <= 100 and WEIGHTS_NAME.fullmatch(value) is not None
+
+
+def _base_model(value: str, model_root: Path) -> str:
+    """LABELLOOP_BASE_MODEL as a file: a path as given; a bare model name that is no file here
+    (ultralytics looks in the working directory first) is MODEL_ROOT/<name>, where `labelloop serve`
+    and `labelloop worker` download it when online (core/yolo_env.fetch_weights)."""
+    if value and is_weights_name(value) and not Path(value).is_file():
+        return str(model_root / value)
+    return value
 
 
 def _env_bool(name: str, default: bool = False) -> bool:
@@ -136,11 +154,13 @@ class Settings:
     pending_ttl: int  # seconds a pending (coalescing) job slot lives unless re-confirmed alive
     warm_start_steps: int  # contrastive steps of a project's self-supervised warm start; 0: no warm start
     log_level: str
+    offline: bool = False  # LABELLOOP_OFFLINE=true: never download weights by name (core/yolo_env.fetch_weights)
 
 
 def settings() -> Settings:
     _ignored_upstream()
     home = Path(_env("LABELLOOP_HOME", str(Path.home() / ".labelloop"))).expanduser()
+    model_root = Path(_env("MODEL_ROOT", str(home / "weights"))).expanduser()
     hosts = tuple(h.strip().lower() for h in _env("LABELLOOP_ALLOWED_HOSTS").split(",") if h.strip())
     return Settings(
         home=home,
@@ -152,9 +172,9 @@ def settings() -> Settings:
         allowed_hosts=hosts,
         basic_auth_user=_env("BASIC_AUTH_USER"),
         basic_auth_pass=_env("BASIC_AUTH_PASS"),
-        base_model=_env("LABELLOOP_BASE_MODEL"),
+        base_model=_base_model(_env("LABELLOOP_BASE_MODEL"), model_root),
         allow_custom_model_path=_env_bool("ALLOW_CUSTOM_MODEL_PATH"),
-        model_root=Path(_env("MODEL_ROOT", str(home / "weights"))).expanduser(),
+        model_root=model_root,
         model_config=_env("LABELLOOP_MODEL_CONFIG"),
         score_threshold=_env_float("LABELLOOP_SCORE_THRESHOLD", 0.5),
         predict_batch=_env_int("LABELLOOP_PREDICT_BATCH", 16),
@@ -184,4 +204,5 @@ def settings() -> Settings:
         pending_ttl=max(10, _env_int("LABELLOOP_PENDING_TTL", 900)),
         warm_start_steps=min(10_000, max(0, _env_int("LABELLOOP_WARM_START_STEPS", 300))),
         log_level=_env("LOG_LEVEL", "INFO").upper(),
+        offline=_env_bool("LABELLOOP_OFFLINE"),
     )

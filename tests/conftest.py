@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+# Nothing in the suite downloads: a model name (yolo11n.pt) is never fetched, here or in the processes it starts.
+os.environ["LABELLOOP_OFFLINE"] = "true"
 # Isolate every process of the run (this one included) before labelloop reads its settings.
 _RUN_HOME = Path(os.environ.get("LABELLOOP_TEST_HOME", "")) if os.environ.get("LABELLOOP_TEST_HOME") else None
 

@@ -1,6 +1,7 @@
 """What a label-studio-ml-backend user brings along works here (issue 11, first slice): GET /, GET /versions
 as Label Studio calls it, the ``score_threshold`` tag attribute, upstream's environment names, the CLI's
-``--version`` and help defaults.
+``--version`` and help defaults, and model weights by name (``yolo11n.pt``) — the last without a network:
+the download and the network check are injected, and the suite runs with LABELLOOP_OFFLINE=true.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +20,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from labelloop import __version__, config
-from labelloop.config import settings
-from labelloop.core.labelconfig import LabelConfigError, parse_label_config, threshold_for
+from labelloop.config import is_weights_name, settings
+from labelloop.core.labelconfig import LabelConfigError, parse_label_config, resolve_model_path, threshold_for
 from labelloop.core.registry import Registry
+from labelloop.core.safe_load import UnsafeWeightsError
+from labelloop.core.yolo_env import WeightsUnavailableError, fetch_weights, network_available
 
 pytestmark = pytest.mark.unit  # pure logic and in-process requests, no server: `make test-fast`
 
@@ -41,6 +45,15 @@ def fresh_warnings(monkeypatch):
 def harmless_checkpoint(path: Path) -> Path:
     """A file check_weights accepts (a legacy-format pickle of plain values): no torch needed."""
     path.write_bytes(pickle.dumps({"epoch": 3, "names": {0: "a"}}, protocol=2))
+    return path
+
+
+def evil_checkpoint(path: Path, marker: Path) -> Path:
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path.write_bytes(pickle.dumps(Payload(), protocol=2))
     return path
 
 
@@ -255,3 +268,125 @@ def test_every_help_shows_each_options_default_once():
     assert seen >= 15  # every subcommand has some
     serve = dict(_parsers())["labelloop serve"].format_help()
     assert "(default: 9090)" in serve and "(default: 127.0.0.1)" in " ".join(serve.split())
+
+
+# -- weights by name ----------------------------------------------------------------------------------
+
+def _never(*_args):
+    raise AssertionError("must not be called")
+
+
+def test_the_suite_runs_offline():
+    assert settings().offline is True  # tests/conftest.py: nothing in the suite downloads
+
+
+@pytest.mark.parametrize("value,is_name", [
+    ("yolo11n.pt", True), ("yolov8n-seg.pt", True), ("yolov5su.pt", True), ("my_model.v2.pt", True),
+    ("dir/yolo11n.pt", False), ("../yolo11n.pt", False), ("/abs/yolo11n.pt", False), ("..pt", False),
+    (".hidden.pt", False), ("yolo11n", False), ("yolo11n.yaml", False), ("yolo11n.PT", False),
+    ("yolo11n.pt\n", False), ("yolo 11n.pt", False), ("x" * 98 + ".pt", False), ("c:yolo.pt", False),
+])
+def test_a_model_name_is_one_plain_file_name_ending_in_pt(value, is_name):
+    assert is_weights_name(value) is is_name
+
+
+def test_offline_or_without_network_a_name_is_a_clear_error_and_nothing_is_fetched(tmp_path):
+    with pytest.raises(WeightsUnavailableError) as offline:
+        fetch_weights("yolo11n.pt", tmp_path, offline=True, online=_never, download=_never)
+    message = str(offline.value)
+    assert "yolo11n.pt is not a local file and LABELLOOP_OFFLINE=true" in message
+    assert "MODEL_ROOT" in message and str(tmp_path) in message
+    with pytest.raises(WeightsUnavailableError, match="no network"):
+        fetch_weights("yolo11n.pt", tmp_path, offline=False, online=lambda: False, download=_never)
+    with pytest.raises(WeightsUnavailableError, match="not an ultralytics model name"):
+        fetch_weights("../yolo11n.pt", tmp_path, offline=False, online=_never, download=_never)
+    assert list(tmp_path.iterdir()) == []
+    present = harmless_checkpoint(tmp_path / "yolo11n.pt")  # already there: no network needed, even offline
+    assert fetch_weights("yolo11n.pt", tmp_path, offline=True, online=_never, download=_never) == present
+
+
+def test_online_a_name_is_downloaded_into_the_weights_dir_and_checked(tmp_path):
+    calls = []
+
+    def download(name, target):
+        calls.append((name, target))
+        return harmless_checkpoint(target)
+
+    weights = tmp_path / "weights"
+    got = fetch_weights("yolo11n.pt", weights, offline=False, online=lambda: True, download=download)
+    assert got == weights / "yolo11n.pt" and got.is_file() and calls == [("yolo11n.pt", weights / "yolo11n.pt")]
+    # ultralytics renames a few legacy names (yolov5s.pt -> yolov5su.pt): the file lands under the asked name
+    renamed = fetch_weights("yolov5s.pt", weights, offline=False, online=lambda: True,
+                            download=lambda name, target: harmless_checkpoint(target.with_name("yolov5su.pt")))
+    assert renamed == weights / "yolov5s.pt" and renamed.is_file() and not (weights / "yolov5su.pt").exists()
+    # what the download brings goes through the restricted unpickler, and a refused file does not stay
+    marker = tmp_path / "ran"
+    with pytest.raises(UnsafeWeightsError, match="os.system|posix.system"):
+        fetch_weights("evil.pt", weights, offline=False, online=lambda: True,
+                      download=lambda name, target: evil_checkpoint(target, marker))
+    assert not (weights / "evil.pt").exists() and not marker.exists()
+
+
+def test_a_failed_or_empty_download_says_so(tmp_path):
+    def broken(name, target):
+        raise ConnectionError("Download failure for https://github.com/...")
+
+    with pytest.raises(WeightsUnavailableError, match="download failed .*ConnectionError"):
+        fetch_weights("yolo11n.pt", tmp_path, offline=False, online=lambda: True, download=broken)
+    with pytest.raises(WeightsUnavailableError, match="ultralytics publishes no weights of that name"):
+        fetch_weights("yolo99z.pt", tmp_path, offline=False, online=lambda: True, download=lambda n, t: t)
+
+
+def test_network_check_is_a_bounded_connect(tmp_path):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert network_available("127.0.0.1", port, timeout=1.0) is True
+    assert network_available("127.0.0.1", port, timeout=1.0) is False  # closed now
+
+
+def test_a_tags_model_path_name_is_fetched_into_model_root_only_when_allowed(tmp_path, monkeypatch):
+    from labelloop.core import yolo_env
+
+    spec = parse_label_config(_tag('model_path="yolo11n.pt"'))
+    with pytest.raises(LabelConfigError, match="ALLOW_CUSTOM_MODEL_PATH"):
+        resolve_model_path(spec, allow_custom=False, model_root=tmp_path, offline=False)
+    with pytest.raises(WeightsUnavailableError, match="model_path yolo11n.pt is not a local file and LABELLOOP_OFFLINE"):
+        resolve_model_path(spec, allow_custom=True, model_root=tmp_path)  # the suite's LABELLOOP_OFFLINE=true
+    monkeypatch.setattr(yolo_env, "network_available", lambda: True)
+    monkeypatch.setattr(yolo_env, "_ultralytics_download", lambda name, target: harmless_checkpoint(target))
+    got = resolve_model_path(spec, allow_custom=True, model_root=tmp_path, offline=False)
+    assert got == (tmp_path / "yolo11n.pt").resolve() and got.is_file()
+    # a path with a directory part is never a name: missing is missing
+    nested = parse_label_config(_tag('model_path="sub/yolo11n.pt"'))
+    with pytest.raises(LabelConfigError, match="does not exist under MODEL_ROOT"):
+        resolve_model_path(nested, allow_custom=True, model_root=tmp_path, offline=False)
+
+
+def test_base_model_name_means_model_root_and_is_fetched_at_start(tmp_path, monkeypatch, caplog):
+    from labelloop.cli import fetch_named_base_model
+    from labelloop.core import yolo_env
+
+    root = tmp_path / "weights"
+    monkeypatch.setenv("MODEL_ROOT", str(root))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LABELLOOP_BASE_MODEL", "yolo11n.pt")
+    assert settings().base_model == str(root / "yolo11n.pt")  # not a file here: the weights dir
+    caplog.set_level(logging.ERROR, logger="labelloop.cli")
+    assert fetch_named_base_model() is None  # offline: logged, and the service starts anyway
+    assert any("LABELLOOP_BASE_MODEL yolo11n.pt is not a local file and LABELLOOP_OFFLINE=true" in r.getMessage()
+               for r in caplog.records)
+    monkeypatch.setenv("LABELLOOP_OFFLINE", "false")
+    monkeypatch.setattr(yolo_env, "network_available", lambda: True)
+    monkeypatch.setattr(yolo_env, "_ultralytics_download", lambda name, target: harmless_checkpoint(target))
+    assert fetch_named_base_model() == root / "yolo11n.pt"
+    assert Path(settings().base_model).is_file()
+    # ultralytics' order: a file of that name in the working directory is used as it is
+    harmless_checkpoint(tmp_path / "local.pt")
+    monkeypatch.setenv("LABELLOOP_BASE_MODEL", "local.pt")
+    assert settings().base_model == "local.pt"
+    monkeypatch.setattr(yolo_env, "_ultralytics_download", _never)
+    assert fetch_named_base_model() == Path("local.pt")
+    monkeypatch.setenv("LABELLOOP_BASE_MODEL", str(tmp_path / "missing" / "x.pt"))  # a path: never fetched
+    assert settings().base_model == str(tmp_path / "missing" / "x.pt") and fetch_named_base_model() is None

@@ -15,8 +15,9 @@ Tag attributes of the upstream YOLO example are honoured so an existing config w
 ``model_score_threshold`` (keep regions at or above it; the older upstream name ``score_threshold``
 too, the first wins when both are set), ``model_skip="true"`` (ignore this tag), ``model_path``
 (weights file for this tag, only with ``ALLOW_CUSTOM_MODEL_PATH=true``, resolved under
-``MODEL_ROOT``). Label Studio labels map to model class names through ``predicted_values`` on
-``<Label>``, then an exact match, then a case-insensitive match.
+``MODEL_ROOT``; a bare ultralytics model name such as ``yolo11n.pt`` missing there is downloaded into
+it when online, see ``yolo_env.fetch_weights``). Label Studio labels map to model class names through
+``predicted_values`` on ``<Label>``, then an exact match, then a case-insensitive match.
 """
 
 from __future__ import annotations
@@ -208,8 +209,12 @@ def _control_spec(control, image) -> ControlSpec:
     )
 
 
-def resolve_model_path(spec: ControlSpec, allow_custom: bool, model_root: Path) -> Path | None:
-    """The weights file named by the tag's ``model_path``, if allowed and inside ``model_root``."""
+def resolve_model_path(spec: ControlSpec, allow_custom: bool, model_root: Path,
+                       offline: bool | None = None) -> Path | None:
+    """The weights file named by the tag's ``model_path``, if allowed and inside ``model_root``.
+
+    A bare ultralytics model name (``yolo11n.pt``) that is not under ``model_root`` is downloaded there
+    (``yolo_env.fetch_weights``) unless ``offline`` (default: LABELLOOP_OFFLINE) or there is no network."""
     if not spec.model_path:
         return None
     if not allow_custom:
@@ -222,5 +227,12 @@ def resolve_model_path(spec: ControlSpec, allow_custom: bool, model_root: Path) 
     if root not in path.parents and path != root:
         raise LabelConfigError(f"model_path {spec.model_path!r} escapes MODEL_ROOT")
     if not path.is_file():
+        from labelloop.config import is_weights_name
+
+        if is_weights_name(spec.model_path):
+            from labelloop.core.yolo_env import fetch_weights
+
+            return fetch_weights(spec.model_path, root, what="model_path",
+                                 offline=current_settings().offline if offline is None else offline)
         raise LabelConfigError(f"model_path {spec.model_path!r} does not exist under MODEL_ROOT ({root})")
     return path
