@@ -154,6 +154,9 @@ class Settings:
     pending_ttl: int  # seconds a pending (coalescing) job slot lives unless re-confirmed alive
     warm_start_steps: int  # contrastive steps of a project's self-supervised warm start; 0: no warm start
     log_level: str
+    # Label Studio's media folder (the one holding upload/), when this machine shares it: /data/upload/
+    # images are read from it instead of over HTTP (media.py, LocalUploads). None: always HTTP.
+    ls_media_dir: Path | None = None
     offline: bool = False  # LABELLOOP_OFFLINE=true: never download weights by name (core/yolo_env.fetch_weights)
 
 
@@ -204,5 +207,6 @@ def settings() -> Settings:
         pending_ttl=max(10, _env_int("LABELLOOP_PENDING_TTL", 900)),
         warm_start_steps=min(10_000, max(0, _env_int("LABELLOOP_WARM_START_STEPS", 300))),
         log_level=_env("LOG_LEVEL", "INFO").upper(),
+        ls_media_dir=Path(_env("LABELLOOP_LS_MEDIA_DIR")).expanduser() if _env("LABELLOOP_LS_MEDIA_DIR") else None,
         offline=_env_bool("LABELLOOP_OFFLINE"),
     )

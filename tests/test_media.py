@@ -553,3 +553,257 @@ def test_allow_list_entry_forms():
     assert how("http", "a.b.img.test", 80) == "wildcard"
     assert how("http", "img.test", 80) is None and how("http", "evilimg.test", 80) is None
     assert how("http", "10.1.2.3", 80) == "network" and how("http", "11.1.2.3", 80) is None
+
+
+# --------------------------------------------------------------------------- Label Studio's uploads read locally
+# LABELLOOP_LS_MEDIA_DIR: the backend shares Label Studio's media folder (the one holding upload/).
+
+from labelloop.labelstudio.media import LocalUploads  # noqa: E402 - grouped with the tests that use it
+
+
+def _png_file(path: Path, size=(8, 6), color=(10, 200, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format="PNG")
+    return path
+
+
+def _green(path: Path) -> bool:
+    with Image.open(path) as im:
+        return im.convert("RGB").getpixel((0, 0)) == (10, 200, 10)
+
+
+@pytest.fixture
+def media(tmp_path) -> Path:
+    """A Label Studio media folder with one upload, and a secret image just outside upload/."""
+    root = tmp_path / "ls-media"
+    _png_file(root / "upload" / "1" / "abc-a.png")
+    _png_file(root / "export" / "secret.png")  # inside the media folder, outside upload/
+    _png_file(tmp_path / "outside" / "secret.png")
+    return root
+
+
+def _cached(tmp_path: Path) -> list[Path]:
+    cache = tmp_path / "cache" / "media"
+    return [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+
+
+def test_upload_read_in_place_without_a_request(ls, fetchers, media, tmp_path):
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    for url in ("/data/upload/1/abc-a.png", f"{ls.base}/data/upload/1/abc-a.png"):  # relative, and on LS's origin
+        path = fetcher.fetch(url)
+        assert path == (media / "upload" / "1" / "abc-a.png").resolve() and _green(path)
+    assert ls.hits("/data/") == 0
+    assert _cached(tmp_path) == []  # read in place, not copied into the cache
+
+
+def test_without_the_setting_uploads_are_fetched_as_before(ls, fetchers, media, tmp_path):
+    path = fetchers(ls.base, LEGACY_KEY).fetch("/data/upload/1/abc-a.png")
+    assert ls.hits("/data/upload/1/abc-a.png") == 1 and _is_png(path) and not _green(path)
+    assert path.is_relative_to(tmp_path / "cache" / "media")
+
+
+def test_absent_file_falls_back_to_http(ls, fetchers, media, tmp_path):
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    path = fetcher.fetch("/data/upload/1/not-synced-yet.png")
+    assert ls.hits("/data/upload/1/not-synced-yet.png") == 1
+    assert path.is_relative_to(tmp_path / "cache" / "media") and _is_png(path)
+    # a media folder without upload/ at all (nothing uploaded yet): every upload over HTTP
+    empty = tmp_path / "empty-media"
+    empty.mkdir()
+    assert _is_png(fetchers(ls.base, LEGACY_KEY, ls_media_dir=empty).fetch("/data/upload/1/abc-a.png"))
+    assert ls.hits("/data/upload/1/abc-a.png") == 1
+
+
+def test_other_hosts_and_other_urls_are_never_read_locally(ls, servers, fetchers, media):
+    other = servers()
+    fetcher = fetchers(ls.base, LEGACY_KEY, (f"127.0.0.1:{other.port}",), ls_media_dir=media)
+    # the same path on an allowed foreign host: fetched from that host, never from Label Studio's folder
+    assert not _green(fetcher.fetch(f"{other.base}/data/upload/1/abc-a.png"))
+    assert other.hits("/data/upload/1/abc-a.png") == 1
+    # a query string, or a Label Studio URL outside /data/upload/: over HTTP as before
+    assert not _green(fetcher.fetch("/data/upload/1/abc-a.png?v=2"))
+    assert not _green(fetcher.fetch("/data/local-files/?d=upload/1/abc-a.png"))
+    assert ls.hits("/data/upload/1/abc-a.png?v=2") == 1 and ls.hits("/data/local-files/") == 1
+
+
+@pytest.mark.parametrize("url", [
+    "/data/upload/%2e%2e/export/secret.png",  # encoded ..
+    "/data/upload/1/%2E%2E/%2e%2e/export/secret.png",
+    "/data/upload/1%2f..%2f..%2fexport%2fsecret.png",  # encoded slashes
+    "/data/upload/..%5cexport%5csecret.png",  # backslashes
+    "/data/upload//etc/passwd",  # empty segment
+    "/data/upload/1/./abc-a.png",  # httpx drops "."; the encoded one reaches us
+    "/data/upload/1/%2e/abc-a.png",
+    "/data/upload/1/abc-a.png%00.png",  # NUL
+])
+def test_path_tricks_are_refused_without_reading_or_fetching(ls, fetchers, media, url):
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    if url == "/data/upload/1/./abc-a.png":  # normalized by httpx into a plain upload path: read, fine
+        assert _green(fetcher.fetch(url))
+        return
+    with pytest.raises(MediaError) as err:
+        fetcher.fetch(url)
+    assert err.value.kind == "not_allowed" and "upload folder" in err.value.reason
+    assert ls.requests == []
+
+
+def test_plain_dot_dot_is_normalized_out_of_the_upload_path_and_never_read(ls, fetchers, media):
+    """``..`` written plainly is removed by URL normalization: what is left is not an upload URL, so it
+    goes to Label Studio as any URL would (here a 404), and the file outside upload/ is never read."""
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    with pytest.raises(MediaError) as err:
+        fetcher.fetch("/data/upload/1/../../../export/secret.png")
+    assert "HTTP 404" in err.value.reason
+    assert [path for _, path, _ in ls.requests] == ["/export/secret.png"]
+
+
+def test_double_encoding_is_decoded_once(ls, fetchers, media):
+    """``%252e%252e`` is the literal name ``%2e%2e``: no such upload, so HTTP, never a parent folder."""
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    assert not _green(fetcher.fetch("/data/upload/%252e%252e/export/secret.png"))
+    assert ls.hits("/data/upload/%252e%252e/") == 1
+
+
+def test_symlink_out_of_the_upload_folder_is_refused(ls, fetchers, media, tmp_path):
+    upload = media / "upload"
+    (upload / "1" / "evil.png").symlink_to(tmp_path / "outside" / "secret.png")
+    (upload / "2").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (upload / "1" / "dangling.png").symlink_to(tmp_path / "outside" / "nothing.png")
+    (upload / "1" / "inside.png").symlink_to(upload / "1" / "abc-a.png")  # stays inside: fine
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    for url in ("/data/upload/1/evil.png", "/data/upload/2/secret.png", "/data/upload/1/dangling.png"):
+        with pytest.raises(MediaError) as err:
+            fetcher.fetch(url)
+        assert err.value.kind == "not_allowed" and "outside" in err.value.reason
+    assert _green(fetcher.fetch("/data/upload/1/inside.png"))
+    assert ls.requests == []
+
+
+def test_a_symlinked_upload_folder_itself_is_followed(ls, fetchers, tmp_path):
+    """Docker volumes and bind mounts often make upload/ a link: the root is resolved first."""
+    real = tmp_path / "volume" / "upload"
+    _png_file(real / "1" / "x.png")
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "upload").symlink_to(real, target_is_directory=True)
+    assert _green(fetchers(ls.base, LEGACY_KEY, ls_media_dir=media).fetch("/data/upload/1/x.png"))
+    assert ls.requests == []
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_local_files_get_the_caps_and_decode_check_and_fail_alone(ls, fetchers, media):
+    upload = media / "upload" / "1"
+    (upload / "big.png").write_bytes(PNG + b"\0" * (2**20))  # over the 1 MB test cap
+    _png_file(upload / "wide.png", size=(400, 300))  # 120000 pixels
+    (upload / "corrupt.png").write_bytes(PNG[: len(PNG) // 2])
+    (upload / "text.png").write_text("not a picture")
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media, max_pixels=100_000)
+    names = ["abc-a.png", "big.png", "wide.png", "corrupt.png", "text.png", "abc-a.png"]
+    got = fetcher.fetch_many([f"/data/upload/1/{n}" for n in names], workers=3)
+    assert len(got) == 6 and isinstance(got[0], Path) and got[5] == got[0] and _green(got[0])
+    assert isinstance(got[1], MediaError) and got[1].kind == "too_large" and "MB" in got[1].reason
+    assert isinstance(got[2], MediaError) and got[2].kind == "too_large" and "megapixel" in got[2].reason
+    assert isinstance(got[3], MediaError) and got[3].kind == "not_decodable"
+    assert isinstance(got[4], MediaError) and got[4].kind == "not_decodable"
+    assert ls.requests == []  # a refused local file is not fetched again over HTTP
+
+
+def test_non_regular_files_fall_back_to_http_without_blocking(ls, fetchers, media):
+    import os
+
+    upload = media / "upload" / "1"
+    os.mkfifo(upload / "pipe.png")  # opening a FIFO for reading would block without O_NONBLOCK
+    (upload / "folder.png").mkdir()
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    for name in ("pipe.png", "folder.png"):
+        assert _is_png(fetcher.fetch(f"/data/upload/1/{name}"))
+        assert ls.hits(f"/data/upload/1/{name}") == 1
+
+
+def test_label_studio_under_a_path_prefix(ls, fetchers, media):
+    fetcher = fetchers(ls.base + "/ls", LEGACY_KEY, ls_media_dir=media)
+    assert _green(fetcher.fetch("/data/upload/1/abc-a.png"))  # → <LS>/ls/data/upload/...: Label Studio's upload
+    assert not _green(fetcher.fetch(f"{ls.base}/data/upload/1/abc-a.png"))  # not under the prefix: over HTTP
+    assert ls.hits("/data/upload/1/abc-a.png") == 1 and ls.hits("/ls/") == 0
+
+
+def test_percent_encoded_names_are_read(ls, fetchers, media):
+    _png_file(media / "upload" / "1" / "a b+é.png")
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    assert _green(fetcher.fetch("/data/upload/1/a%20b%2B%C3%A9.png"))
+    assert ls.requests == []
+
+
+def test_a_replaced_local_file_is_checked_again(ls, fetchers, media):
+    fetcher = fetchers(ls.base, LEGACY_KEY, ls_media_dir=media)
+    target = media / "upload" / "1" / "abc-a.png"
+    assert _green(fetcher.fetch("/data/upload/1/abc-a.png"))
+    target.write_bytes(b"broken now")  # same name, new content: the decode-check memo must not vouch for it
+    with pytest.raises(MediaError) as err:
+        fetcher.fetch("/data/upload/1/abc-a.png")
+    assert err.value.kind == "not_decodable"
+
+
+def test_media_dir_setting(ls, tmp_path, media, monkeypatch):
+    monkeypatch.setenv("LABEL_STUDIO_URL", ls.base)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", LEGACY_KEY)
+    monkeypatch.setenv("LABELLOOP_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("LABELLOOP_LS_MEDIA_DIR", str(media))
+    with MediaFetcher.from_settings() as fetcher:
+        assert _green(fetcher.fetch("/data/upload/1/abc-a.png"))
+    monkeypatch.setenv("LABELLOOP_LS_MEDIA_DIR", str(tmp_path / "no-such-dir"))
+    with pytest.raises(ValueError, match="LABELLOOP_LS_MEDIA_DIR"):
+        MediaFetcher.from_settings()
+    monkeypatch.setenv("LABELLOOP_LS_MEDIA_DIR", "")
+    with MediaFetcher.from_settings() as fetcher:
+        assert not _green(fetcher.fetch("/data/upload/1/abc-a.png"))
+    assert ls.hits("/data/upload/1/abc-a.png") == 1
+
+
+def test_media_dir_without_label_studio_url_is_ignored(fetchers, media, tmp_path):
+    fetcher = fetchers("", "", ls_media_dir=media)
+    with pytest.raises(MediaError) as err:
+        fetcher.fetch("/data/upload/1/abc-a.png")
+    assert "needs LABEL_STUDIO_URL" in err.value.reason
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("url, parts", [
+    ("http://ls:8080/data/upload/1/a.png", ["1", "a.png"]),
+    ("http://ls:8080/data/upload/1/a%20b.png", ["1", "a b.png"]),
+    ("http://ls:8080/data/uploads/1/a.png", None),
+    ("http://ls:8080/data/upload", None),
+    ("http://ls:8080/data/local-files/?d=upload/1/a.png", None),
+    ("http://ls:8080/data/upload/1/a.png?x=1", None),
+    ("http://ls:8080/data/upload/1/a.png#f", None),
+    ("http://ls:8080/data/upload/%ff.png", None),  # not UTF-8: not a name Label Studio writes
+    ("http://ls:8080/data/%75pload/1/a.png", ["1", "a.png"]),  # decoded once, as Django does
+])
+def test_upload_url_recognition(tmp_path, url, parts):
+    import httpx
+
+    uploads = LocalUploads(tmp_path, max_bytes=2**20, max_pixels=10**6)
+    assert uploads.relative_parts(httpx.URL(url)) == parts
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("url", [
+    "http://ls/data/upload/%2e%2e/x.png", "http://ls/data/upload/a/%2E%2E%2Fb.png", "http://ls/data/upload/a%5C..%5Cb",
+    "http://ls/data/upload//x.png", "http://ls/data/upload/a/", "http://ls/data/upload/a%00.png",
+])
+def test_upload_url_escapes_refused(tmp_path, url):
+    import httpx
+
+    uploads = LocalUploads(tmp_path, max_bytes=2**20, max_pixels=10**6)
+    with pytest.raises(MediaError) as err:
+        uploads.relative_parts(httpx.URL(url))
+    assert err.value.kind == "not_allowed"
+
+
+@pytest.mark.unit
+def test_local_uploads_need_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="LABELLOOP_LS_MEDIA_DIR"):
+        LocalUploads(tmp_path / "missing", max_bytes=1, max_pixels=1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        LocalUploads(tmp_path / "file", max_bytes=1, max_pixels=1)

@@ -20,6 +20,10 @@ So every fetch is treated as hostile input:
   never an exception in the middle of a batch's prediction;
 * the cache is capped in size and evicts the least recently used files, never one used recently.
 
+With ``LABELLOOP_LS_MEDIA_DIR`` set (off by default), Label Studio's own uploads (``/data/upload/...``
+on its origin) are read from its media folder when this machine shares it (``LocalUploads``), in place,
+with the same size cap, pixel cap and full decode check; anything else, or a file not there, is fetched.
+
 Label Studio 1.23 turns legacy tokens off by default; the default personal access token (PAT)
 is a JWT *refresh* token that must be exchanged for 300-s access tokens (see
 shared/notes/label-studio-protocol.md, "Auth"). Both kinds work here.
@@ -34,14 +38,15 @@ import logging
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 import httpcore
 import httpx
@@ -72,6 +77,7 @@ _ALLOW_HINT = "LABELLOOP_ALLOWED_HOSTS"
 DEFAULT_MAX_PIXELS = 50_000_000  # a 48/50-MP phone photo passes; the 13000x13000 PNG bomb (169 MP) does not
 DEFAULT_FETCH_DEADLINE = 30.0  # seconds for a whole fetch: DNS aside, connect + redirects + body
 DEFAULT_CACHE_MAX_BYTES = 2048 * 2**20
+FETCH_WORKERS = 8  # parallel fetches per batch (see bench/cold_predict.py for the measured choice)
 # A cached file used this recently is never evicted: the path a fetch returned is read by the caller
 # (prediction, or a hard link into a training set) soon after, possibly from another process.
 CACHE_EVICTION_GRACE = 600.0
@@ -472,6 +478,153 @@ def _check_image_once(path: Path, max_pixels: int, key: tuple) -> None:
     _remember_verified(key)
 
 
+# --------------------------------------------------------------------------- Label Studio's uploads, read locally
+
+UPLOAD_URL_PREFIX = "/data/upload/"  # Label Studio's MEDIA_URL (/data/) + UPLOAD_DIR (upload)
+_MEDIA_DIR_HINT = "LABELLOOP_LS_MEDIA_DIR"
+
+
+class LocalUploads:
+    """Label Studio's uploads read from its media folder, for a backend on a machine (or a container)
+    that shares it: what upstream label-studio-ml-backend's ``get_local_path`` does, made strict.
+
+    Label Studio serves ``/data/upload/<rest>`` from ``<MEDIA_ROOT>/upload/<rest>`` (``MEDIA_ROOT`` is
+    ``$LABEL_STUDIO_BASE_DATA_DIR/media`` for ``label-studio start``). ``media_dir`` is that
+    ``MEDIA_ROOT``. Trust: the folder is Label Studio's (written by it alone); the URL is the task's
+    and untrusted, so:
+
+    * only a URL on Label Studio's origin, under its path prefix, whose path is ``/data/upload/...``,
+      with no query or fragment (the caller checks the origin); anything else is fetched as before;
+    * the path is percent-decoded exactly once and split into segments; an empty, ``.`` or ``..``
+      segment, a NUL or a backslash refuses the image (Label Studio never writes such a URL);
+    * the file's real path (symlinks resolved) must lie inside ``<media_dir>/upload``, else refused;
+      it is opened without following a final symlink and without blocking, and must be a regular file;
+    * the same size cap (on the file's size), pixel cap (from the header) and full decode check as a
+      fetched image; a refused or corrupt file is that task's ``MediaError``;
+    * a file that is not there (not synced yet, another Label Studio) or cannot be read returns None:
+      the caller fetches it over HTTP as without this setting.
+
+    Files are read in place, not copied into the cache: a training set or a FiftyOne dataset that uses
+    one hard-links or copies it into its own folder (``link_or_copy``), as with cached files.
+    """
+
+    def __init__(self, media_dir, max_bytes: int, max_pixels: int, ls_path: str = ""):
+        root = Path(media_dir).expanduser()
+        if not root.is_dir():
+            raise ValueError(f"{_MEDIA_DIR_HINT}={media_dir} is not a directory (it must be Label Studio's "
+                             f"media folder, the one holding upload/)")
+        self._upload_dir = root / "upload"
+        self._max_bytes = max_bytes
+        self._max_pixels = max_pixels
+        self._prefix = ls_path.rstrip("/") + UPLOAD_URL_PREFIX
+        self._warned = False
+
+    @property
+    def upload_dir(self) -> Path:
+        return self._upload_dir
+
+    def relative_parts(self, url: httpx.URL) -> list[str] | None:
+        """The segments after ``/data/upload/`` of a Label Studio URL; None when it is not an upload URL.
+        Raises MediaError for a path that tries to leave the upload folder."""
+        if url.query or url.fragment:
+            return None
+        raw = url.raw_path.split(b"?", 1)[0]
+        try:
+            decoded = unquote(raw.decode("ascii"), encoding="utf-8", errors="strict")
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            return None  # not a name Label Studio writes; fetched (and refused by it) as before
+        if not decoded.startswith(self._prefix):
+            return None
+        parts = decoded[len(self._prefix):].split("/")
+        if any(part in ("", ".", "..") or "\0" in part or "\\" in part for part in parts):
+            raise MediaError(f"upload path {_redact(url)} leaves Label Studio's upload folder", kind="not_allowed")
+        return parts
+
+    def open(self, url: httpx.URL) -> Path | None:
+        """The checked local file for ``url`` (see the class); None: fetch it over HTTP."""
+        parts = self.relative_parts(url)
+        if parts is None:
+            return None
+        root = os.path.realpath(self._upload_dir)
+        real = os.path.realpath(os.path.join(root, *parts))
+        if os.path.commonpath([root, real]) != root or real == root:
+            raise MediaError(f"upload {_redact(url)} resolves outside Label Studio's upload folder", kind="not_allowed")
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(real, flags)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:  # permissions, a symlink swapped in, a name too long: HTTP still works
+            self._warn_once(f"cannot read {real}: {exc.strerror or exc}")
+            return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_size > self._max_bytes:
+            raise MediaError(f"image larger than {self._max_bytes / 2**20:.3g} MB", kind="too_large")
+        path = Path(real)
+        _check_image_once(path, self._max_pixels, (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return path
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s: %s; fetching Label Studio's uploads over HTTP instead", _MEDIA_DIR_HINT, message)
+
+
+# --------------------------------------------------------------------------- fetching ahead
+
+
+class Prefetch:
+    """Fetches running in the background, in order, at most ``window`` images ahead of the one asked
+    for last (``result(i)``): the caller can predict one batch while the next ones are being fetched.
+
+    ``result(i)`` is the i-th URL's path or its MediaError (never raises for one image); duplicate URLs
+    are fetched once. Closing it cancels what has not started and waits for what has (each fetch is
+    bounded by its deadline).
+    """
+
+    def __init__(self, fetch_one, urls: list, workers: int = 8, window: int = 32):
+        self._fetch_one = fetch_one
+        unique = list(dict.fromkeys(urls))
+        position = {u: k for k, u in enumerate(unique)}
+        self._unique = unique
+        self._index = [position[u] for u in urls]
+        self._window = max(1, int(window), int(workers))
+        self._futures: list[Future] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(int(workers), len(unique) or 1)),
+                                        thread_name_prefix="labelloop-media")
+        self._submit_through(0)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _submit_through(self, k: int) -> None:
+        """Make sure fetches of unique URLs up to ``k + window`` (exclusive) are submitted."""
+        with self._lock:
+            upto = min(len(self._unique), k + self._window)
+            while len(self._futures) < upto:
+                self._futures.append(self._pool.submit(self._fetch_one, self._unique[len(self._futures)]))
+
+    def result(self, i: int) -> Path | MediaError:
+        k = self._index[i]
+        self._submit_through(k + 1)
+        return self._futures[k].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- the fetcher
 
 
@@ -480,7 +633,8 @@ class MediaFetcher:
 
     def __init__(self, label_studio_url: str = "", api_key: str = "", allowed_hosts=(), cache_dir=None,
                  timeout: float = 10.0, max_bytes: int = 50 * 2**20, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 deadline: float = DEFAULT_FETCH_DEADLINE, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES):
+                 deadline: float = DEFAULT_FETCH_DEADLINE, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+                 ls_media_dir=None):
         self._ls_url = (label_studio_url or "").strip().rstrip("/")
         self._ls_origin = self._parse_ls_origin(self._ls_url)
         self._allow = _AllowList.parse(allowed_hosts)
@@ -496,6 +650,15 @@ class MediaFetcher:
         self._cache_bytes: int | None = None  # running estimate of the cache's size; None until scanned
         self._rescan_above = self._cache_max_bytes  # estimate that triggers the next scan + eviction
         self._evicting = threading.Lock()
+        # Label Studio's uploads from its media folder (LABELLOOP_LS_MEDIA_DIR): only with a Label Studio URL,
+        # since only URLs on its origin are read locally.
+        self._uploads = None
+        if ls_media_dir and self._ls_origin is not None:
+            self._uploads = LocalUploads(ls_media_dir, self._max_bytes, self._max_pixels,
+                                         httpx.URL(self._ls_url).path)
+        elif ls_media_dir:
+            log.warning("%s is set but LABEL_STUDIO_URL is not: Label Studio's uploads cannot be recognized, "
+                        "the setting is ignored", _MEDIA_DIR_HINT)
         # Cookies are refused: with connections pinned to IPs a jar could hand one host's cookie to
         # another. trust_env=False: a proxy would resolve names itself and undo the address checks.
         # Accept-Encoding identity: images are compressed already, and what a host sends compressed
@@ -518,7 +681,7 @@ class MediaFetcher:
         return cls(label_studio_url=s.label_studio_url, api_key=s.label_studio_api_key,
                    allowed_hosts=s.allowed_hosts, cache_dir=s.cache_dir, timeout=s.fetch_timeout,
                    max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, deadline=s.fetch_deadline,
-                   cache_max_bytes=s.image_cache_bytes)
+                   cache_max_bytes=s.image_cache_bytes, ls_media_dir=getattr(s, "ls_media_dir", None))
 
     def close(self) -> None:
         self._client.close()
@@ -540,18 +703,20 @@ class MediaFetcher:
             log.warning("image not fetched: %s", exc.reason)
             raise
 
-    def fetch_many(self, urls: list[str], workers: int = 8) -> list[Path | MediaError]:
+    def fetch_many(self, urls: list[str], workers: int = FETCH_WORKERS) -> list[Path | MediaError]:
         """``fetch`` for a batch, in parallel; same order as ``urls``, failures returned in place.
 
         Duplicate URLs are fetched once (a batch often repeats an image across tasks).
         """
-        unique = list(dict.fromkeys(urls))
-        if not unique:
+        if not urls:
             return []
-        with ThreadPoolExecutor(max_workers=max(1, min(int(workers), len(unique))),
-                                thread_name_prefix="labelloop-media") as pool:
-            futures = {u: pool.submit(self._fetch_or_error, u) for u in unique}
-        return [futures[u].result() for u in urls]
+        with Prefetch(self._fetch_or_error, urls, workers, window=len(urls)) as ahead:
+            return [ahead.result(i) for i in range(len(urls))]
+
+    def fetch_ahead(self, urls: list[str], workers: int = FETCH_WORKERS, window: int = 32) -> Prefetch:
+        """``fetch_many`` started in the background: ``result(i)`` waits for the i-th image only, and at
+        most ``window`` images are fetched ahead of it. Use as a context manager."""
+        return Prefetch(self._fetch_or_error, urls, workers, window)
 
     # ----------------------------------------------------------------------- flow
 
@@ -566,7 +731,12 @@ class MediaFetcher:
 
     def _fetch(self, url: str) -> Path:
         absolute = self._absolute_url(url)
-        self._admit(absolute)  # by name only: refuse early, before cache or DNS
+        _, how = self._admit(absolute)  # by name only: refuse early, before cache or DNS
+        if self._uploads is not None and how == "ls":
+            local = self._uploads.open(absolute)
+            if local is not None:
+                log.debug("read from Label Studio's media folder: %s", _redact(absolute))
+                return local
         digest = hashlib.sha256(str(absolute).encode()).hexdigest()
         cached = self._cached(digest)
         if cached is not None:

@@ -94,8 +94,12 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
     """One TaskPrediction per task, in order. A task whose image is missing, broken or refused gets an
     empty result with ``error`` set; the others are predicted in batches. ``tta``: see predict_images.
 
-    ``timings`` (optional) gets the seconds of each phase added: ``fetch`` (download, cache, full decode
-    check), ``infer`` (ultralytics: load, letterbox, forward, NMS) and ``serialize`` (Label Studio JSON)."""
+    Fetching and inference overlap: while one batch is predicted, the next images are being fetched
+    (``fetcher.fetch_ahead``, at most two batches ahead; a fetcher without it fetches everything first).
+
+    ``timings`` (optional) gets the seconds of each phase added, which sum to the call's time: ``fetch``
+    (waiting for images — download, cache, full decode check — that inference did not hide), ``infer``
+    (ultralytics: load, letterbox, forward, NMS) and ``serialize`` (Label Studio JSON)."""
     clock = timings if timings is not None else {}
     mark = time.perf_counter()
 
@@ -107,6 +111,7 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
 
     env = env or current_settings()
     threshold = threshold_for(spec, env) if threshold is None else threshold
+    size = max(1, int(batch or env.predict_batch or 1))
     out = [TaskPrediction(task_id=t.get("id"), model_version=model.version) for t in tasks]
     urls = []
     for i, task in enumerate(tasks):
@@ -116,26 +121,58 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
             out[i].error_kind = "no_image"
         urls.append(url if out[i].error is None else None)
     wanted = [i for i, url in enumerate(urls) if url is not None]
-    fetched = fetcher.fetch_many([urls[i] for i in wanted]) if wanted else []
-    lap("fetch")
-    ready: list[tuple[int, Path]] = []
-    for i, item in zip(wanted, fetched):
-        if isinstance(item, Exception):
-            out[i].error = str(item)
-            out[i].error_kind = item.kind if isinstance(item, LabelloopError) else "error"
-        else:
-            ready.append((i, item))
-    if ready:
-        preds = predict_images(model, [p for _, p in ready], spec, threshold, batch or env.predict_batch, tta=tta)
+
+    def predict(ready: list[tuple[int, Path]]) -> None:
+        lap("fetch")
+        if not ready:
+            return
+        preds = predict_images(model, [p for _, p in ready], spec, threshold, size, tta=tta)
         lap("infer")
         for (i, _), pred in zip(ready, preds):
             out[i].result = prediction_result(pred, spec)
             out[i].score = pred.score
         lap("serialize")
+
+    with _fetch_ahead(fetcher, [urls[i] for i in wanted], window=2 * size) as fetched:
+        ready: list[tuple[int, Path]] = []
+        for k, i in enumerate(wanted):
+            item = fetched.result(k)
+            if isinstance(item, Exception):
+                out[i].error = str(item)
+                out[i].error_kind = item.kind if isinstance(item, LabelloopError) else "error"
+            else:
+                ready.append((i, item))
+            if len(ready) == size:  # a full batch: predict it while the next images arrive
+                predict(ready)
+                ready = []
+        predict(ready)  # the last, partial batch (or none: the fetch wait is still counted)
     for p in out:
         if p.error:
             log.warning("task %s: no prediction: %s", p.task_id, p.error)
     return out
+
+
+class _FetchedFirst:
+    """``fetch_ahead``'s interface over a plain ``fetch_many``: everything fetched up front."""
+
+    def __init__(self, fetcher, urls: list[str]):
+        self._items = fetcher.fetch_many(urls) if urls else []
+
+    def result(self, k: int):
+        return self._items[k]
+
+    def __enter__(self) -> _FetchedFirst:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _fetch_ahead(fetcher, urls: list[str], window: int):
+    ahead = getattr(fetcher, "fetch_ahead", None)
+    if callable(ahead) and urls:
+        return ahead(urls, window=window)
+    return _FetchedFirst(fetcher, urls)
 
 
 # -- training ------------------------------------------------------------------------------------
