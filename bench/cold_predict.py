@@ -2,22 +2,32 @@
 
 One run, same machine: a real Label Studio 1.23.2 holding N uploaded images (160 px shapes), a real
 ``labelloop serve`` with a foreign detector (LABELLOOP_BASE_MODEL, trained here from a yaml), connected
-the way Label Studio connects (``/setup`` loads and warms the model). For each of ``--repeats`` cold runs
-the backend is restarted and its image cache emptied, then:
+the way Label Studio connects (``/setup`` loads and warms the model). Two ways of reading the images:
 
-* cold /predict — the first request after /setup: every image fetched from Label Studio;
-* warm /predict — the same request again (images from the cache, model in memory);
-* Retrieve Predictions — Label Studio's own Data Manager action on all tasks, end to end;
-* raw — ultralytics ``YOLO.predict`` on the same local files, batch 16, warmed, in this process.
+* ``http`` — fetched from Label Studio's ``/data/upload/...`` (the default);
+* ``shared`` — ``LABELLOOP_LS_MEDIA_DIR`` set to Label Studio's media folder (``<data dir>/media``):
+  uploads read in place (same caps and decode check), as a backend sharing Label Studio's volume does.
 
-The /predict phases come from its ``Server-Timing`` header. Usage:
-``.venv/bin/python bench/cold_predict.py`` (``--tasks N``, ``--repeats N``).
+For each of ``--repeats`` rounds, each way (interleaved, so a busy spell hits both alike): a fresh
+backend (empty image cache, no model in memory), ``/setup``, wait until the model is loaded, then
+
+* cold /predict — the first request: every image fetched (or read);
+* warm /predict — the same request again (images from the cache, or read again in place);
+
+plus, once per way, Label Studio's own Retrieve Predictions (Data Manager action on all tasks, end to
+end, a project of its own per way), and raw — ultralytics ``YOLO.predict`` on the same local files,
+batch 16, warmed, in this process. The /predict phases come from its ``Server-Timing`` header (since
+fetching and inference overlap, ``fetch`` is the wait for images that inference did not hide).
+
+Prints a markdown table (medians) and appends it, dated, to ``bench/figures/cold_predict.md``
+(``--no-write`` to skip). Usage: ``.venv/bin/python bench/cold_predict.py`` (``--tasks N``, ``--repeats N``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import shutil
 import statistics
@@ -27,6 +37,11 @@ import time
 from pathlib import Path
 
 import httpx
+
+FIGURES = Path(__file__).resolve().parent / "figures" / "cold_predict.md"
+WAYS = ("http", "shared")
+PHASES = ("model", "fetch", "infer", "serialize")
+BUSY_LOAD = 1.5  # 1-minute load average above which the machine is called busy in the output
 
 
 def server_timing(header: str) -> dict[str, float]:
@@ -48,10 +63,15 @@ def wait_until_loaded(client: httpx.Client, version: str, timeout: float = 120) 
         time.sleep(0.1)
 
 
+def load() -> float:
+    return os.getloadavg()[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help=f"do not append to {FIGURES.name}")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="labelloop-bench-cold-"))
@@ -67,6 +87,7 @@ def main() -> int:
     from labelloop.labelstudio.media import LocalFileFetcher
     from labelloop.workflows.pipeline import train_new_version
 
+    loads = [load()]
     config = label_config("detection")
     spec = parse_label_config(config)
     print("training a small foreign detector (quality is not the point) ...", flush=True)
@@ -81,40 +102,61 @@ def main() -> int:
     paths = [images.images_dir / im.file for im in images.images]
 
     print("starting Label Studio ...", flush=True)
-    ls = start_label_studio(work / "ls")
-    results: dict[str, list[float]] = {"cold": [], "warm": [], "retrieve": []}
-    phases: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+    ls_dir = work / "ls"
+    ls = start_label_studio(ls_dir)
+    media_dir = ls_dir / "media"  # Label Studio's MEDIA_ROOT: $LABEL_STUDIO_BASE_DATA_DIR/media
+    results: dict[str, dict[str, list[float]]] = {way: {"cold": [], "warm": []} for way in WAYS}
+    phases: dict[str, dict[str, list[dict[str, float]]]] = {way: {"cold": [], "warm": []} for way in WAYS}
+    retrieve: dict[str, float] = {}
+    runs = 0
+
+    def backend_env(way: str) -> dict[str, str]:
+        out = {"LABELLOOP_BASE_MODEL": str(weights), "LABEL_STUDIO_URL": ls.url,
+               "LABEL_STUDIO_API_KEY": ls.info["token"], "LABELLOOP_WARM_START_STEPS": "0",
+               "LABELLOOP_LS_MEDIA_DIR": str(media_dir) if way == "shared" else ""}
+        return out
+
     try:
         with LabelerClient(ls.url, ls.info["token"]) as api:
-            project = api.create_project("cold predict bench", config)["id"]
-            for start in range(0, len(paths), 20):
-                api.upload_images(project, paths[start : start + 20])
-            tasks = api.tasks(project)
-            request = {"tasks": tasks, "project": f"{project}.1", "label_config": config}
-            for run in range(args.repeats + 1):  # run 0: Label Studio's own Retrieve Predictions, cold
-                home = work / f"backend-{run}"  # a fresh backend: empty image cache, no model in memory
-                backend = start_backend(home, env={"LABELLOOP_BASE_MODEL": str(weights), "LABEL_STUDIO_URL": ls.url,
-                                                   "LABEL_STUDIO_API_KEY": ls.info["token"],
-                                                   "LABELLOOP_WARM_START_STEPS": "0"})
+            projects, tasks = {}, {}
+            for way in WAYS:  # a project per way: Retrieve Predictions skips tasks already predicted
+                projects[way] = api.create_project(f"cold predict bench ({way})", config)["id"]
+                for start in range(0, len(paths), 20):
+                    api.upload_images(projects[way], paths[start : start + 20])
+                tasks[way] = api.tasks(projects[way])
+                assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks[way])
+            assert (media_dir / "upload" / str(projects["http"])).is_dir(), f"no uploads under {media_dir}"
+            rounds = [(run, way) for run in range(args.repeats + 1) for way in WAYS]
+            for run, way in rounds:  # run 0: Label Studio's own Retrieve Predictions, cold
+                runs += 1
+                home = work / f"backend-{way}-{run}"  # a fresh backend: empty image cache, no model in memory
+                backend = start_backend(home, env=backend_env(way))
+                project = projects[way]
                 try:
                     with httpx.Client(base_url=backend.url, timeout=600) as client:
+                        loads.append(load())
                         if run == 0:
                             api.connect_backend(project, backend.url)  # Label Studio calls /setup itself
                             wait_until_loaded(client, f"base-{weights.stem}")
                             t0 = time.perf_counter()
                             api.retrieve_predictions(project)
-                            results["retrieve"].append(time.perf_counter() - t0)
+                            retrieve[way] = time.perf_counter() - t0
                             continue
+                        request = {"tasks": tasks[way], "project": f"{project}.1", "label_config": config}
                         version = client.post("/setup", json={"project": f"{project}.1", "schema": config}).json()
                         wait_until_loaded(client, version["model_version"])  # the labeler clicks later than that
                         for kind in ("cold", "warm"):
                             t0 = time.perf_counter()
                             response = client.post("/predict", json=request)
-                            results[kind].append(time.perf_counter() - t0)
+                            results[way][kind].append(time.perf_counter() - t0)
                             body = response.json()
-                            assert response.status_code == 200 and len(body["results"]) == len(tasks), response.text[:300]
+                            assert response.status_code == 200 and len(body["results"]) == len(tasks[way]), \
+                                response.text[:300]
                             assert all("error" not in r for r in body["results"]), body["results"][:2]
-                            phases[kind].append(server_timing(response.headers.get("server-timing", "")))
+                            phases[way][kind].append(server_timing(response.headers.get("server-timing", "")))
+                        if way == "shared":  # the images must have come from the media folder, not the cache
+                            cached = list((home / "cache" / "media").rglob("*.*"))
+                            assert not cached, f"shared way fetched {len(cached)} image(s) over HTTP"
                 finally:
                     backend.stop()
     finally:
@@ -128,19 +170,54 @@ def main() -> int:
         t0 = time.perf_counter()
         raw_model.predict([str(p) for p in paths], batch=16, conf=0.05, verbose=False)
         raw.append(time.perf_counter() - t0)
+    loads.append(load())
+    shutil.rmtree(work, ignore_errors=True)
 
-    med = statistics.median
-    n = args.tasks
-    print(f"\n{n} uploaded 160 px images in Label Studio, a yolov8n detector, {os.cpu_count()} CPU cores; "
-          f"median of {args.repeats} (cold: a fresh backend and an empty image cache each time)")
-    for kind in ("cold", "warm"):
-        split = {k: med([p.get(k, 0.0) for p in phases[kind]]) for k in ("model", "fetch", "infer", "serialize")}
-        print(f"  /predict {kind:<4}: {med(results[kind]):6.3f} s  (min {min(results[kind]):.3f}, max "
-              f"{max(results[kind]):.3f})  phases: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
-    print(f"  Retrieve Predictions, cold (Label Studio end to end, after /setup): {results['retrieve'][0]:6.3f} s")
-    print(f"  raw ultralytics predict, batch 16, local files: {med(raw):6.3f} s")
-    print(f"  warm / raw: {med(results['warm']) / med(raw):.2f}x")
+    text = report(args, results, phases, retrieve, raw, loads)
+    print("\n" + text)
+    if not args.no_write:
+        FIGURES.parent.mkdir(parents=True, exist_ok=True)
+        with FIGURES.open("a") as out:
+            out.write(("\n" if FIGURES.exists() and FIGURES.stat().st_size else "# bench/cold_predict.py\n\n") + text)
+        print(f"appended to {FIGURES}")
     return 0
+
+
+def report(args, results, phases, retrieve, raw, loads) -> str:
+    med = statistics.median
+    raw_s = med(raw)
+    busy = max(loads) > BUSY_LOAD
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [f"## {when}: {args.tasks} uploaded 160 px images, yolov8n detector, {os.cpu_count()} CPU cores, "
+             f"median of {args.repeats}",
+             "",
+             f"Load average (1 min) during the run: {min(loads):.2f}–{max(loads):.2f}"
+             + (f" — **busy machine** (above {BUSY_LOAD}): figures are pessimistic" if busy else " (quiet)") + ".",
+             "",
+             "| | seconds (min–max) | model | fetch | infer | serialize |",
+             "|---|---|---|---|---|---|"]
+    for way in WAYS:
+        for kind in ("cold", "warm"):
+            times = results[way][kind]
+            split = {k: med([p.get(k, 0.0) for p in phases[way][kind]]) for k in PHASES}
+            label = {"http": "HTTP from Label Studio", "shared": "shared media folder"}[way]
+            lines.append(f"| `/predict` {kind}, {label} | **{med(times):.3f}** ({min(times):.3f}–{max(times):.3f}) | "
+                         + " | ".join(f"{split[k]:.3f}" for k in PHASES) + " |")
+    lines.append(f"| raw ultralytics predict, batch 16, local files | {raw_s:.3f} ({min(raw):.3f}–{max(raw):.3f}) "
+                 "| – | – | – | – |")
+    for way in WAYS:
+        if way in retrieve:
+            lines.append(f"| Retrieve Predictions, cold, Label Studio end to end ({way}) | {retrieve[way]:.3f} "
+                         "| – | – | – | – |")
+    lines.append("")
+    for way in WAYS:
+        warm = med(results[way]["warm"])
+        warm_fetch = med([p.get("fetch", 0.0) for p in phases[way]["warm"]])
+        cold = med(results[way]["cold"])
+        lines.append(f"* {way}: cold {cold:.3f} s ({'meets' if cold <= 0.6 else 'misses'} the 0.6 s bar); warm / raw "
+                     f"{warm / raw_s:.2f}×, warm / (raw + its fetch wait {warm_fetch:.3f} s) "
+                     f"{warm / (raw_s + warm_fetch):.2f}× (bar ≤ 1.1×)")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
