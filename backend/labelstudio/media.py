@@ -583,8 +583,9 @@ class LocalUploads:
 
 
 class Prefetch:
-    """Fetches running in the background, in order, at most ``window`` images ahead of the one asked
-    for last (``result(i)``): the caller can predict one batch while the next ones are being fetched.
+    """Fetches running in the background, in order, at most ``window`` (and no fewer than ``workers``)
+    images ahead of the one asked for last (``result(i)``): the caller can predict one batch while the
+    next ones are being fetched.
 
     ``result(i)`` is the i-th URL's path or its MediaError (never raises for one image); duplicate URLs
     are fetched once. Closing it cancels what has not started and waits for what has (each fetch is
