@@ -1,4 +1,9 @@
-"""``labelloop`` command line: serve the ML backend, generate data, train, run the demo."""
+"""``labelloop`` command line: serve the ML backend, run workers, connect projects, train, predict and
+promote through the loop, generate data, run the demo.
+
+Exit codes: 0 done; 1 failed (a job that failed, with its reason); 2 something needed does not answer or
+refuses us (Label Studio, Redis, credentials); 3 what was named does not exist (project, version, no
+versions, nothing to roll back; a followed job that was skipped). Errors are one line, no traceback."""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from labelloop import __version__
@@ -159,21 +165,348 @@ def cmd_data_shapes(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from labelloop.errors import reason_of
-    from labelloop.workflows.pipeline import train_from_label_studio
+# -- ops: connect a project, its versions, and jobs through the loop's queue ------------------------------
 
-    bar, update = _progress_bar(f"training project {args.project}")
+EXIT_FAILED, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3
+DEFAULT_BACKEND_URL = "http://127.0.0.1:9090"
+FRIENDLY_RETRIES = (1.0,)  # a person at a terminal: one retry after 1 s, not a job's 15 s of backoff
+WAIT_POLL_S = 0.5
+
+
+class Unreachable(LabelloopError):
+    """Something the command needs does not answer, or refuses our credentials (exit 2)."""
+
+    kind, http_status = "unreachable", 503
+
+
+class NotFound(LabelloopError):
+    """No such project, version, or nothing of the kind asked for (exit 3)."""
+
+    kind, http_status = "not_found", 404
+
+
+def exit_code_of(exc: LabelloopError) -> int:
+    """2: a service is unreachable, misconfigured or refuses us; 3: what was named does not exist; 1: else."""
+    from labelloop.labelstudio.client import StudioError
+
+    status = exc.status if isinstance(exc, StudioError) else exc.http_status
+    if status == 404:
+        return EXIT_NOT_FOUND
+    if isinstance(exc, Unreachable) or (isinstance(exc, StudioError) and status in (None, 401, 403)):
+        return EXIT_UNREACHABLE
+    return EXIT_FAILED
+
+
+def _studio(env=None):
+    from labelloop.labelstudio.client import StudioClient
+
+    # the one retry is not worth a warning line of its own here: the error, if any, says how many attempts
+    logging.getLogger("labelloop.labelstudio.client").setLevel(logging.ERROR)
+    return StudioClient.from_settings(env, retry_delays=FRIENDLY_RETRIES)
+
+
+def _masked(url: str) -> str:
+    import re
+
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def _job_store():
+    """The job store, once Redis answers (else one line: Unreachable)."""
+    import redis
+
+    from labelloop.tasks.jobstore import JobStore
+
+    url = settings().redis_url
+    store = JobStore()
     try:
-        outcome = train_from_label_studio(args.project, update)
-    except Exception as exc:
-        bar.close()
-        print(f"training failed: {reason_of(exc)}", file=sys.stderr)
-        return 1
-    bar.close()
-    print(json.dumps({"version": outcome.manifest.version, "promoted": outcome.promoted, "reason": outcome.reason,
-                      "metrics": outcome.manifest.metrics}, indent=2))
+        store.r.ping()
+    except redis.RedisError as exc:
+        raise Unreachable(f"Redis (the job queue) at {_masked(url)} does not answer: {exc}; set REDIS_URL "
+                          "to the Redis the workers use (`eval \"$(labelloop stack env)\"` for the local stack)") from None
+    return store
+
+
+def _queued(request, *args, **kwargs):
+    """A request_* call of tasks.jobs, with a broker that fails between the ping and the send as one line."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    try:
+        return request(*args, **kwargs)
+    except (redis.RedisError, OperationalError) as exc:
+        raise Unreachable(f"the job queue refused the job: {exc}") from None
+
+
+def _check_project(project: int, env=None) -> dict:
+    """The Label Studio project (raises StudioError: 404 → exit 3, unreachable → exit 2)."""
+    with _studio(env) as client:
+        return client.project(project)
+
+
+def cmd_connect(args) -> int:
+    """Connect this backend to a Label Studio project the way Settings → Model → Connect Model does, then
+    what the UI leaves to do: the webhook's secret header, uncertainty sampling, the served model version."""
+    from labelloop.labelstudio.client import StudioError
+
+    env = settings()
+    backend_url = args.backend_url.rstrip("/")
+    auth = (env.basic_auth_user, env.basic_auth_pass) if env.basic_auth_user else None
+    with _studio(env) as client:
+        info = client.project(args.project)
+        print(f"project {args.project} ({info.get('title', '')!r}) in Label Studio at {client.url}")
+        connection, created = client.connect_ml_backend(args.project, backend_url, basic_auth=auth)
+        others = [b for b in client.ml_backends(args.project) if b.get("id") != connection.get("id")]
+        print(f"ML backend {backend_url}: {'connected' if created else 'already connected, settings refreshed'}"
+              f" (connection {connection.get('id')}, {'basic auth' if auth else 'no auth'})")
+        if others:
+            print(f"  note: the project has {len(others)} other ML backend(s) ("
+                  + ", ".join(str(b.get("url")) for b in others) + "); Label Studio asks only the first one")
+        hook, done = client.ensure_webhook(args.project, backend_url, env.webhook_secret or None)
+        header = " with the X-Labelloop-Webhook-Secret header" if env.webhook_secret else \
+            " without a secret (LABELLOOP_WEBHOOK_SECRET is not set)"
+        print(f"webhook {hook.get('url')}: {done}{header}")
+        if info.get("sampling") != "Uncertainty sampling":
+            client.set_sampling(args.project)
+            print("sampling: set to Uncertainty sampling (Label All Tasks hands out the least confident task first)")
+        else:
+            print("sampling: Uncertainty sampling already")
+        served = client.request("GET", f"/api/ml/{int(connection['id'])}").get("model_version") or ""
+        current = client.project(args.project).get("model_version") or ""
+        if not served or served == "labelloop-untrained":
+            print("model version: nothing is served yet (no trained version, no base model); the first "
+                  "training's predictions set it")
+        elif current == served:
+            print(f"model version: {served} already")
+        else:
+            try:
+                client.set_model_version(args.project, served)
+                print(f"model version: set to {served} (was {current or 'empty'})")
+            except StudioError as exc:
+                if exc.status != 400:
+                    raise
+                print(f"model version: stays {current or 'empty'} until Label Studio holds predictions of "
+                      f"{served} (it accepts no other); the prediction job sets it when they are pushed"
+                      " (`labelloop predict --project N` queues one)")
     return 0
+
+
+def _primary(manifest) -> tuple[str, float | None]:
+    from labelloop.core.kinds import kind_of
+
+    try:
+        name = kind_of(manifest.task).primary_metric
+    except Exception:
+        name = "primary"
+    value = manifest.metrics.get("primary")
+    return name, None if value is None else float(value)
+
+
+def version_rows(registry, project: int | str, jobs: list[dict] | None = None) -> list[dict]:
+    """The project's versions, newest first, each with whether it serves, its primary metric, its
+    status (serving, promoted, promoted by hand, kept out) and why, and its date.
+
+    The why comes from what recorded it: the serving pointer, the hand promotions, the training job's
+    record (the gate's sentence; kept 14 days in Redis) — else from the lineage: a version some later
+    version names as parent served when that one was trained.
+    """
+    manifests = registry.versions(project)
+    serving_info = registry.serving_info(project) or {}
+    serving = serving_info.get("version")
+    by_hand: dict[str, dict] = {}
+    for record in registry.manual_promotions(project):
+        by_hand[record["version"]] = record
+    gate: dict[str, dict] = {}
+    for job in sorted(jobs or [], key=lambda j: j.get("created_at", 0)):
+        if job.get("kind") == "train" and job.get("state") == "done" and job.get("version"):
+            gate[job["version"]] = job
+    parents = {m.parent for m in manifests if m.parent}
+    rows = []
+    for m in sorted(manifests, key=lambda m: m.number, reverse=True):
+        name, value = _primary(m)
+        job = gate.get(m.version)
+        if m.version == serving:
+            status, reason = "serving", serving_info.get("reason") or ""
+        elif m.version in by_hand:
+            status, reason = "promoted by hand", by_hand[m.version].get("reason") or ""
+        elif job is not None:
+            status = "promoted" if job.get("promoted") else "kept out"
+            reason = job.get("reason") or ""
+        elif m.version in parents:
+            status, reason = "promoted", "served until a later version replaced it"
+        else:
+            status, reason = "kept out", "never served (the gate kept it out, or it was replaced before serving)"
+        if job is not None and m.version in (serving, *by_hand) and job.get("reason"):
+            reason = f"{reason}; trained: {job['reason']}" if reason and reason != job["reason"] else job["reason"]
+        rows.append({"version": m.version, "serving": m.version == serving, "status": status, "reason": reason,
+                     "metric": name, "value": value, "parent": m.parent, "created_at": m.created_at,
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(m.created_at))})
+    return rows
+
+
+def _registry():
+    from labelloop.core.registry import Registry
+
+    return Registry(settings().model_dir)
+
+
+def _jobs_quietly(project: int) -> list[dict]:
+    """The project's job records if Redis answers (they add the gate's reasons), else none."""
+    try:
+        from labelloop.tasks.jobstore import JobStore
+
+        return JobStore().list(str(project), limit=1000)
+    except Exception:
+        return []
+
+
+def cmd_versions(args) -> int:
+    registry = _registry()
+    rows = version_rows(registry, args.project, _jobs_quietly(args.project))
+    if not rows:
+        raise NotFound(f"project {args.project} has no versions in {registry.root} (MODEL_DIR): train one with "
+                       f"`labelloop train --project {args.project}` or annotate tasks")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["version"]) for r in rows)
+    for r in rows:
+        metric = "-" if r["value"] is None else f"{r['metric']} {r['value']:.3f}"
+        mark = "*" if r["serving"] else " "
+        print(f"{mark} {r['version']:<{width}}  {metric:<20} {r['date']}  {r['status']}: {r['reason']}")
+    return 0
+
+
+def _promote(registry, version: str, reason: str, by: str) -> int:
+    from labelloop.tasks.jobs import promote_version
+
+    answer = promote_version(registry, version, reason, by)
+    print(f"project {answer['project']}: {answer['serving']} serves now")
+    if answer.get("prediction_job"):
+        print(f"prediction job {answer['prediction_job']} queued: {version}'s predictions for the unlabeled tasks, "
+              "then the project's model version")
+    if answer.get("warning"):
+        print(f"warning: {answer['warning']}", file=sys.stderr)
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from labelloop.core.registry import version_project
+
+    registry = _registry()
+    if version_project(args.version) != str(args.project):
+        raise NotFound(f"{args.version} is not a version of project {args.project}")
+    registry.get(args.project, args.version)  # RegistryError (exit 3) before anything moves
+    return _promote(registry, args.version, _reason("promoted by hand (labelloop promote)", args.reason), "cli")
+
+
+def cmd_rollback(args) -> int:
+    registry = _registry()
+    serving = registry.serving(args.project)
+    if serving is None:
+        raise NotFound(f"project {args.project} has no version in service: nothing to roll back")
+    if not serving.parent:
+        raise NotFound(f"nothing to roll back to: {serving.version} was the project's first version in service")
+    known = {m.version for m in registry.versions(args.project)}
+    if serving.parent not in known:
+        raise NotFound(f"{serving.parent}, the version that served before {serving.version}, was removed by "
+                       "retention; promote another with `labelloop promote`")
+    return _promote(registry, serving.parent,
+                    _reason(f"rollback from {serving.version} (labelloop rollback)", args.reason), "cli")
+
+
+def _reason(what: str, why: str | None) -> str:
+    return f"{what}: {why}" if why else what
+
+
+def _wait(store, job_id: str, what: str, timeout: float | None) -> dict:
+    """Follow a job record with a progress bar until it ends (or ``timeout`` seconds pass)."""
+    from labelloop.tasks.jobstore import FINISHED
+
+    bar, update = _progress_bar(what)
+    deadline = None if not timeout else time.monotonic() + timeout
+    try:
+        while True:
+            job = store.get(job_id) or {}
+            state = job.get("state", "expired")
+            update(float(job.get("progress") or 0.0), f"{state}: {job.get('message', '')}")
+            if state in FINISHED or state == "expired":
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                return {**job, "state": "timeout"}
+            time.sleep(WAIT_POLL_S)
+    finally:
+        bar.close()
+
+
+def _end_of(job: dict, job_id: str) -> int:
+    """Print how a followed job ended; done → 0, failed/expired/timeout → 1, skipped → 3."""
+    state = job.get("state")
+    if state == "done":
+        keep = ("version", "promoted", "reason", "metrics", "prediction_job", "counts", "message", "warning")
+        print(json.dumps({"job": job_id, "state": state, **{k: job[k] for k in keep if k in job}}, indent=2))
+        return 0
+    if state == "skipped":
+        print(f"labelloop: job {job_id} skipped: {job.get('reason')}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    if state == "timeout":
+        print(f"labelloop: job {job_id} still {job.get('message') or 'queued'} after the --timeout; "
+              "is a worker running (`labelloop worker`)?", file=sys.stderr)
+        return EXIT_FAILED
+    if state == "expired":
+        print(f"labelloop: job {job_id} has no record any more (Redis restarted or flushed?)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"labelloop: job {job_id} failed: {job.get('reason')}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_train(args) -> int:
+    """Ask the loop for a training: the pending slot and lock the webhooks use, forced like "Start training"."""
+    from labelloop.tasks.jobs import request_training
+
+    _check_project(args.project)
+    store = _job_store()
+    job, created = _queued(request_training, str(args.project), "cli", True, store)
+    print(f"training job {job['id']} {'queued' if created else 'already pending: joined'} for project "
+          f"{args.project} (GET /jobs/{job['id']} on the backend follows it)", flush=True)
+    if not args.wait:
+        return 0
+    return _end_of(_wait(store, job["id"], f"training project {args.project}", args.timeout), job["id"])
+
+
+def served_version(project: int, env=None) -> str:
+    """The version that answers the project now: its trained version in service, else the base model's
+    (``base-<stem>`` / ``custom-<stem>``, as /setup names it). NotFound when there is none."""
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.workflows.pipeline import model_source
+
+    env = env or settings()
+    registry = _registry()
+    serving = registry.serving(project)
+    if serving is not None:
+        return serving.version
+    info = _check_project(project, env)
+    source = model_source(registry, project, parse_label_config(info["label_config"]), env)
+    if source is None:
+        raise NotFound(f"project {project} has no model yet: no trained version in {registry.root} and no "
+                       "LABELLOOP_BASE_MODEL (or model_path); annotate tasks or train one first")
+    return source[1]
+
+
+def cmd_predict(args) -> int:
+    """Backlog prediction: every task without a human annotation gets the served version's prediction."""
+    from labelloop.tasks.jobs import request_prediction_job
+
+    _check_project(args.project)
+    version = served_version(args.project)
+    store = _job_store()
+    job, created = _queued(request_prediction_job, str(args.project), version, "cli", store, countdown=0)
+    print(f"prediction job {job['id']} {'queued' if created else 'already pending: joined'}: {version} for the "
+          f"unlabeled tasks of project {args.project}", flush=True)
+    if not args.wait:
+        return 0
+    return _end_of(_wait(store, job["id"], f"predicting project {args.project} with {version}", args.timeout),
+                   job["id"])
 
 
 def cmd_fiftyone_sync(args) -> int:
@@ -220,21 +553,27 @@ def cmd_fiftyone_score(args) -> int:
 
 
 def cmd_fiftyone_plugin(args) -> int:
-    """Copy (or link) the plugin into a FIFTYONE_PLUGINS_DIR of the user's choosing."""
-    import os
-    import shutil
+    """Link (or copy) the installed plugin into FiftyOne's plugins folder (fo/env.py: install_plugin)."""
+    from labelloop.fo.env import install_plugin, plugin_source
 
-    source = Path(__file__).resolve().parents[1] / "fiftyone_plugins" / "labelloop"
-    target_root = Path(args.dir or os.environ.get("FIFTYONE_PLUGINS_DIR") or Path.home() / "fiftyone" / "__plugins__")
-    target = target_root / "labelloop"
-    target_root.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
-        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-    if args.copy:
-        shutil.copytree(source, target)
-    else:
-        target.symlink_to(source, target_is_directory=True)
-    print(f"plugin installed at {target}; start the App with FIFTYONE_PLUGINS_DIR={target_root}")
+    target = install_plugin(Path(args.dir) if args.dir else None, copy=args.copy)
+    print(f"plugin {plugin_source()} installed at {target}")
+    print(f"FiftyOne finds it when its plugins folder is {target.parent} (FIFTYONE_PLUGINS_DIR or plugins_dir in "
+          "its config); to see labelloop's datasets too, point it at their MongoDB: "
+          'eval "$(labelloop stack env)" (the local stack), or export FIFTYONE_DATABASE_URI')
+    return 0
+
+
+def cmd_delegated(args) -> int:
+    """FiftyOne's delegated-operation service with labelloop's FiftyOne environment (fo/env.py)."""
+    from labelloop.fo.env import database_answers, launch_delegated
+
+    if args.check:  # the container's health check: the service has no port, its database must answer
+        problem = database_answers()
+        if problem:
+            print(problem, file=sys.stderr)
+        return 1 if problem else 0
+    launch_delegated(monitor=args.monitor)
     return 0
 
 
@@ -350,9 +689,45 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--max-objects", type=int, default=4, help="most shapes in one image")
     shapes.set_defaults(func=cmd_data_shapes)
 
-    train = sub.add_parser("train", help="train a new model version for a Label Studio project (reads its API)")
+    connect = sub.add_parser("connect", help="connect the backend to a Label Studio project as the UI does, plus the "
+                                             "webhook secret, uncertainty sampling and the served model version "
+                                             "(idempotent)")
+    connect.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    connect.add_argument("--backend-url", default=DEFAULT_BACKEND_URL,
+                         help="the backend's URL as Label Studio reaches it (e.g. http://backend:9090 in Compose)")
+    connect.set_defaults(func=cmd_connect)
+
+    versions = sub.add_parser("versions", help="a project's model versions, newest first (* = serving)")
+    versions.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    versions.add_argument("--json", action="store_true", help="print the rows as JSON")
+    versions.set_defaults(func=cmd_versions)
+
+    promote = sub.add_parser("promote", help="serve a version (as POST /versions/{version}/promote) and queue its "
+                                             "predictions")
+    promote.add_argument("version", help="a version of the project, e.g. p3-v2")
+    promote.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    promote.add_argument("--reason", default=None, help="why, kept with the promotion")
+    promote.set_defaults(func=cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="serve the version that served before the current one (its parent) "
+                                               "and queue its predictions")
+    rollback.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    rollback.add_argument("--reason", default=None, help="why, kept with the promotion")
+    rollback.set_defaults(func=cmd_rollback)
+
+    train = sub.add_parser("train", help="queue a training of a project through the loop (the queue, pending slot "
+                                         "and lock the webhooks use; forced like Start training)")
     train.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    train.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it fails")
+    train.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
     train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser("predict", help="queue predictions of the served version (or base model) for every "
+                                             "task without a human annotation")
+    predict.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    predict.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 1 if it fails")
+    predict.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    predict.set_defaults(func=cmd_predict)
 
     fo_cmd = sub.add_parser("fiftyone", help="the FiftyOne side: sync a project, run analyses, install the plugin")
     fo_sub = fo_cmd.add_subparsers(dest="fo_command", required=True)
@@ -375,9 +750,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--send", action="store_true", help="send the uncertainty pick to Label Studio as a tab")
     score.add_argument("--method-2d", choices=["umap", "pca"], default="umap", help="embeddings: the 2-D map")
     score.set_defaults(func=cmd_fiftyone_score)
-    plugin = fo_sub.add_parser("install-plugin", help="link (or --copy) the plugin into FIFTYONE_PLUGINS_DIR")
+    plugin = fo_sub.add_parser("install-plugin", help="link (or --copy) the installed plugin into FiftyOne's "
+                                                      "plugins folder")
     plugin.add_argument("--dir", default=None,
-                        help="target plugins folder (default $FIFTYONE_PLUGINS_DIR, else ~/fiftyone/__plugins__)")
+                        help="target plugins folder (default: FiftyOne's own, $FIFTYONE_PLUGINS_DIR or plugins_dir "
+                             "of its config, else ~/fiftyone/__plugins__)")
     plugin.add_argument("--copy", action="store_true", help="copy the plugin instead of linking it")
     plugin.set_defaults(func=cmd_fiftyone_plugin)
 
@@ -386,6 +763,14 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--address", default="127.0.0.1", help="address to listen on (the App has no login)")
     app.add_argument("--port", type=int, default=5151, help="port to listen on")
     app.set_defaults(func=cmd_app)
+
+    delegated = sub.add_parser("delegated", help="run the FiftyOne operations scheduled in the App (fiftyone "
+                                                 "delegated launch, with labelloop's FiftyOne environment)")
+    delegated.add_argument("--monitor", action="store_true",
+                           help="run each operation in a child process watched by the service")
+    delegated.add_argument("--check", action="store_true",
+                           help="exit 0 if FiftyOne's database answers, else 1 (the service's health check)")
+    delegated.set_defaults(func=cmd_delegated)
 
     stack_cmd = sub.add_parser("stack", help="the whole stack as local processes: up | down | status | logs | env")
     stack_cmd.add_argument("action", choices=["up", "down", "status", "logs", "env"],
@@ -413,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except LabelloopError as exc:  # our own errors say what to do: no traceback for them
         print(f"labelloop: {exc}", file=sys.stderr)
-        return 1
+        return exit_code_of(exc)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,42 @@ def request_prediction(project: str, version: str, trigger: str, store: JobStore
     return request_prediction_job(project, version, trigger, store, countdown)[0]
 
 
+def request_backlog_prediction(project: str, version: str, trigger: str, store: JobStore | None = None,
+                               countdown: float = DEBOUNCE_S) -> dict[str, Any] | None:
+    """The one backlog prediction a project gets when it first has a model (``/setup`` of a project a base
+    model serves): a prediction job for ``version``, coalesced like any other, and never asked for twice
+    for the same (project, version) — None when it was asked for before. The job itself skips tasks that
+    already hold a prediction of ``version``."""
+    store = store or JobStore()
+    marker = f"asked-{time.time():.0f}"
+    if not store.mark_once("backlog", str(project), version, marker):
+        return None
+    try:
+        return request_prediction(project, version, trigger, store, countdown)
+    except Exception:
+        store.unmark_once("backlog", str(project), version, marker)  # not queued: the next /setup asks again
+        raise
+
+
+def promote_version(registry, version: str, reason: str, by: str = "",
+                    store: JobStore | None = None) -> dict[str, Any]:
+    """Serve ``version`` by a person's choice (``POST /versions/{version}/promote``, ``labelloop promote`` and
+    ``rollback``): recorded as a promotion by hand (retention keeps it), served at once, and its
+    predictions queued for every unlabeled task without one (the job then makes it the project's model
+    version in Label Studio). The queue being down does not undo the promotion: the answer says so."""
+    from labelloop.core.registry import version_project
+
+    project = version_project(version)
+    manifest = registry.promote_by_hand(project, version, reason=reason, by=by)
+    answer: dict[str, Any] = {"project": project, "serving": manifest.version}
+    try:
+        answer["prediction_job"] = request_prediction(project, version, f"promotion of {version} ({by or 'by hand'})",
+                                                      store, countdown=0)["id"]
+    except Exception as exc:
+        answer["warning"] = f"served now, but predictions were not queued: {exc}"
+    return answer
+
+
 def _enqueue(store: JobStore, task, job: dict[str, Any], args: list, queue: str, countdown: float) -> None:
     try:
         task.apply_async(args=args, task_id=job["id"], queue=queue, countdown=countdown, retry=False)
@@ -236,11 +272,15 @@ def train_project(self, job_id: str, project: str) -> dict[str, Any]:
 
 @app.task(name="labelloop.predict_project", bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def predict_project(self, job_id: str, project: str, version: str) -> dict[str, Any]:
-    """Push ``version``'s predictions for every task of the project without a human annotation."""
-    from labelloop.workflows.pipeline import predict_unlabeled
+    """Push ``version``'s predictions for every task of the project without a human annotation
+    (a trained version, or the base model's ``base-<stem>`` / ``custom-<stem>`` before any training)."""
+    from labelloop.workflows.pipeline import NotServed, predict_unlabeled
 
     def work(store: JobStore, job: dict[str, Any], progress) -> dict[str, Any]:
-        counts = predict_unlabeled(project, version, progress)
+        try:
+            counts = predict_unlabeled(project, version, progress)
+        except NotServed as exc:  # a base model's backlog overtaken by the first trained version
+            raise Skip(str(exc)) from exc
         message = (f"{counts['pushed']} predictions of {version} pushed to Label Studio"
                    + (f"; {counts['errors']} task(s) without prediction" if counts["errors"] else ""))
         return dict(state="done", progress=1.0, message=message, counts=counts)

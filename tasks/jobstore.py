@@ -152,6 +152,16 @@ class JobStore:
             return self.update(existing["id"], _count="events", **({"force": True} if force else {})), False
         raise RuntimeError(f"could not claim the {kind} slot of project {project}")
 
+    def mark_once(self, what: str, project: str, version: str, job_id: str) -> bool:
+        """True the first time ``what`` is asked for (project, version), False ever after (for the
+        records' lifetime): the backlog prediction a project gets when it first has a model is queued
+        once, however often Label Studio calls /setup."""
+        return bool(self.r.set(f"{PREFIX}:once:{what}:{project}:{version}", job_id, nx=True, ex=RECORD_TTL))
+
+    def unmark_once(self, what: str, project: str, version: str, job_id: str) -> None:
+        """Undo ``mark_once`` (the job it named could not be queued), if it still names ``job_id``."""
+        self._drop_slot(f"{PREFIX}:once:{what}:{project}:{version}", job_id)
+
     def _drop_slot(self, key: str, job_id: str | None) -> None:
         script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
         if job_id is None:

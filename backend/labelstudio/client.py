@@ -3,8 +3,9 @@
 Auth is labelloop's own (``labelstudio/auth.py``, shared with the media fetcher): a legacy token or a
 personal access token refreshed before it expires and after a 401. Every call has one timeout, retries
 an unreachable or failing (5xx) Label Studio with backoff, and raises ``StudioError`` with the reason.
-The engine only ever *reads* annotations; its writes are predictions, project.model_version, Data
-Manager tabs and its own webhook's headers. Use it as a context manager (or call ``close``).
+The engine only ever *reads* annotations; its writes are predictions, the project's model version and
+sampling, Data Manager tabs, and its own ML backend connection and webhook (``labelloop connect``).
+Use it as a context manager (or call ``close``).
 """
 
 from __future__ import annotations
@@ -58,17 +59,18 @@ def read_project(project_id: int | str, env: Settings | None = None) -> StudioPr
 
 
 class StudioClient:
-    def __init__(self, url: str, api_key: str, timeout: float = 60.0):
+    def __init__(self, url: str, api_key: str, timeout: float = 60.0, retry_delays: tuple[float, ...] = RETRY_DELAYS):
         if not url or not api_key:
             raise StudioError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to talk to Label Studio")
         self.url = url.rstrip("/")
+        self.retry_delays = tuple(retry_delays)  # a person at a terminal waits less than a job (the CLI: 1 s)
         self._http = httpx.Client(base_url=self.url, timeout=timeout)
         self._auth = LabelStudioAuth(self.url, api_key, self._http)
 
     @classmethod
-    def from_settings(cls, env: Settings | None = None) -> StudioClient:
+    def from_settings(cls, env: Settings | None = None, **options: Any) -> StudioClient:
         env = env or current_settings()
-        return cls(env.label_studio_url, env.label_studio_api_key)
+        return cls(env.label_studio_url, env.label_studio_api_key, **options)
 
     def __enter__(self) -> StudioClient:
         return self
@@ -83,8 +85,9 @@ class StudioClient:
         except StudioAuthError as exc:  # token refresh failed: LS down or the key is wrong
             raise StudioError(f"cannot authenticate to Label Studio at {self.url}: {exc}") from exc
 
-    def request(self, method: str, path: str, retry_delays=RETRY_DELAYS, **kwargs) -> Any:
+    def request(self, method: str, path: str, retry_delays=None, **kwargs) -> Any:
         """One API call; connection failures and 5xx are retried with backoff, then raise StudioError."""
+        retry_delays = self.retry_delays if retry_delays is None else retry_delays
         for attempt, delay in enumerate((*retry_delays, None)):
             try:
                 response = self._send(method, path, **kwargs)
@@ -111,7 +114,14 @@ class StudioClient:
             return response.content
 
     def project(self, project_id: int | str) -> dict[str, Any]:
-        return self.request("GET", f"/api/projects/{int(project_id)}")
+        """The project object; a missing project is a StudioError with status 404 that says so."""
+        try:
+            return self.request("GET", f"/api/projects/{int(project_id)}")
+        except StudioError as exc:
+            if exc.status == 404:
+                raise StudioError(f"Label Studio at {self.url} has no project {int(project_id)} (or this API "
+                                  "key may not see it)", 404) from None
+            raise
 
     def load_project(self, project_id: int | str) -> StudioProject:
         """The project, its parsed label config and every task with its annotations (the truth)."""
@@ -147,8 +157,50 @@ class StudioClient:
         return created
 
     def set_model_version(self, project_id: int | str, version: str) -> None:
-        """What labelers see and what the Data Manager's prediction score averages (see README)."""
+        """What labelers see and what the Data Manager's prediction score averages (see README).
+
+        Label Studio accepts only an ML backend's title or a version some prediction of the project
+        already has: anything else is a StudioError with status 400."""
         self.request("PATCH", f"/api/projects/{int(project_id)}", json={"model_version": version})
+
+    def set_sampling(self, project_id: int | str, sampling: str = "Uncertainty sampling") -> None:
+        """How ``/next`` (Label All Tasks) hands out tasks: "Uncertainty sampling" gives the lowest score first."""
+        self.request("PATCH", f"/api/projects/{int(project_id)}", json={"sampling": sampling})
+
+    # -- the backend's own connection (what Settings -> Model -> Connect Model does) ---------------------
+    def ml_backends(self, project_id: int | str) -> list[dict[str, Any]]:
+        """The project's ML backend connections, as Label Studio lists them (it health-checks each)."""
+        return self.request("GET", "/api/ml", params={"project": int(project_id)}) or []
+
+    def connect_ml_backend(self, project_id: int | str, backend_url: str, title: str = "labelloop",
+                           basic_auth: tuple[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+        """(connection, created): connect ``backend_url`` to the project, or update the connection the
+        project already has to that URL — never a second one. Label Studio then calls the backend's
+        ``/health`` and ``/setup`` (so the answer's ``model_version`` is what the backend serves) and, for
+        a new connection, creates the webhook ``<backend_url>/webhook`` once per URL.
+
+        ``basic_auth``: the backend's BASIC_AUTH_USER/PASS, which Label Studio sends on health, setup,
+        predict and "Start training" (never on webhooks: see ``install_webhook_secret``).
+        """
+        url = backend_url.rstrip("/")
+        body: dict[str, Any] = {"url": url, "project": int(project_id), "title": title, "is_interactive": False}
+        if basic_auth:
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=basic_auth[0], basic_auth_pass=basic_auth[1])
+        else:
+            body.update(auth_method="NONE")
+        existing = [b for b in self.ml_backends(project_id) if str(b.get("url", "")).rstrip("/") == url]
+        try:
+            if existing:  # PATCH needs url and project in the body (a 500 without them)
+                return self.request("PATCH", f"/api/ml/{int(existing[0]['id'])}", json=body), False
+            return self.request("POST", "/api/ml", json=body), True
+        except StudioError as exc:
+            if exc.status == 400:  # Label Studio could not reach or set up the backend: say why, in one line
+                raise StudioError(f"Label Studio could not connect project {int(project_id)} to {url}: "
+                                  f"{_validation_message(str(exc))}", 400) from None
+            raise
+
+    def webhooks(self, project_id: int | str) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/webhooks/", params={"project": int(project_id)}) or []
 
     def create_review_tab(self, project_id: int | str, title: str, task_ids: list[int]) -> dict[str, Any]:
         """A Data Manager tab showing exactly ``task_ids`` (a review queue labelers open and label in order)."""
@@ -164,16 +216,43 @@ class StudioClient:
         ``headers={}``: without our header its events are indistinguishable from forged ones. Its other
         headers are kept; the webhook is created when missing.
         """
+        return self.ensure_webhook(project_id, backend_url, secret)[0]
+
+    def ensure_webhook(self, project_id: int | str, backend_url: str,
+                       secret: str | None = None) -> tuple[dict[str, Any], str]:
+        """(webhook, what was done): the project's one webhook to ``<backend_url>/webhook``, sending every
+        action with its payload and, when ``secret`` is given, the X-Labelloop-Webhook-Secret header.
+        What was done is "created", "updated" or "unchanged"; other webhooks and headers are left alone."""
         url = backend_url.rstrip("/") + "/webhook"
-        for hook in self.request("GET", "/api/webhooks/", params={"project": int(project_id)}) or []:
-            if hook.get("url") == url:
-                headers = {**(hook.get("headers") or {}), WEBHOOK_SECRET_HEADER: secret}
-                return self.request("PATCH", f"/api/webhooks/{int(hook['id'])}/", json={"headers": headers})
+        for hook in self.webhooks(project_id):
+            if str(hook.get("url", "")).rstrip("/") == url:
+                headers = dict(hook.get("headers") or {})
+                if secret is None or headers.get(WEBHOOK_SECRET_HEADER) == secret:
+                    return hook, "unchanged"
+                headers[WEBHOOK_SECRET_HEADER] = secret
+                return self.request("PATCH", f"/api/webhooks/{int(hook['id'])}/", json={"headers": headers}), "updated"
         return self.request("POST", "/api/webhooks/", json={
             "project": int(project_id), "url": url, "send_payload": True, "send_for_all_actions": True,
-            "headers": {WEBHOOK_SECRET_HEADER: secret}})
+            "headers": {WEBHOOK_SECRET_HEADER: secret} if secret else {}}), "created"
 
     def close(self) -> None:
         self._http.close()
+
+
+def _validation_message(text: str) -> str:
+    """Label Studio's 400 on a connect is a JSON of messages with HTML links: the first one, as plain text."""
+    import re
+
+    raw = text.split(": ", 1)[-1]
+    try:
+        data: Any = json.loads(raw[raw.index("{"):])
+    except (ValueError, json.JSONDecodeError):
+        data = raw
+    while isinstance(data, dict) and data:
+        data = next(iter(data.values()))
+    while isinstance(data, list) and data:
+        data = data[0]
+    message = re.sub(r"<[^>]+>", "", str(data))
+    return " ".join(message.split())[:400]
 
 

@@ -178,6 +178,27 @@ def create_app(env: Settings | None = None) -> FastAPI:
             return None
         return job
 
+    backlog_asked: set[tuple[str, str]] = set()  # (project, version) this process asked for (bounded below)
+
+    def _ask_for_backlog(project: str, version: str) -> None:
+        """The backlog prediction job of a project a base model serves (``request_backlog_prediction``:
+        once per project and version, in Redis); never fails the /setup that asked."""
+        if (project, version) in backlog_asked:
+            return
+        from labelloop.tasks.jobs import request_backlog_prediction
+
+        try:
+            job = request_backlog_prediction(project, version, "setup", jobs.store())
+        except Exception as exc:  # the queue is down: the next /setup asks again
+            log.warning("project %s: backlog predictions of %s not queued: %s", project, version, exc)
+            return
+        if len(backlog_asked) >= KNOWN_PROJECTS_CAP:
+            backlog_asked.clear()
+        backlog_asked.add((project, version))
+        if job is not None:
+            log.info("project %s: predictions of %s for its unlabeled tasks queued (job %s)", project, version,
+                     job["id"])
+
     @app.post("/setup", openapi_extra=json_body(SetupRequest), responses=errors(400, 401, 413, 422))
     async def setup(request: Request):
         body = await read_json_object(request)
@@ -204,6 +225,10 @@ def create_app(env: Settings | None = None) -> FastAPI:
         if source[1] not in loaded_versions():  # Label Studio calls /setup before most requests: usually loaded
             loading = predict_pool.submit(resolve_model, registry, project, spec, env)
             loading.add_done_callback(functools.partial(_report_failed_load, source[1]))
+        if project and registry.serving_info(project) is None:
+            # a base model serves a project before its first training: its predictions for every unlabeled
+            # task, queued once per (project, version), in the background (Label Studio waits 3 s at most)
+            asyncio.get_running_loop().run_in_executor(None, _ask_for_backlog, project, source[1])
         return {"model_version": source[1], "model_ready": True, "task_type": spec.task_type}
 
     @app.post("/predict", openapi_extra=json_body(PredictRequest), responses=errors(400, 401, 413, 422))
@@ -368,19 +393,10 @@ def create_app(env: Settings | None = None) -> FastAPI:
     @app.post("/versions/{version}/promote", responses=errors(401, 404, 422))
     async def promote(version: str):
         """Serve an earlier (or a kept-out) version: rollback. Its predictions then flow to Label Studio."""
-        from labelloop.core.registry import version_project
+        from labelloop.tasks.jobs import promote_version  # the CLI's promote and rollback do the same
 
-        project = version_project(version)
-        manifest = registry.promote(project, version, reason="promoted through the API")
-        answer: dict[str, Any] = {"project": project, "serving": manifest.version}
-        try:
-            from labelloop.tasks.jobs import request_prediction
-
-            answer["prediction_job"] = (await run_in_threadpool(
-                request_prediction, project, version, f"promotion of {version} through the API", jobs.store()))["id"]
-        except Exception as exc:
-            answer["warning"] = f"served now, but predictions were not queued: {exc}"
-        return answer
+        return await run_in_threadpool(promote_version, registry, version, "promoted through the API", "api",
+                                       jobs.store())
 
     @app.get("/events", responses=errors(401, 422))
     async def list_events(project: str | None = None, limit: int = 100):

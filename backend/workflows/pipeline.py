@@ -22,7 +22,7 @@ from labelloop.core.calibration import calibration_report
 from labelloop.core.datasets import DatasetError, annotation_fingerprint, build_dataset, first_training_minimum
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path, threshold_for
 from labelloop.core.predict import ImagePrediction, LoadedModel, Region, load_model, predict_images
-from labelloop.core.registry import Manifest, Registry
+from labelloop.core.registry import VERSION_RE, Manifest, Registry
 from labelloop.core.training import (
     Progress,
     choose_base,
@@ -410,13 +410,14 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
     registry = Registry(env.model_dir)
-    manifest = registry.get(project_id, version)
+    manifest = registry.get(project_id, version) if VERSION_RE.fullmatch(version) else None
     with StudioClient.from_settings(env) as client, MediaFetcher.from_settings(env) as fetcher:
         project = client.load_project(project_id)
         spec, tasks = project.spec, project.tasks
+        weights = manifest.weights if manifest is not None else base_weights(registry, project_id, spec, version, env)
         done = {p["task"] for p in client.predictions(project_id) if p.get("model_version") == version}
         todo = [t for t in tasks if latest_human_annotation(t) is None and t["id"] not in done]
-        model = load_model(manifest.weights, version)
+        model = load_model(weights, version)
         counts = {"unlabeled": len(todo) + len([t for t in tasks if t["id"] in done]), "pushed": 0,
                   "already_there": len(done), "errors": 0}
         say(0.0, f"predicting {len(todo)} unlabeled task(s) with {version}")
@@ -434,10 +435,37 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                 client.import_predictions(project_id, payload)
                 counts["pushed"] += len(payload)
             say((start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
-        serving = registry.serving(project_id)
-        if serving is not None and serving.version == version:
+        if serves(registry, project_id, spec, version, env):
             client.set_model_version(project_id, version)
         return counts
+
+
+class NotServed(LabelloopError):
+    """A base model's version (``base-<stem>``, ``custom-<stem>``) that no longer answers the project."""
+
+    kind, http_status = "not_served", 409
+
+
+def base_weights(registry: Registry, project_id: int | str, spec: ControlSpec, version: str,
+                 env: Settings | None = None) -> Path:
+    """The weights of ``version`` when it is the base model answering the project (``model_source``:
+    LABELLOOP_BASE_MODEL or the tag's ``model_path``, before any version is trained); NotServed when a
+    trained version or another model answers it now."""
+    source = model_source(registry, project_id, spec, env)
+    if source is None or source[1] != version:
+        now = source[1] if source is not None else "no model"
+        raise NotServed(f"{version} no longer answers project {project_id} ({now} does)")
+    return source[0]
+
+
+def serves(registry: Registry, project_id: int | str, spec: ControlSpec, version: str,
+           env: Settings | None = None) -> bool:
+    """Whether ``version`` is the model answering the project now (a trained version or a base model)."""
+    try:
+        source = model_source(registry, project_id, spec, env)
+    except LabelloopError:
+        return False
+    return source is not None and source[1] == version
 
 
 # -- out-of-sample model outputs (K-fold) ------------------------------------------------------------
