@@ -98,10 +98,17 @@ def test_cli_train_reads_annotations_through_the_api_and_never_touches_them(
         ls_api.annotate(task["id"], to_label_studio_result(image, "detection"))
     before = {t["id"]: t["annotations"] for t in ls_api.tasks(project)}
 
+    from labelloop.dev.localstack import start_worker
+
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.info["token"],
            "MODEL_DIR": str(backend.info["model_dir"]), "LABELLOOP_EPOCHS": "2"}
-    run = subprocess.run([sys.executable, "-m", "labelloop.cli", "train", "--project", str(project)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    # `labelloop train` queues the job the webhooks would (tests/test_cli_ops.py): a worker trains it
+    worker = start_worker(tmp_path / "worker-home", queues="train", env=env)
+    try:
+        run = subprocess.run([sys.executable, "-m", "labelloop.cli", "train", "--project", str(project), "--wait",
+                              "--timeout", "540"], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        worker.stop()
     assert run.returncode == 0, run.stderr[-3000:]
     assert f'"version": "p{project}-v1"' in run.stdout
 
