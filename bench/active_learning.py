@@ -11,6 +11,8 @@ of 150 images. For each seed:
                     in service) unlabeled images;
 * ``uncertainty-tta`` — the same, with probabilities averaged over four label-preserving views
                     (``predict_images(tta=True)``: the image, two flips, a 90° turn);
+* ``uncertainty-tta-diverse`` — the same scores, then ``scoring.diverse_top_k`` on the served model's
+                    embeddings (k-center greedy among the 4k most uncertain, away from the labeled ones);
 * ``typical-uncertainty`` — the first budget from ``typical_first`` (below) on the warm start's
                     embeddings (one typical image per k-means cluster: what to label before any
                     model), then uncertainty as above;
@@ -52,8 +54,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "typical-uncertainty", "random-scratch", "random-pseudo",
-              "uncertainty-tta-pseudo", "disagreement-tta")
+STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "uncertainty-tta-diverse", "typical-uncertainty",
+              "random-scratch", "random-pseudo", "uncertainty-tta-pseudo", "disagreement-tta")
+# uncertainty-tta-diverse: the TTA least-confidence scores, then scoring.diverse_top_k (what the FiftyOne
+# operator's diversity option runs): k-center greedy on the served model's embeddings among the 4k most
+# uncertain, away from the labeled images, so a round's budget does not go to near-duplicates
 # disagreement-tta (measured, not in the product): BALD-like — the mutual information between the label
 # and the view, H(mean of the four views' probabilities) - mean of their entropies: high where the
 # views disagree (what the model has not learned), low where all agree on an ambiguous image
@@ -100,6 +105,33 @@ def typical_first(embeddings: np.ndarray, k: int, seed: int = 0) -> list[int]:
         picks.append(int(members[int(np.argmin(mean_nearest))]))
     return picks
 
+
+
+def imbalanced_subset(dataset, n: int, ratio: float, seed: int):
+    """``n`` images of ``dataset`` whose classes are skewed as a real project's are.
+
+    Class shares fall geometrically from the first class to the last, the commonest ``ratio`` times
+    the rarest (ratio 10 with four classes: 54 / 25 / 12 / 5 %); which class is rarest rotates with the
+    seed. A random pick of 40 labels then sees ~2 images of the rarest class; picks that find it
+    sooner (uncertainty) have something to gain, as in real projects where one class dominates.
+    """
+    import dataclasses
+
+    classes = list(dataset.classes)
+    shift = seed % len(classes)
+    classes = classes[shift:] + classes[:shift]
+    weights = np.array([ratio ** (-k / (len(classes) - 1)) for k in range(len(classes))])
+    counts = np.floor(n * weights / weights.sum()).astype(int)
+    counts[0] += n - counts.sum()
+    chosen: list[int] = []
+    for label, count in zip(classes, counts):
+        members = [i for i, im in enumerate(dataset.images) if im.label == label][:count]
+        if len(members) < count:
+            raise ValueError(f"only {len(members)} '{label}' images to draw {count} from: generate more")
+        chosen += members
+    chosen.sort()  # generator order, so the pool's random order stays seed-driven
+    return dataclasses.replace(dataset, images=[dataset.images[i] for i in chosen],
+                               noisy=[dataset.noisy[i] for i in chosen], corruptions=[])
 
 
 def view_disagreement(model, spec, paths, folder: Path) -> list[float]:
@@ -153,6 +185,9 @@ def parse_args(argv=None):
     parser.add_argument("--baseline-budgets", default="80,160,400")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--baselines", default=",".join(BASELINES))
+    parser.add_argument("--imbalance", type=float, default=1.0,
+                        help="commonest / rarest class share in the pool (1: balanced, as the demo; 10: a skewed "
+                             "project); the test set stays balanced, so accuracy weighs every class alike")
     parser.add_argument("--target", type=float, default=0.95, help="share of the full-pool score to reach")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the throughput timing")
     parser.add_argument("--warm-starts", default=None,
@@ -207,8 +242,11 @@ def main(argv=None) -> int:
     runs = []
     pretrain_seconds: list[float] = []
     for seed in args.seeds:
-        pool = generate_shapes(work / f"pool{seed}", n=args.pool, seed=500 + seed, size=args.size, max_objects=1,
+        candidates = args.pool if args.imbalance <= 1 else int(3 * args.pool)
+        pool = generate_shapes(work / f"pool{seed}", n=candidates, seed=500 + seed, size=args.size, max_objects=1,
                                style="simple")
+        if args.imbalance > 1:
+            pool = imbalanced_subset(pool, args.pool, args.imbalance, seed)
         paths = [pool.images_dir / im.file for im in pool.images]
         noisy, flipped = flip_image_labels(pool, args.noise, seed)
         all_tasks = to_label_studio_tasks(pool, "classification", labels=noisy)
@@ -262,7 +300,12 @@ def main(argv=None) -> int:
                     uncertainty = view_disagreement(model, spec, [paths[i] for i in unlabeled], work / f"views{seed}")
                 else:
                     uncertainty = [scoring.least_confidence(list(p.class_probs.values())) for p in preds]
-                picked = np.argsort(-np.asarray(uncertainty), kind="stable")[: args.budgets[k + 1] - len(labeled)]
+                wanted = args.budgets[k + 1] - len(labeled)
+                if strategy == "uncertainty-tta-diverse":
+                    vectors = embed_images(model, paths)
+                    picked = scoring.diverse_top_k(uncertainty, vectors[unlabeled], wanted, avoid=vectors[labeled])
+                else:
+                    picked = np.argsort(-np.asarray(uncertainty), kind="stable")[:wanted]
                 labeled = labeled + [unlabeled[int(j)] for j in picked]
             runs.append({"seed": seed, "strategy": strategy, "curve": curve})
 
@@ -368,7 +411,8 @@ def report(args, runs, throughput, elapsed, pretrain_seconds=()):
         lines.append(f"| {name} | " + " | ".join(cell(s, b) for b in budgets) + f" | {reach} |")
     table = "\n".join(lines)
     ratio_line = ""
-    for name in [n for n in ("uncertainty", "uncertainty-tta", "typical-uncertainty") if n in summary and "random" in summary]:
+    picked_by_model = ("uncertainty", "uncertainty-tta", "uncertainty-tta-diverse", "typical-uncertainty")
+    for name in [n for n in picked_by_model if n in summary and "random" in summary]:
         mine, rand = summary[name], summary["random"]
         pairs = [(u, r) for u, r in zip(mine["reach"], rand["reach"]) if u and r]
         if pairs:
@@ -389,7 +433,9 @@ def report(args, runs, throughput, elapsed, pretrain_seconds=()):
     if pretrain_seconds:
         seconds_line += (f"; warm start (self-supervised pretraining on the pool, once per project) "
                          f"{np.mean(pretrain_seconds):.0f} s mean / {np.max(pretrain_seconds):.0f} s max")
-    settings = (f"seeds {','.join(map(str, args.seeds))}; pool {args.pool} 'simple' shapes at {args.size} px with "
+    skew = (f", classes skewed {args.imbalance:g}:1 (commonest : rarest; the test set balanced)"
+            if args.imbalance > 1 else "")
+    settings = (f"seeds {','.join(map(str, args.seeds))}; pool {args.pool} 'simple' shapes at {args.size} px{skew} with "
                 f"{int(100 * args.noise)} % wrong labels, fixed clean test set {args.test}; full-pool accuracy per seed: "
                 + ", ".join(f"{s}: {v:.3f}" for s, v in references.items()))
     tp = throughput
@@ -429,7 +475,7 @@ def report(args, runs, throughput, elapsed, pretrain_seconds=()):
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    png = args.figures / "active_learning.png"
+    png = args.figures / ("active_learning.png" if args.imbalance <= 1 else "active_learning-imbalanced.png")
     fig.savefig(png)
     print(f"figure: {png}")
     md = args.figures / "active_learning.md"
