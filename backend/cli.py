@@ -598,6 +598,9 @@ def cmd_stack(args) -> int:
             print(f"Flower        {state['services']['flower']['url']}  (Celery jobs, workers, queues)")
         if "fiftyone" in state["services"]:
             print(f"FiftyOne App  {state['services']['fiftyone']['url']}")
+        if "delegated" in state["services"]:
+            print("FiftyOne delegated operations: `labelloop delegated` runs what the App schedules "
+                  f"(log: {state['services']['delegated']['log']})")
         print('point this shell\'s labelloop commands at it: eval "$(labelloop stack env)"')
         print("stop everything with: labelloop stack down")
     elif args.action == "env":

@@ -58,10 +58,11 @@ COMPOSE = DOCKER / "docker-compose.yml"
 GPU_OVERRIDE = DOCKER / "docker-compose.gpu.yml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 
-OUR_SERVICES = ("backend", "worker-train", "worker-predict", "fiftyone")
+OUR_SERVICES = ("backend", "worker-train", "worker-predict", "fiftyone", "delegated")
 WORKERS = ("worker-train", "worker-predict")
 EXPECTED_SERVICES = {"label-studio", "postgres", "redis", "mongodb", "flower", *OUR_SERVICES}
-OPTIONAL = {"fiftyone": ["fiftyone"], "mongodb": ["fiftyone"]}  # service -> its profiles (analysis is opt-in)
+# service -> its profiles (analysis is opt-in: the App, its database, the service running what it schedules)
+OPTIONAL = {"fiftyone": ["fiftyone"], "mongodb": ["fiftyone"], "delegated": ["fiftyone"]}
 # volume -> the labelloop setting that must point at its mount path
 SHARED_VOLUMES = {"models": "MODEL_DIR", "cache": "LABELLOOP_CACHE_DIR", "weights": "MODEL_ROOT"}
 EXPECTED_PORTS = {"label-studio": 8080, "backend": 9090, "fiftyone": 5151, "flower": 5555}
@@ -611,6 +612,9 @@ def test_service_command_is_a_real_cli_command(name):
         queues = [q.strip() for q in parsed["queues"].split(",") if q.strip()]
         assert queues and set(queues) <= set(QUEUES), f"{name}: queues {queues} not in {sorted(QUEUES)}"
         assert queues == [name.split("-", 1)[1]], f"{name} must run the {name.split('-', 1)[1]} queue only"
+    elif name == "delegated":  # FiftyOne's delegated-operation service with labelloop's FiftyOne settings
+        assert command == ["labelloop", "delegated"]
+        assert not parsed["check"], "--check is the health check, not the service"
     else:  # `labelloop app`: FiftyOne's App server with /media limited to the media folders (fo_app.py)
         assert command[:2] == ["labelloop", "app"]
         assert parsed["address"] == "0.0.0.0" and parsed["port"] == EXPECTED_PORTS["fiftyone"]
@@ -903,6 +907,10 @@ def test_every_service_has_a_healthcheck():
 def test_our_healthchecks_use_the_script_shipped_in_the_image(name):
     svc = resolved_stack()["services"][name]
     test = svc["healthcheck"]["test"]
+    if name == "delegated":  # no port: healthy when its database answers (`labelloop delegated --check`)
+        assert test[0] == "CMD" and test[1:] == ["labelloop", "delegated", "--check"], test
+        assert check_command(test[1:])["check"] is True
+        return
     args = healthcheck_script_args(test)
     assert args is not None, f"{name}: healthcheck does not run healthcheck.py"
     script = next(w for w in test if w.endswith("/healthcheck.py"))
@@ -919,8 +927,9 @@ def test_our_healthchecks_use_the_script_shipped_in_the_image(name):
             assert args[1].endswith("/health")
 
 
-def test_fiftyone_finds_the_plugin_in_the_image():
-    svc = resolved_stack()["services"]["fiftyone"]
+@pytest.mark.parametrize("name", ["fiftyone", "delegated"])
+def test_fiftyone_finds_the_plugin_in_the_image(name):
+    svc = resolved_stack()["services"][name]
     stages = dockerfile_stages(build_dockerfile(svc["build"]))
     plugins = copy_destination(stages, svc["build"]["target"], "fiftyone_plugins/")
     assert environment(svc)["FIFTYONE_PLUGINS_DIR"] == plugins

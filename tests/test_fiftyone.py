@@ -1,5 +1,7 @@
 """FiftyOne face, for real: a real mongod, real FiftyOne, a dataset synced from a real Label Studio
-project, and every operator run through FiftyOne's own operator execution."""
+project, every operator run through FiftyOne's own operator execution the way the App runs it (a
+generator streaming progress, then the result: tests/fo_helpers.py), and scheduled operations run by
+``labelloop delegated``."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import install_model
+from conftest import install_model, wait_for
+from fo_helpers import run, run_immediately, schedule
 
 from labelloop.dev.shapes import flip_image_labels, generate_shapes, label_config, to_label_studio_result
 
@@ -45,21 +48,6 @@ def fo_project(ls_api, label_studio, backend, trained, fo, tmp_path_factory):
             os.environ[key] = value
 
 
-def run(fo, view, operator: str, **params):
-    """Execute one of our operators the way the App does, on ``view`` (a dataset or a view)."""
-    from fiftyone.operators import execute_operator
-
-    from labelloop.fo.env import dataset_name
-
-    outcome = execute_operator(f"{PLUGIN}/{operator}", ctx={"dataset": dataset_name(view), "view": view.view(),
-                                                            "params": {"view_target": "CURRENT_VIEW", **params}})
-    assert outcome.error is None, outcome.error
-    result = outcome.result or {}
-    assert "error" not in result, result["error"]
-    fo.load_dataset(dataset_name(view)).reload()
-    return result
-
-
 def test_sync_makes_one_sample_per_task_with_labels_and_predictions(fo_project):
     dataset, tasks = fo_project["dataset"], fo_project["tasks"]
     assert fo_project["report"].added == len(tasks) == len(dataset)
@@ -93,6 +81,7 @@ def test_resync_updates_only_what_changed_and_keeps_the_analysts_work(fo, fo_pro
 
     report = run(fo, dataset, "sync_label_studio", project=fo_project["project"], predict=True)
     assert report["added"] == 0 and report["updated_ground_truth"] == 1 and report["predicted"] == 0
+    assert report["label_studio_link"] == f"{os.environ['LABEL_STUDIO_URL']}/projects/{fo_project['project']}/data"
     sample.reload()
     assert sample.ground_truth.label == other
     assert sample["my_note"] == "looks odd" and "mine" in sample.tags
@@ -109,7 +98,7 @@ def test_operators_write_scores_views_and_a_review_queue(fo, fo_project, ls_api,
                                             "send_to_label_studio")} <= listed
 
     mislabels = run(fo, dataset, "compute_mislabel_scores", mode="in_sample", folds=3, celery=False)
-    assert mislabels["scored"] == 24
+    assert mislabels["scored"] == 24 and mislabels["saved_view"] == "labelloop-suspected-mislabels"
     assert dataset.has_saved_view("labelloop-suspected-mislabels")
     worst = dataset.load_saved_view("labelloop-suspected-mislabels").values("mislabel_score")
     assert worst == sorted(worst, reverse=True)
@@ -135,6 +124,80 @@ def test_operators_write_scores_views_and_a_review_queue(fo, fo_project, ls_api,
     assert diff["compared"] >= 1 and diff["gained"] == diff["lost"] == 0  # same weights: nothing moves
 
     sent = run(fo, dataset.match_tags("labelloop:uncertain"), "send_to_label_studio", title="review these")
+    assert sent["label_studio_link"].endswith(f"/projects/{fo_project['project']}/data?tab={sent['tab']}")
     queue = ls_api.request("GET", "/api/tasks", params={"view": sent["tab"], "project": fo_project["project"]})["tasks"]
     assert sorted(t["id"] for t in queue) == sorted(tagged.values("ls_task_id"))
 
+
+
+def test_an_operator_says_what_is_missing(fo, fo_project):
+    """labelloop's errors end the run with their message (any LabelloopError, not only a ValueError)."""
+    plain = fo.Dataset(f"not-synced-{os.getpid()}")
+    plain.add_sample(fo.Sample(filepath=str(fo_project["images"].images_dir / fo_project["images"].images[0].file)))
+    outcome = run_immediately(plain, "compute_embeddings", method="pca")
+    assert outcome.result is None and "was not synced from Label Studio" in outcome.error
+    assert outcome.progress, "the App was told the run started before it failed"
+    plain.delete()
+
+    dataset, project = fo_project["dataset"], fo_project["project"]
+    # a registry error (a RuntimeError, not a ValueError): the version's name is well formed, it does not exist
+    outcome = run_immediately(dataset, "compare_versions", version_a=fo_project["version"], version_b=f"p{project}-v99")
+    assert outcome.result is None and f"has no version 'p{project}-v99'" in outcome.error
+    # the form refuses another project's version before anything runs
+    outcome = run_immediately(dataset, "evaluate_model", version="p999-v1", split="all")
+    assert "belongs to project 999" in outcome.error
+
+
+def test_heavy_operators_are_scheduled_by_default_and_folds_always(fo, fo_project):
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_execution_options
+    from fiftyone.operators.registry import OperatorRegistry
+
+    dataset = fo_project["dataset"]
+
+    def options(operator, **params):
+        request = {"dataset_name": dataset.name, "view": [], "params": params}
+        return asyncio.run(resolve_execution_options(OperatorRegistry(), f"{PLUGIN}/{operator}", request))
+
+    for heavy in ("sync_label_studio", "compute_embeddings", "compute_mislabel_scores"):
+        chosen = options(heavy, project=fo_project["project"], mode="in_sample")
+        assert chosen.default_choice_to_delegated and chosen.allow_immediate_execution, heavy
+    folds = options("compute_mislabel_scores", mode="out_of_sample")
+    assert folds.allow_delegated_execution and not folds.allow_immediate_execution
+    light = options("evaluate_model")
+    assert not light.default_choice_to_delegated and light.allow_delegated_execution
+
+
+def test_the_delegated_service_runs_scheduled_operations(fo, fo_project, tmp_path):
+    """What the App's "Schedule" queues, `labelloop delegated` runs: progress, result and fields written,
+    and a failing operation fails with its message."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    from labelloop.dev.localstack import start_delegated
+
+    dataset, project = fo_project["dataset"], fo_project["project"]
+    if dataset.has_sample_field("mislabel_score"):
+        dataset.delete_sample_field("mislabel_score")  # the service, not an earlier test, must write it
+    good = schedule(dataset, "compute_mislabel_scores", mode="in_sample", folds=3, celery=False)
+    bad = schedule(dataset, "compare_versions", version_a=fo_project["version"], version_b=f"p{project}-v98")
+    service = DelegatedOperationService()
+    assert service.get(good).run_state == ExecutionRunState.QUEUED
+
+    process = start_delegated(dict(os.environ), tmp_path / "delegated")
+    try:
+        finished = (ExecutionRunState.COMPLETED, ExecutionRunState.FAILED)
+        wait_for(lambda: all(service.get(i).run_state in finished for i in (good, bad)), 300,
+                 f"the delegated service to run both operations (log: {process.log})")
+    finally:
+        process.stop()
+    done, failed = service.get(good), service.get(bad)
+    assert done.run_state == ExecutionRunState.COMPLETED, done.result.error
+    assert done.result.result["scored"] == 24 and done.result.result["field"] == "mislabel_score"
+    assert done.status.progress == 1.0 and "suspected mislabel" in done.status.label
+    assert done.metadata["outputs_schema"], "the service laid the result out (resolve_output) for the Runs page"
+    dataset.reload()
+    assert len(dataset.exists("mislabel_score")) == 24
+    assert dataset.has_saved_view("labelloop-suspected-mislabels")
+    assert failed.run_state == ExecutionRunState.FAILED and f"has no version 'p{project}-v98'" in failed.result.error

@@ -258,3 +258,21 @@ def start_fiftyone_app(env: dict[str, str], port: int | None = None, dataset: st
     managed = ManagedProcess("fiftyone-app", process, url, log, info)
     return _wait_until(lambda: httpx.get(f"{url}/", timeout=2).status_code == 200, managed, timeout,
                        f"{managed.name} at {url}", every=0.5)
+
+
+def start_delegated(env: dict[str, str], log_dir: Path, timeout: float = 90) -> ManagedProcess:
+    """``labelloop delegated`` (FiftyOne's delegated-operation service) as its own process group.
+
+    ``env`` is its whole environment, as for the App (FIFTYONE_DATABASE_URI, LABEL_STUDIO_*, REDIS_URL for
+    out-of-sample folds on Celery, ...). Ready when it says it is running (after importing FiftyOne).
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"delegated-{secrets.token_hex(3)}.log"
+    with open(log, "ab") as out:
+        # unbuffered: the readiness line is a print of FiftyOne's CLI, into a file
+        process = subprocess.Popen([sys.executable, "-m", "labelloop.cli", "delegated"],
+                                   env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=log_dir, start_new_session=True)
+    managed = ManagedProcess("delegated", process, "", log)
+    return _wait_until(lambda: b"Delegated operation service running" in log.read_bytes(), managed, timeout,
+                       "labelloop delegated", every=0.5)

