@@ -11,6 +11,9 @@ of 150 images. For each seed:
                     in service) unlabeled images;
 * ``uncertainty-tta`` — the same, with probabilities averaged over four label-preserving views
                     (``predict_images(tta=True)``: the image, two flips, a 90° turn);
+* ``uncertainty-tta-explore`` — the same, but a round's picks stay random (the random strategy's order)
+                    until ``acquisition.uncertainty_is_trusted``: the version in service is right on
+                    ``acquisition.EXPLORE_BELOW`` of its tuning split;
 * ``uncertainty-tta-diverse`` — the same scores, then ``scoring.diverse_top_k`` on the served model's
                     embeddings (k-center greedy among the 4k most uncertain, away from the labeled ones);
 * ``typical-uncertainty`` — the first budget from ``typical_first`` (below) on the warm start's
@@ -54,7 +57,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "uncertainty-tta-diverse", "typical-uncertainty",
+STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "uncertainty-tta-explore", "uncertainty-tta-diverse",
+              "typical-uncertainty",
               "random-scratch", "random-pseudo", "uncertainty-tta-pseudo", "disagreement-tta")
 # uncertainty-tta-diverse: the TTA least-confidence scores, then scoring.diverse_top_k (what the FiftyOne
 # operator's diversity option runs): k-center greedy on the served model's embeddings among the 4k most
@@ -220,13 +224,15 @@ def main(argv=None) -> int:
     from shapes_setup import classification_bench  # bench/ is on sys.path when run as a script
 
     from labelloop.config import settings
-    from labelloop.core import pretrain, recipe, scoring
+    from labelloop.core import acquisition, pretrain, recipe, scoring
+    from labelloop.core.kinds import kind_of
     from labelloop.core.predict import embed_images, load_model, predict_images
     from labelloop.dev import baselines
     from labelloop.dev.shapes import flip_image_labels, generate_shapes, to_label_studio_tasks
     from labelloop.workflows.pipeline import train_new_version
 
     bench = classification_bench(work, args.size, args.test)
+    recipe_kind_metric = kind_of("classification").primary_metric
     spec, fetcher, registry = bench.spec, bench.fetcher, bench.registry
     test_paths, test_labels = bench.test_paths, bench.test_labels
     started = time.perf_counter()
@@ -273,25 +279,33 @@ def main(argv=None) -> int:
                 embeddings = embed_images(load_model(warm, "warm-start"), paths)
                 labeled = [int(i) for i in typical_first(embeddings, args.budgets[0], seed=seed)]
             curve = []
+            explore_next = True
 
             for k, budget in enumerate(args.budgets):
                 if strategy.startswith("random"):
                     labeled = order[:budget]
                     random_sets.setdefault(budget, list(labeled))
+                elif strategy == "uncertainty-tta-explore" and explore_next:
+                    taken = set(labeled)  # explore: continue the random strategy's order
+                    labeled = labeled + [i for i in order if i not in taken][: budget - len(labeled)]
                 t0 = time.perf_counter()
                 train_tasks = [all_tasks[i] for i in labeled]
                 if k and strategy.endswith("-pseudo"):
                     train_tasks += pseudo_tasks(serving_model(project), spec, paths, all_tasks, labeled)
                 outcome = train_new_version(registry, project, train_tasks, spec, fetcher)
                 seconds = time.perf_counter() - t0
+                serving_tuning = registry.serving(project).metrics.get(recipe_kind_metric)
+                explore_next = not acquisition.uncertainty_is_trusted(serving_tuning)
                 model = serving_model(project)
                 acc = accuracy(model)
                 curve.append({"labels": len(labeled), "accuracy": acc, "promoted": outcome.promoted,
+                              "tuning_accuracy": serving_tuning, "explored_next": explore_next,
                               "version": outcome.manifest.version, "seconds": seconds,
                               "temperature": outcome.manifest.calibration.get("temperature")})
                 print(f"seed {seed} {strategy:<12} {len(labeled):4d} labels: test accuracy {acc:.3f} "
                       f"({'promoted' if outcome.promoted else 'kept previous'}, {seconds:.0f} s)", flush=True)
-                if k + 1 == len(args.budgets) or strategy.startswith("random"):
+                if k + 1 == len(args.budgets) or strategy.startswith("random") or (
+                        explore_next and strategy == "uncertainty-tta-explore"):
                     continue
                 unlabeled = [i for i in range(args.pool) if i not in set(labeled)]
                 preds = predict_images(model, [paths[i] for i in unlabeled], spec, 0.5,
