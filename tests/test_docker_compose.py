@@ -775,6 +775,21 @@ def test_shared_volumes_are_at_the_same_paths_as_the_settings():
             assert value == paths[name], f"{name}: {setting}={value!r} but the {volume} volume is at {paths[name]}"
 
 
+def test_labelloop_reads_label_studios_uploads_from_its_volume_read_only():
+    """LABELLOOP_LS_MEDIA_DIR is the media folder of the very volume Label Studio writes uploads to."""
+    stack = resolved_stack()["services"]
+    ls_data = _volume_mounts(stack["label-studio"])["label-studio-data"]  # Label Studio's data dir
+    for name in OUR_SERVICES:
+        ours = _volume_mounts(stack[name]).get("label-studio-data")
+        assert ours, f"{name} does not mount Label Studio's data volume"
+        entries = [e for e in stack[name]["volumes"] if (e if isinstance(e, str) else e.get("source", "")
+                                                         ).startswith("label-studio-data")]
+        assert all(e.endswith(":ro") if isinstance(e, str) else e.get("read_only") for e in entries), \
+            f"{name} must mount Label Studio's data read-only"
+        assert environment(stack[name])["LABELLOOP_LS_MEDIA_DIR"] == ours + "/media", name
+    assert environment(stack["label-studio"]).get("LABEL_STUDIO_BASE_DATA_DIR", ls_data) == ls_data
+
+
 @pytest.mark.parametrize("extra", [{}, {k: "" for k in env_example_active() if not k.startswith("LABEL_STUDIO_")
                                          and k not in SECRETS}], ids=["env-example", "all-defaults"])
 def test_interpolated_environment_gives_valid_settings(monkeypatch, extra):
