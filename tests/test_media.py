@@ -751,13 +751,21 @@ def test_media_dir_setting(ls, tmp_path, media, monkeypatch):
     monkeypatch.setenv("LABELLOOP_LS_MEDIA_DIR", str(media))
     with MediaFetcher.from_settings() as fetcher:
         assert _green(fetcher.fetch("/data/upload/1/abc-a.png"))
-    monkeypatch.setenv("LABELLOOP_LS_MEDIA_DIR", str(tmp_path / "no-such-dir"))
-    with pytest.raises(ValueError, match="LABELLOOP_LS_MEDIA_DIR"):
-        MediaFetcher.from_settings()
     monkeypatch.setenv("LABELLOOP_LS_MEDIA_DIR", "")
     with MediaFetcher.from_settings() as fetcher:
         assert not _green(fetcher.fetch("/data/upload/1/abc-a.png"))
     assert ls.hits("/data/upload/1/abc-a.png") == 1
+    # not there yet (Label Studio makes it with its first upload): over HTTP until it appears, then local
+    later = tmp_path / "not-yet"
+    monkeypatch.setenv("LABELLOOP_LS_MEDIA_DIR", str(later))
+    monkeypatch.setenv("LABELLOOP_CACHE_DIR", str(tmp_path / "c2"))
+    with MediaFetcher.from_settings() as fetcher:
+        assert not _green(fetcher.fetch("/data/upload/1/abc-a.png"))
+        assert ls.hits("/data/upload/1/abc-a.png") == 2
+        (later / "upload" / "1").mkdir(parents=True)
+        (later / "upload" / "1" / "abc-b.png").write_bytes((media / "upload" / "1" / "abc-a.png").read_bytes())
+        assert _green(fetcher.fetch("/data/upload/1/abc-b.png"))
+    assert ls.hits("/data/upload/1/abc-b.png") == 0
 
 
 def test_media_dir_without_label_studio_url_is_ignored(fetchers, media, tmp_path):
@@ -802,8 +810,10 @@ def test_upload_url_escapes_refused(tmp_path, url):
 
 @pytest.mark.unit
 def test_local_uploads_need_a_directory(tmp_path):
-    with pytest.raises(ValueError, match="LABELLOOP_LS_MEDIA_DIR"):
-        LocalUploads(tmp_path / "missing", max_bytes=1, max_pixels=1)
+    import httpx
+
+    missing = LocalUploads(tmp_path / "missing", max_bytes=1, max_pixels=1)  # not yet: HTTP meanwhile
+    assert missing.open(httpx.URL("http://ls/data/upload/1/a.png")) is None
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         LocalUploads(tmp_path / "file", max_bytes=1, max_pixels=1)

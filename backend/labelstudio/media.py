@@ -488,6 +488,16 @@ UPLOAD_URL_PREFIX = "/data/upload/"  # Label Studio's MEDIA_URL (/data/) + UPLOA
 _MEDIA_DIR_HINT = "LABELLOOP_LS_MEDIA_DIR"
 
 
+_missing_media_dir_warned: set[str] = set()
+
+
+def _warn_missing_media_dir_once(media_dir) -> None:
+    if str(media_dir) not in _missing_media_dir_warned:
+        _missing_media_dir_warned.add(str(media_dir))
+        log.warning("%s=%s does not exist (yet): Label Studio creates it with its first upload; until then "
+                    "uploads are fetched over HTTP", _MEDIA_DIR_HINT, media_dir)
+
+
 class LocalUploads:
     """Label Studio's uploads read from its media folder, for a backend on a machine (or a container)
     that shares it: what upstream label-studio-ml-backend's ``get_local_path`` does, made strict.
@@ -514,9 +524,13 @@ class LocalUploads:
 
     def __init__(self, media_dir, max_bytes: int, max_pixels: int, ls_path: str = ""):
         root = Path(media_dir).expanduser()
-        if not root.is_dir():
+        if root.exists() and not root.is_dir():
             raise ValueError(f"{_MEDIA_DIR_HINT}={media_dir} is not a directory (it must be Label Studio's "
                              f"media folder, the one holding upload/)")
+        if not root.exists():
+            # Label Studio makes its media folder with the first upload; a backend started before that (a
+            # fresh Compose stack) reads uploads over HTTP until the folder is there, then from it.
+            _warn_missing_media_dir_once(media_dir)
         self._upload_dir = root / "upload"
         self._max_bytes = max_bytes
         self._max_pixels = max_pixels
