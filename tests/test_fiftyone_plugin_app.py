@@ -110,6 +110,7 @@ def test_panel_shows_versions_metrics_jobs_and_rolls_back(app, browser, labelloo
     older, newer = versions
     browser.open(f"{app.url}/datasets/{labelloop_dataset.name}?workspace=labelloop")
     text = browser.wait_for_text(newer, f"Roll back to {older}", "epoch 8 of 20")
+    browser.click_text("Dismiss")  # FiftyOne's "Explore Enterprise" card, over the panel
     assert "0.83" in text and "0.71" in text, "the versions' tuning-split metrics are missing"
     assert "in service" in text
     shot = browser.screenshot(ARTIFACTS / "fiftyone-panel.png")

@@ -159,14 +159,16 @@ def _stream(ctx, action):
     thread.start()
     yield ctx.trigger("set_progress", {"progress": 0.0, "label": "starting"})
     last = (0.0, "starting")
-    while True:
-        latest = updates.get()
-        while latest is not None and not updates.empty():  # only the newest of a burst of updates
-            latest = updates.get()
-        if latest is None:
-            break
-        last = (_clamp(latest[0]), str(latest[1]))
-        yield ctx.trigger("set_progress", {"progress": last[0], "label": last[1]})
+    finished = False
+    while not finished:
+        burst = [updates.get()]
+        while burst[-1] is not None and not updates.empty():  # only the newest of a burst of updates is shown
+            burst.append(updates.get())
+        finished = burst[-1] is None
+        shown = [u for u in burst if u is not None]
+        if shown:
+            last = (_clamp(shown[-1][0]), str(shown[-1][1]))
+            yield ctx.trigger("set_progress", {"progress": last[0], "label": last[1]})
     thread.join()
     if "error" in outcome:
         yield _Failure(_message(outcome["error"]))
