@@ -98,6 +98,25 @@ def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, b
     ordered = [t["id"] for t in ls_api.tasks(project, ordering=["tasks:predictions_score"]) if t["id"] in scores]
     assert [scores[t] for t in ordered] == sorted(scores.values())
     assert ordered[0] in {t for t, s in scores.items() if s == min(scores.values())}
+    # the "label next" tab: unlabeled tasks only, in the mode the served version's tuning split decides
+    from labelloop.core.acquisition import uncertainty_is_trusted
+    from labelloop.core.registry import Registry
+    from labelloop.workflows.pipeline import LABEL_NEXT_SIZE, LABEL_NEXT_TAB
+
+    user_tab = ls_api.request("POST", "/api/dm/views", json={"project": project, "data": {"title": "mine"}})
+    views = [v for v in ls_api.request("GET", "/api/dm/views", params={"project": project})
+             if v["data"].get("title") == LABEL_NEXT_TAB]
+    assert len(views) == 1, views
+    listed = [t["id"] for t in ls_api.tab_tasks(project, views[0]["id"])]
+    assert set(listed) <= unlabeled and len(listed) == min(LABEL_NEXT_SIZE, len(unlabeled))
+    tuning = Registry(backend.info["model_dir"]).get(project, serving).metrics["primary"]
+    if uncertainty_is_trusted(tuning):  # least confident first, as the score column sorts
+        assert [scores[t] for t in listed] == sorted(scores[t] for t in listed)
+    ls_api.put_tab(project, LABEL_NEXT_TAB, listed[:3])  # rewritten in place, the user's tab untouched
+    views = {v["id"]: v for v in ls_api.request("GET", "/api/dm/views", params={"project": project})}
+    assert [t["id"] for t in ls_api.tab_tasks(project, [i for i, v in views.items()
+                                                        if v["data"].get("title") == LABEL_NEXT_TAB][0])] == listed[:3]
+    assert views[user_tab["id"]]["data"] == {"title": "mine"}
     # nothing a human made was touched
     assert {t["id"]: t["annotations"] for t in ls_api.tasks(project)} == before
 

@@ -40,6 +40,14 @@ def _choice_result(label: str) -> list[dict]:
     return [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
 
 
+def _label_next(studio: LabelerClient, project: int) -> list[dict]:
+    from labelloop.workflows.pipeline import LABEL_NEXT_TAB
+
+    views = studio.request("GET", "/api/dm/views", params={"project": project})
+    tab = next((v for v in views if (v.get("data") or {}).get("title") == LABEL_NEXT_TAB), None)
+    return studio.tab_tasks(project, tab["id"]) if tab else []
+
+
 def _wait_for_version(backend: str, project: int, studio: LabelerClient, after: set[str], unlabeled: int,
                       since: float, timeout: float) -> str:
     """Wait until the jobs this round's annotations started have finished; return the version serving
@@ -198,8 +206,12 @@ def run_demo(args) -> int:
         if round_no == 0:
             batch = order[:first]
         else:
-            ranked = [t["id"] for t in studio.tasks(project, ordering=["tasks:predictions_score"])
-                      if t["id"] not in labeled and t.get("total_predictions")]
+            # what a labeler opens: the "label next" tab the prediction job keeps (a random sample
+            # while the version is weak, least confident first once it is not), then the Data
+            # Manager's least-confident order for whatever the tab no longer holds
+            ranked = [t["id"] for t in _label_next(studio, project) if t["id"] not in labeled]
+            ranked += [t["id"] for t in studio.tasks(project, ordering=["tasks:predictions_score"])
+                       if t["id"] not in labeled and t.get("total_predictions") and t["id"] not in ranked]
             batch = ranked[:per_round]
         since = time.time()
         for task_id in batch:  # the simulated labeler, with its 10 % of mistakes

@@ -209,6 +209,27 @@ class StudioClient:
         data = {"title": title, "filters": {"conjunction": "or", "items": items}, "ordering": ["tasks:id"]}
         return self.request("POST", "/api/dm/views", json={"project": int(project_id), "data": data})
 
+    def put_tab(self, project_id: int | str, title: str, task_ids: list[int],
+                ordering: tuple[str, ...] = ("tasks:id",)) -> dict[str, Any]:
+        """The Data Manager tab ``title`` shows exactly ``task_ids``: the first tab of that title is
+        rewritten, or one is made. Tabs of other titles (the user's) are never touched."""
+        items = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": int(t)}
+                 for t in task_ids]
+        if not items:  # an empty "or" shows every task: show none instead
+            items = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": 0}]
+        data = {"title": title, "filters": {"conjunction": "or", "items": items}, "ordering": list(ordering)}
+        views = self.request("GET", "/api/dm/views", params={"project": int(project_id)})
+        mine = [v for v in views if (v.get("data") or {}).get("title") == title]
+        body = {"project": int(project_id), "data": data}
+        if mine:
+            return self.request("PUT", f"/api/dm/views/{int(mine[0]['id'])}", json=body)
+        return self.request("POST", "/api/dm/views", json=body)
+
+    def tab_tasks(self, project_id: int | str, view_id: int, page_size: int = 1000) -> list[dict[str, Any]]:
+        """The tasks a Data Manager tab lists, in its order."""
+        params = {"project": int(project_id), "view": int(view_id), "page_size": page_size, "fields": "all"}
+        return self.request("GET", "/api/tasks", params=params)["tasks"]
+
     def install_webhook_secret(self, project_id: int | str, backend_url: str, secret: str) -> dict[str, Any]:
         """Make the project's webhook to ``<backend_url>/webhook`` send LABELLOOP_WEBHOOK_SECRET.
 

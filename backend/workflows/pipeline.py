@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
-from labelloop.core import gate, pretrain, recipe
+from labelloop.core import acquisition, gate, pretrain, recipe
 from labelloop.core.calibration import calibration_report
 from labelloop.core.datasets import DatasetError, annotation_fingerprint, build_dataset, first_training_minimum
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path, threshold_for
@@ -415,8 +416,13 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         project = client.load_project(project_id)
         spec, tasks = project.spec, project.tasks
         weights = manifest.weights if manifest is not None else base_weights(registry, project_id, spec, version, env)
-        done = {p["task"] for p in client.predictions(project_id) if p.get("model_version") == version}
+        existing = {p["task"]: p.get("score") for p in client.predictions(project_id)
+                    if p.get("model_version") == version}
+        done = set(existing)
         todo = [t for t in tasks if latest_human_annotation(t) is None and t["id"] not in done]
+        # every unlabeled task's score by this version, for the "label next" tab
+        scores = {t["id"]: existing[t["id"]] for t in tasks
+                  if latest_human_annotation(t) is None and t["id"] in existing}
         model = load_model(weights, version)
         counts = {"unlabeled": len(todo) + len([t for t in tasks if t["id"] in done]), "pushed": 0,
                   "already_there": len(done), "errors": 0}
@@ -434,10 +440,36 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             if payload:
                 client.import_predictions(project_id, payload)
                 counts["pushed"] += len(payload)
+                scores.update({item["task"]: item["score"] for item in payload})
             say((start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
         if serves(registry, project_id, spec, version, env):
+            try:
+                counts["label_next"], counts["label_next_mode"] = refresh_label_next(
+                    client, project_id, scores, manifest, version)
+            except LabelloopError as exc:  # the predictions are in; a tab is not worth failing the job
+                log.warning("project %s: the %r tab was not updated: %s", project_id, LABEL_NEXT_TAB, exc)
             client.set_model_version(project_id, version)
         return counts
+
+
+LABEL_NEXT_TAB = "labelloop: label next"
+LABEL_NEXT_SIZE = 50  # a labeler's sitting; refreshed after every promotion
+
+
+def refresh_label_next(client: StudioClient, project_id: int | str, scores: dict[int, float | None],
+                       manifest: Manifest | None, version: str) -> tuple[int, str]:
+    """Rewrite the project's "label next" Data Manager tab from ``version``'s task scores: the
+    ``LABEL_NEXT_SIZE`` unlabeled tasks ``acquisition.next_to_label`` picks — least confident first once
+    the version is right on ``acquisition.EXPLORE_BELOW`` of its tuning split, a random sample before
+    (a base model, which has no tuning split, explores too). Returns (tasks in the tab, mode)."""
+    ids = sorted(scores)
+    uncertainty = [1.0 - float(scores[i] if scores[i] is not None else 0.0) for i in ids]
+    tuning = manifest.metrics.get("primary") if manifest is not None else None
+    picks, mode = acquisition.next_to_label(uncertainty, LABEL_NEXT_SIZE, tuning,
+                                            seed=zlib.crc32(f"{project_id}/{version}".encode()))
+    ordering = ("tasks:predictions_score",) if mode == "uncertainty" else ("tasks:id",)
+    client.put_tab(project_id, LABEL_NEXT_TAB, [ids[j] for j in picks], ordering=ordering)
+    return len(picks), mode
 
 
 class NotServed(LabelloopError):
