@@ -201,3 +201,40 @@ def test_the_delegated_service_runs_scheduled_operations(fo, fo_project, tmp_pat
     assert len(dataset.exists("mislabel_score")) == 24
     assert dataset.has_saved_view("labelloop-suspected-mislabels")
     assert failed.run_state == ExecutionRunState.FAILED and f"has no version 'p{project}-v98'" in failed.result.error
+
+
+def test_out_of_sample_scoring_is_delegated_and_trains_its_folds_on_celery(fo, fo_project, tmp_path):
+    """Out-of-sample mislabels never run in the App server: asked for immediately it is scheduled anyway;
+    `labelloop delegated` runs it and its K fold trainings are `labelloop.crossval_fold` jobs on a
+    training worker (the injected Celery fold runner)."""
+    from fiftyone.operators import execute_operator
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    from labelloop.dev.localstack import start_delegated, start_worker
+
+    dataset = fo_project["dataset"]
+    asked = execute_operator(f"{PLUGIN}/compute_mislabel_scores",
+                             ctx={"dataset": dataset, "params": {"view_target": "DATASET", "mode": "out_of_sample",
+                                                                 "folds": 2, "celery": True}})
+    assert asked.delegated, "out-of-sample scoring ran in the caller's process"
+    operation = asked.result["id"]
+    worker = start_worker(tmp_path / "worker", queues="train",
+                          env={"LABELLOOP_EPOCHS": "2", "LABELLOOP_WARM_START_STEPS": "0"})
+    delegated = start_delegated(dict(os.environ), tmp_path / "delegated")
+    service = DelegatedOperationService()
+    try:
+        finished = (ExecutionRunState.COMPLETED, ExecutionRunState.FAILED)
+        wait_for(lambda: service.get(operation).run_state in finished, 600,
+                 f"out-of-sample scoring (logs: {delegated.log}, {worker.log})", every=2)
+    finally:
+        delegated.stop()
+        worker.stop()
+    done = service.get(operation)
+    assert done.run_state == ExecutionRunState.COMPLETED, done.result.error
+    result = done.result.result
+    assert result["field"] == "mislabel_score_oos" and result["saved_view"] == "labelloop-suspected-mislabels-oos"
+    assert result["scored"] >= 20, result  # every labeled task scored by the fold model that never saw it
+    assert worker.log.read_text(errors="replace").count("labelloop.crossval_fold") >= 2, "the folds ran elsewhere"
+    dataset.reload()
+    assert len(dataset.exists("mislabel_score_oos")) == result["scored"]
