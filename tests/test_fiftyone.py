@@ -238,3 +238,17 @@ def test_out_of_sample_scoring_is_delegated_and_trains_its_folds_on_celery(fo, f
     assert worker.log.read_text(errors="replace").count("labelloop.crossval_fold") >= 2, "the folds ran elsewhere"
     dataset.reload()
     assert len(dataset.exists("mislabel_score_oos")) == result["scored"]
+
+
+def test_the_delegated_services_health_check_is_its_database(mongod):
+    """`labelloop delegated --check` (the compose healthcheck): 0 while FiftyOne's MongoDB answers, else 1 and why."""
+    import subprocess
+    import sys
+
+    def check(uri):
+        return subprocess.run([sys.executable, "-m", "labelloop.cli", "delegated", "--check"], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "FIFTYONE_DATABASE_URI": uri})
+
+    assert check(mongod.url).returncode == 0
+    down = check("mongodb://127.0.0.1:9")
+    assert down.returncode == 1 and "does not answer" in down.stderr
