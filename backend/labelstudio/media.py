@@ -5,6 +5,11 @@ tasks), and the backend fetches them from inside the network, often with a Label
 So every fetch is treated as hostile input:
 
 * only http(s); only the Label Studio host or hosts listed in ``LABELLOOP_ALLOWED_HOSTS``;
+* a cloud-storage URI (``s3://``, ``gs://``, ``azure-blob://``: tasks imported from a Label Studio storage)
+  is never fetched itself: ``task_image_url`` turns it into Label Studio's presign path for that task
+  (``/tasks/<id>/presign/?fileuri=<base64>``, on its origin, with our token), whose redirect to the
+  presigned URL is followed only to a host on the allow-list (bucket hosts are external: list them), token
+  dropped, every cap unchanged;
 * a listed host that resolves to an internal address (DNS rebinding, 169.254.169.254 cloud
   metadata) is refused unless the operator named it explicitly, and the connection is pinned to
   the address that was checked, so a second DNS answer cannot swap it;
@@ -31,6 +36,7 @@ shared/notes/label-studio-protocol.md, "Auth"). Both kinds work here.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.cookiejar
 import ipaddress
@@ -156,6 +162,62 @@ def _ext_from_url(url: httpx.URL) -> str | None:
         if ext in _IMAGE_EXTS:
             return ext
     return None
+
+
+# --------------------------------------------------------------------------- cloud storage URIs, presigned by Label Studio
+
+# Label Studio's import storages (``url_scheme`` of S3/GCS/Azure in io_storages/*/models.py). A task imported
+# from one holds the raw URI (``s3://bucket/key``), and /predict and exports send it raw (Label Studio
+# resolves it only for its own UI). Label Studio presigns it for whoever may see the task:
+# ``GET /tasks/<task id>/presign/?fileuri=<urlsafe base64 of the URI>`` (io_storages/urls.py; ``/resolve/``
+# is the same view under its newer name, ``/presign/`` works on older versions too) answers 303 to the
+# presigned URL (or, with the storage's presign off, streams the file itself).
+STORAGE_SCHEMES = ("s3", "gs", "azure-blob")
+MAX_STORAGE_URI_CHARS = 2048  # S3 keys are at most 1024 bytes, GCS names 1024, Azure blob names 1024 chars
+MAX_TASK_ID = 2**63 - 1
+PRESIGN_PATH = "/tasks/{task_id}/presign/"
+_STORAGE_URI_RE = re.compile(r"^(s3|gs|azure-blob)://([^/?#\s]+)/(.+)$", re.S)
+
+
+def storage_scheme(value) -> str | None:
+    """The cloud-storage scheme of a task's image value (``s3``, ``gs``, ``azure-blob``), else None."""
+    if not isinstance(value, str):
+        return None
+    match = _SCHEME_RE.match(value.strip())
+    scheme = match.group(0)[:-1].lower() if match else None
+    return scheme if scheme in STORAGE_SCHEMES else None
+
+
+def presign_url(uri: str, task_id) -> str:
+    """The path on Label Studio's origin that presigns ``uri`` for task ``task_id``; MediaError if either is
+    not acceptable: a scheme of ``STORAGE_SCHEMES`` (lower case, as Label Studio matches it), a bucket and a
+    key, at most ``MAX_STORAGE_URI_CHARS`` characters, no control characters; a positive integer task id."""
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 < task_id <= MAX_TASK_ID:
+        raise MediaError(f"a cloud-storage image ({storage_scheme(uri) or 'storage'}://) is fetched through Label "
+                         "Studio's presign endpoint, which needs the task's id; this task has none", kind="bad_url")
+    if not isinstance(uri, str) or len(uri) > MAX_STORAGE_URI_CHARS:
+        raise MediaError(f"cloud-storage URI longer than {MAX_STORAGE_URI_CHARS} characters", kind="bad_url")
+    uri = uri.strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        raise MediaError("cloud-storage URI with control characters", kind="bad_url")
+    match = _STORAGE_URI_RE.match(uri)
+    if match is None:
+        raise MediaError(f"not a cloud-storage URI ({', '.join(s + '://bucket/key' for s in STORAGE_SCHEMES)}): "
+                         f"{_redact(uri[:200])}", kind="bad_url")
+    fileuri = base64.urlsafe_b64encode(uri.encode("utf-8")).decode("ascii")
+    return PRESIGN_PATH.format(task_id=task_id) + "?" + urlencode({"fileuri": fileuri})
+
+
+def task_image_url(task: dict, key: str):
+    """The URL to fetch for a task's image under data key ``key``: the value itself, or for a cloud-storage
+    URI the Label Studio presign path (``presign_url``); None when the task has no string there. Raises
+    MediaError for a cloud URI that cannot be presigned (no task id, malformed, too long)."""
+    value = (task.get("data") or {}).get(key) if isinstance(task, dict) else None
+    if not isinstance(value, str) or not value:
+        return None
+    if storage_scheme(value) is not None:
+        return presign_url(value.strip(), task.get("id"))
+    return value
 
 
 # --------------------------------------------------------------------------- origins and allow-list
@@ -788,12 +850,17 @@ class MediaFetcher:
         scheme_match = _SCHEME_RE.match(url)
         if scheme_match is None:
             if not self._ls_url:
-                raise MediaError(f"relative URL {_redact(url)} needs LABEL_STUDIO_URL", kind="bad_url")
+                what = "a cloud-storage image, presigned by Label Studio," if url.startswith("/tasks/") else \
+                    f"relative URL {_redact(url)}"
+                raise MediaError(f"{what} needs LABEL_STUDIO_URL", kind="bad_url")
             # Concatenated, not RFC-joined: Label Studio served under a path prefix keeps it, and
             # "//other-host/x" stays a path on the Label Studio host (as label-studio-sdk does).
             url = self._ls_url + ("" if url.startswith("/") else "/") + url
         else:
             scheme = scheme_match.group(0)[:-1].lower()
+            if scheme in STORAGE_SCHEMES:
+                raise MediaError(f"a {scheme}:// image is fetched through Label Studio's presign endpoint, with "
+                                 "its task (task_image_url)", kind="not_allowed")
             if scheme not in _DEFAULT_PORTS:
                 raise MediaError(f"URL scheme {scheme}: is not allowed (only http and https)", kind="not_allowed")
         try:

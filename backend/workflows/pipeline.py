@@ -36,7 +36,7 @@ from labelloop.core.training import (
 from labelloop.core.yolo_env import import_yolo
 from labelloop.errors import LabelloopError
 from labelloop.labelstudio.client import StudioClient, read_project
-from labelloop.labelstudio.media import MediaFetcher
+from labelloop.labelstudio.media import MediaError, MediaFetcher, task_image_url
 from labelloop.labelstudio.results import labeled_images, latest_human_annotation, prediction_result
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,11 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
     out = [TaskPrediction(task_id=t.get("id"), model_version=model.version) for t in tasks]
     urls = []
     for i, task in enumerate(tasks):
-        url = (task.get("data") or {}).get(spec.value_key)
-        if not isinstance(url, str) or not url:
+        try:
+            url = task_image_url(task, spec.value_key)  # a cloud-storage URI: Label Studio's presign path
+        except MediaError as exc:
+            url, out[i].error, out[i].error_kind = None, str(exc), exc.kind
+        if out[i].error is None and not url:
             out[i].error = f"task data has no image under '{spec.value_key}'"
             out[i].error_kind = "no_image"
         urls.append(url if out[i].error is None else None)
@@ -151,6 +154,16 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
         if p.error:
             log.warning("task %s: no prediction: %s", p.task_id, p.error)
     return out
+
+
+def _image_url_or_empty(task: dict[str, Any], key: str) -> str:
+    """``task_image_url``, "" (the fetcher's "empty image URL") for none; a cloud-storage URI that cannot be
+    presigned stays as it is, and the fetcher refuses it with the reason."""
+    try:
+        return task_image_url(task, key) or ""
+    except MediaError:
+        value = (task.get("data") or {}).get(key)
+        return value if isinstance(value, str) else ""
 
 
 class _FetchedFirst:
@@ -213,7 +226,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
     if skip_if_unchanged and latest is not None and latest.data_fingerprint == fingerprint:
         raise NothingNew(f"no annotation changed since {latest.version}")
     say(0.0, f"fetching {len(images)} images")
-    url_of = {t.get("id"): (t.get("data") or {}).get(spec.value_key) or "" for t in tasks}
+    url_of = {t.get("id"): _image_url_or_empty(t, spec.value_key) for t in tasks}
     fetched = fetcher.fetch_many([url_of[image.task_id] for image in images])
     image_paths = {image.task_id: p for image, p in zip(images, fetched) if not isinstance(p, Exception)}
     failures = [str(p) for p in fetched if isinstance(p, Exception)]
@@ -360,7 +373,7 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
         return {"skipped": f"no warm start for {spec.task_type} yet"}
     if resolve_model_path(spec, env.allow_custom_model_path, env.model_root) or env.base_model or env.model_config:
         return {"skipped": "the project trains from the user's weights or model config"}
-    urls = [u for u in ((t.get("data") or {}).get(spec.value_key) for t in tasks) if isinstance(u, str) and u]
+    urls = [u for u in (_image_url_or_empty(t, spec.value_key) for t in tasks) if u]
     if len(urls) < WARM_START_MIN_IMAGES:
         return {"skipped": f"{len(urls)} images; a warm start needs at least {WARM_START_MIN_IMAGES}"}
     sample = random.Random(0).sample(urls, min(len(urls), pretrain.MAX_IMAGES))
@@ -541,7 +554,7 @@ def train_fold_and_predict(tasks: list[dict[str, Any]], spec: ControlSpec, fetch
         registry = _Registry(Path(tmp) / "models")
         outcome = train_new_version(registry, f"fold{fold}", training, spec, fetcher, progress)
         model = load_model(outcome.manifest.weights, f"fold{fold}-of-{folds}")
-        fetched = fetcher.fetch_many([(t.get("data") or {}).get(spec.value_key) or "" for t in held_out])
+        fetched = fetcher.fetch_many([_image_url_or_empty(t, spec.value_key) for t in held_out])
         ready = [(t, p) for t, p in zip(held_out, fetched) if not isinstance(p, Exception)]
         threshold = threshold_for(spec)
         preds = predict_images(model, [p for _, p in ready], spec, threshold)
