@@ -2,7 +2,8 @@
 
 A wheel is built from this tree (offline: no build isolation), installed into a folder of its own, and run
 from there with the checkout out of the way (``PYTHONPATH`` puts the installed copy first: the editable
-install's finder comes after it). None of the session fixtures of conftest.py is used.
+install's finder comes after it). Then a plain FiftyOne — its own settings, none of labelloop's — finds the
+plugin that ``labelloop fiftyone install-plugin`` put into its plugins folder (conftest's ``mongod`` only).
 """
 
 from __future__ import annotations
@@ -77,3 +78,21 @@ def test_install_plugin_defaults_to_fiftyones_configured_plugins_dir(installed, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (copied / "labelloop").is_symlink()
     assert sorted(p.name for p in (copied / "labelloop").iterdir()) == sorted(PLUGIN_FILES)
+
+
+def test_a_plain_fiftyone_finds_the_installed_plugin(installed, tmp_path, mongod):
+    """What `fiftyone app launch` run by hand loads: FiftyOne's own settings, none of labelloop's defaults,
+    the plugin put into its plugins folder by `labelloop fiftyone install-plugin` from the wheel."""
+    plugins = tmp_path / "plugins"
+    config = tmp_path / "fiftyone-config.json"
+    config.write_text(json.dumps({"plugins_dir": str(plugins), "database_uri": mongod.url,
+                                  "database_validation": False, "do_not_track": True}))
+    env = {"FIFTYONE_CONFIG_PATH": str(config), "HOME": str(tmp_path)}
+    install = "import sys; from labelloop.cli import main; sys.exit(main(['fiftyone', 'install-plugin']))"
+    assert _run_installed(installed, install, env, tmp_path).returncode == 0
+    listing = _run_installed(installed, "import json, fiftyone.operators as foo; print(json.dumps(sorted("
+                                        "o.uri for o in foo.list_operators() if o.uri.startswith('@labelloop/'))))",
+                             env, tmp_path)
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    uris = json.loads(listing.stdout.strip().splitlines()[-1])
+    assert "@labelloop/labelloop/sync_label_studio" in uris and "@labelloop/labelloop/labelloop_versions" in uris
