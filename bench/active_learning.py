@@ -14,6 +14,9 @@ of 150 images. For each seed:
 * ``uncertainty-tta-explore`` — the same, but a round's picks stay random (the random strategy's order)
                     until ``acquisition.uncertainty_is_trusted``: the version in service is right on
                     ``acquisition.EXPLORE_BELOW`` of its tuning split;
+* ``uncertainty-tta-balanced`` — what the product's "label next" tab does: explore as above, then
+                    ``acquisition.next_to_label`` with the predicted labels (least confident in
+                    turns over the predicted classes);
 * ``uncertainty-tta-diverse`` — the same scores, then ``scoring.diverse_top_k`` on the served model's
                     embeddings (k-center greedy among the 4k most uncertain, away from the labeled ones);
 * ``typical-uncertainty`` — the first budget from ``typical_first`` (below) on the warm start's
@@ -57,7 +60,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "uncertainty-tta-explore", "uncertainty-tta-diverse",
+STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "uncertainty-tta-explore", "uncertainty-tta-balanced",
+              "uncertainty-tta-diverse",
               "typical-uncertainty",
               "random-scratch", "random-pseudo", "uncertainty-tta-pseudo", "disagreement-tta")
 # uncertainty-tta-diverse: the TTA least-confidence scores, then scoring.diverse_top_k (what the FiftyOne
@@ -69,6 +73,7 @@ STRATEGIES = ("random", "uncertainty", "uncertainty-tta", "uncertainty-tta-explo
 # -pseudo (measured, not in the product): each round also trains on the unlabeled images the last version
 # predicts with TTA probability >= PSEUDO_CONFIDENCE, labeled with that prediction (CEAL-style)
 PSEUDO_CONFIDENCE = 0.95
+EXPLORING = ("uncertainty-tta-explore", "uncertainty-tta-balanced")  # random picks until uncertainty is trusted
 BASELINES = ("tiny-cnn", "hog-lr")
 
 # -- measured and not kept in the product: typical-first picks ------------------------------------
@@ -285,7 +290,7 @@ def main(argv=None) -> int:
                 if strategy.startswith("random"):
                     labeled = order[:budget]
                     random_sets.setdefault(budget, list(labeled))
-                elif strategy == "uncertainty-tta-explore" and explore_next:
+                elif strategy in EXPLORING and explore_next:
                     taken = set(labeled)  # explore: continue the random strategy's order
                     labeled = labeled + [i for i in order if i not in taken][: budget - len(labeled)]
                 t0 = time.perf_counter()
@@ -305,7 +310,7 @@ def main(argv=None) -> int:
                 print(f"seed {seed} {strategy:<12} {len(labeled):4d} labels: test accuracy {acc:.3f} "
                       f"({'promoted' if outcome.promoted else 'kept previous'}, {seconds:.0f} s)", flush=True)
                 if k + 1 == len(args.budgets) or strategy.startswith("random") or (
-                        explore_next and strategy == "uncertainty-tta-explore"):
+                        explore_next and strategy in EXPLORING):
                     continue
                 unlabeled = [i for i in range(args.pool) if i not in set(labeled)]
                 preds = predict_images(model, [paths[i] for i in unlabeled], spec, 0.5,
@@ -315,7 +320,10 @@ def main(argv=None) -> int:
                 else:
                     uncertainty = [scoring.least_confidence(list(p.class_probs.values())) for p in preds]
                 wanted = args.budgets[k + 1] - len(labeled)
-                if strategy == "uncertainty-tta-diverse":
+                if strategy == "uncertainty-tta-balanced":
+                    predicted = [max(p.class_probs.items(), key=lambda kv: kv[1])[0] for p in preds]
+                    picked = acquisition.balanced_by_prediction(uncertainty, predicted, wanted)
+                elif strategy == "uncertainty-tta-diverse":
                     vectors = embed_images(model, paths)
                     picked = scoring.diverse_top_k(uncertainty, vectors[unlabeled], wanted, avoid=vectors[labeled])
                 else:
@@ -425,7 +433,8 @@ def report(args, runs, throughput, elapsed, pretrain_seconds=()):
         lines.append(f"| {name} | " + " | ".join(cell(s, b) for b in budgets) + f" | {reach} |")
     table = "\n".join(lines)
     ratio_line = ""
-    picked_by_model = ("uncertainty", "uncertainty-tta", "uncertainty-tta-diverse", "typical-uncertainty")
+    picked_by_model = ("uncertainty", "uncertainty-tta", "uncertainty-tta-explore", "uncertainty-tta-balanced",
+                       "uncertainty-tta-diverse", "typical-uncertainty")
     for name in [n for n in picked_by_model if n in summary and "random" in summary]:
         mine, rand = summary[name], summary["random"]
         pairs = [(u, r) for u, r in zip(mine["reach"], rand["reach"]) if u and r]

@@ -27,3 +27,16 @@ def test_the_threshold_and_small_pools():
     assert next_to_label([0.3, 0.2], 5, tuning_accuracy=0.9) == ([0, 1], "uncertainty")
     assert sorted(next_to_label([0.3, 0.2], 5, tuning_accuracy=0.1)[0]) == [0, 1]
     assert next_to_label([], 3, None) == ([], "explore")
+
+
+def test_balanced_picks_take_turns_over_predicted_classes():
+    from labelloop.core.acquisition import balanced_by_prediction
+
+    uncertainty = [0.9, 0.8, 0.7, 0.6, 0.5, 0.1]
+    predicted = ["a", "a", "a", "a", "b", "c"]
+    # plain least-confidence would take four "a" first; in turns each predicted class gets its share
+    assert balanced_by_prediction(uncertainty, predicted, 3) == [0, 4, 5]
+    assert balanced_by_prediction(uncertainty, predicted, 6) == [0, 4, 5, 1, 2, 3]
+    assert next_to_label(uncertainty, 3, 0.9, predicted=predicted) == ([0, 4, 5], "uncertainty")
+    with pytest.raises(ValueError):
+        balanced_by_prediction([0.1, 0.2], ["a"], 1)

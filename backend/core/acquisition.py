@@ -27,15 +27,43 @@ def uncertainty_is_trusted(tuning_accuracy: float | None) -> bool:
 
 
 def next_to_label(uncertainty: Sequence[float], k: int, tuning_accuracy: float | None,
-                  seed: int = 0) -> tuple[list[int], str]:
+                  seed: int = 0, predicted: Sequence[str] | None = None) -> tuple[list[int], str]:
     """(indices of the k items to label next, "uncertainty" or "explore").
 
     ``uncertainty`` is one number per unlabeled item, higher = less sure (e.g.
     ``scoring.least_confidence``); ``tuning_accuracy`` the served version's primary metric on its
     tuning split (None: no model yet). Explore = a uniform random sample (reproducible by ``seed``).
+    With ``predicted`` (the model's label per item) the uncertainty picks are class-balanced
+    (``balanced_by_prediction``).
     """
     values = np.asarray(uncertainty, dtype=np.float64)
     k = max(0, min(k, len(values)))
     if not uncertainty_is_trusted(tuning_accuracy):
         return sorted(np.random.default_rng(seed).choice(len(values), size=k, replace=False).tolist()), "explore"
+    if predicted is not None:
+        return balanced_by_prediction(values, predicted, k), "uncertainty"
     return np.argsort(-values, kind="stable")[:k].tolist(), "uncertainty"
+
+
+def balanced_by_prediction(uncertainty: Sequence[float], predicted: Sequence[str], k: int) -> list[int]:
+    """k indices taken in turns over the predicted classes, each class's least sure first.
+
+    Plain least-confidence spends a round on the confusions between the classes a model predicts
+    most; in turns, every class the model predicts gets its share, so the images it calls a rare
+    class — right or wrong — get checked. Classes take turns in the order of their most uncertain item.
+    """
+    values = np.asarray(uncertainty, dtype=np.float64)
+    if len(predicted) != len(values):
+        raise ValueError(f"{len(predicted)} predicted labels for {len(values)} uncertainties")
+    queues: dict[str, list[int]] = {}
+    for i in np.argsort(-values, kind="stable").tolist():
+        queues.setdefault(str(predicted[i]), []).append(i)
+    order = list(queues.values())  # dict order = first appearance = the classes' most uncertain item
+    picks: list[int] = []
+    depth = 0
+    while len(picks) < min(k, len(values)):
+        for queue in order:
+            if depth < len(queue) and len(picks) < k:
+                picks.append(queue[depth])
+        depth += 1
+    return picks

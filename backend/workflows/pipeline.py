@@ -429,7 +429,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         project = client.load_project(project_id)
         spec, tasks = project.spec, project.tasks
         weights = manifest.weights if manifest is not None else base_weights(registry, project_id, spec, version, env)
-        existing = {p["task"]: p.get("score") for p in client.predictions(project_id)
+        existing = {p["task"]: (p.get("score"), predicted_label(p.get("result"))) for p in client.predictions(project_id)
                     if p.get("model_version") == version}
         done = set(existing)
         todo = [t for t in tasks if latest_human_annotation(t) is None and t["id"] not in done]
@@ -453,7 +453,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             if payload:
                 client.import_predictions(project_id, payload)
                 counts["pushed"] += len(payload)
-                scores.update({item["task"]: item["score"] for item in payload})
+                scores.update({item["task"]: (item["score"], predicted_label(item["result"])) for item in payload})
             say((start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
         if serves(registry, project_id, spec, version, env):
             try:
@@ -469,17 +469,29 @@ LABEL_NEXT_TAB = "labelloop: label next"
 LABEL_NEXT_SIZE = 50  # a labeler's sitting; refreshed after every promotion
 
 
-def refresh_label_next(client: StudioClient, project_id: int | str, scores: dict[int, float | None],
-                       manifest: Manifest | None, version: str) -> tuple[int, str]:
-    """Rewrite the project's "label next" Data Manager tab from ``version``'s task scores: the
-    ``LABEL_NEXT_SIZE`` unlabeled tasks ``acquisition.next_to_label`` picks — least confident first once
-    the version is right on ``acquisition.EXPLORE_BELOW`` of its tuning split, a random sample before
-    (a base model, which has no tuning split, explores too). Returns (tasks in the tab, mode)."""
+def predicted_label(result: list[dict[str, Any]] | None) -> str:
+    """The label of a prediction's first region ("" for none): the class an uncertainty pick is charged to."""
+    for region in result or []:
+        for key, value in (region.get("value") or {}).items():
+            if (key == "choices" or key.endswith("labels")) and isinstance(value, list) and value:
+                return str(value[0])
+    return ""
+
+
+def refresh_label_next(client: StudioClient, project_id: int | str,
+                       scores: dict[int, tuple[float | None, str]], manifest: Manifest | None,
+                       version: str) -> tuple[int, str]:
+    """Rewrite the project's "label next" Data Manager tab from ``version``'s (task score, predicted
+    label) per unlabeled task: the ``LABEL_NEXT_SIZE`` tasks ``acquisition.next_to_label`` picks — a
+    random sample until the version is right on ``acquisition.EXPLORE_BELOW`` of its tuning split (a
+    base model, which has none, explores too), then the least confident in turns over the predicted
+    classes. Returns (tasks in the tab, mode)."""
     ids = sorted(scores)
-    uncertainty = [1.0 - float(scores[i] if scores[i] is not None else 0.0) for i in ids]
+    uncertainty = [1.0 - float(scores[i][0] if scores[i][0] is not None else 0.0) for i in ids]
     tuning = manifest.metrics.get("primary") if manifest is not None else None
     picks, mode = acquisition.next_to_label(uncertainty, LABEL_NEXT_SIZE, tuning,
-                                            seed=zlib.crc32(f"{project_id}/{version}".encode()))
+                                            seed=zlib.crc32(f"{project_id}/{version}".encode()),
+                                            predicted=[scores[i][1] for i in ids])
     ordering = ("tasks:predictions_score",) if mode == "uncertainty" else ("tasks:id",)
     client.put_tab(project_id, LABEL_NEXT_TAB, [ids[j] for j in picks], ordering=ordering)
     return len(picks), mode
