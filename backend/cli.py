@@ -130,9 +130,11 @@ def flower_command(host: str, port: int, env=None) -> tuple[list[str], dict[str,
     env = env or settings()
     argv = [sys.executable, "-m", "celery", "-A", "labelloop.tasks.celery_app:app", "flower",
             f"--address={host}", f"--port={port}", "--url_prefix=", "--purge_offline_workers=300"]
-    child_env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    child_env = {k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API")}
     if env.basic_auth_user:
         child_env["FLOWER_BASIC_AUTH"] = f"{env.basic_auth_user}:{env.basic_auth_pass}"
+    else:  # loopback (or LABELLOOP_INSECURE): as trusted as `labelloop serve` there; Flower 2 hides its API otherwise
+        child_env["FLOWER_UNAUTHENTICATED_API"] = "true"
     return argv, child_env
 
 

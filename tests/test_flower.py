@@ -20,14 +20,27 @@ def test_the_password_goes_through_flowers_env_never_argv(monkeypatch):
     monkeypatch.setenv("BASIC_AUTH_USER", "ops")
     monkeypatch.setenv("BASIC_AUTH_PASS", "pa:ss word")
     monkeypatch.setenv("FLOWER_BASIC_AUTH", "someone:else")  # inherited: never passed on
+    monkeypatch.setenv("FLOWER_UNAUTHENTICATED_API", "true")
     argv, env = flower_command("0.0.0.0", 5555, settings())
     assert not any("pa:ss word" in a for a in argv)
     assert "--address=0.0.0.0" in argv and "--port=5555" in argv
     assert env["FLOWER_BASIC_AUTH"] == "ops:pa:ss word"
+    assert "FLOWER_UNAUTHENTICATED_API" not in env
     monkeypatch.delenv("BASIC_AUTH_USER")
     monkeypatch.delenv("BASIC_AUTH_PASS")
     _, env = flower_command("127.0.0.1", 5555, settings())
     assert "FLOWER_BASIC_AUTH" not in env
+    assert env["FLOWER_UNAUTHENTICATED_API"] == "true"  # loopback without auth, like `labelloop serve` there
+
+
+def test_on_loopback_without_auth_the_api_answers(tmp_path, run_home, monkeypatch):
+    for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        monkeypatch.delenv(name, raising=False)
+    flower = start_flower(tmp_path / "flower")
+    try:
+        assert httpx.get(f"{flower.url}/api/workers", timeout=30).status_code == 200
+    finally:
+        flower.stop()
 
 
 @pytest.mark.unit
