@@ -45,7 +45,7 @@ def next_to_label(uncertainty: Sequence[float], k: int, tuning_accuracy: float |
     return np.argsort(-values, kind="stable")[:k].tolist(), "uncertainty"
 
 
-def balanced_by_prediction(uncertainty: Sequence[float], predicted: Sequence[str], k: int) -> list[int]:
+def balanced_by_prediction(uncertainty: Sequence[float] | np.ndarray, predicted: Sequence[str], k: int) -> list[int]:
     """k indices taken in turns over the predicted classes, each class's least sure first.
 
     Plain least-confidence spends a round on the confusions between the classes a model predicts
