@@ -109,19 +109,26 @@ def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path
 def start_backend(home: Path, port: int | None = None, env: dict[str, str] | None = None,
                   timeout: float = 90) -> ManagedProcess:
     """``labelloop serve`` as its own process, with LABELLOOP_HOME (models, cache) under ``home``."""
+    return _start_labelloop_http("backend", "serve", "/health", home, port, env, timeout)
+
+
+def _start_labelloop_http(name: str, command: str, health: str, home: Path, port: int | None,
+                          env: dict[str, str] | None, timeout: float) -> ManagedProcess:
+    """``labelloop <command> --host 127.0.0.1 --port <port>`` as its own process group (LABELLOOP_HOME
+    under ``home``, log there); ready when ``health`` answers 200."""
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "LABELLOOP_HOME": str(home), **(env or {})}
-    log = home / f"backend-{port}.log"
+    log = home / f"{name}-{port}.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "labelloop.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "labelloop.cli", command, "--host", "127.0.0.1", "--port", str(port)],
             env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
-    managed = ManagedProcess("backend", process, url, log)
-    return _wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, managed, timeout,
-                       f"{managed.name} at {url}", every=0.5)
+    managed = ManagedProcess(name, process, url, log)
+    return _wait_until(lambda: httpx.get(f"{url}{health}", timeout=2).status_code == 200, managed, timeout,
+                       f"{name} at {url}", every=0.5)
 
 
 def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20) -> ManagedProcess:
@@ -184,19 +191,7 @@ def start_worker(home: Path, queues: str = "train,predict", env: dict[str, str] 
 def start_flower(home: Path, port: int | None = None, env: dict[str, str] | None = None,
                  timeout: float = 60) -> ManagedProcess:
     """``labelloop flower`` on 127.0.0.1 as its own process group; ready when /healthcheck answers."""
-    port = port or free_port()
-    home.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "LABELLOOP_HOME": str(home), **(env or {})}
-    log = home / f"flower-{port}.log"
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "labelloop.cli", "flower", "--host", "127.0.0.1", "--port", str(port)],
-            env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    managed = ManagedProcess("flower", process, url, log)
-    return _wait_until(lambda: httpx.get(f"{url}/healthcheck", timeout=2).status_code == 200, managed, timeout,
-                       f"flower at {url}", every=0.5)
+    return _start_labelloop_http("flower", "flower", "/healthcheck", home, port, env, timeout)
 
 
 def start_mongod(data_dir: Path, port: int | None = None, timeout: float = 30) -> ManagedProcess:
