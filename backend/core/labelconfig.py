@@ -11,6 +11,11 @@ control tag        task type        ultralytics task
 ``PolygonLabels``  segmentation     ``segment``
 =================  ===============  =======================
 
+A config may hold several of them (a ``Choices`` and a ``RectangleLabels`` on one image, as upstream's YOLO
+example serves): ``parse_label_controls`` returns each, ``/setup`` and ``/predict`` answer each from its own
+model; ``parse_label_config`` returns the one control of a config for what works on one (training, prediction
+jobs, FiftyOne) and refuses a config with several.
+
 Tag attributes of the upstream YOLO example are honoured so an existing config works unchanged:
 ``model_score_threshold`` (keep regions at or above it; the older upstream name ``score_threshold``
 too, the first wins when both are set), ``model_skip="true"`` (ignore this tag), ``model_path``
@@ -129,11 +134,30 @@ def _check_xml(config: str) -> None:
 
 
 def parse_label_config(config: str) -> ControlSpec:
-    """Parse a Label Studio label config into the one control the model serves.
+    """Parse a Label Studio label config into the one control the model serves (training, prediction jobs,
+    FiftyOne: a project's trained versions are of one control).
 
     Raises LabelConfigError naming the offending tag when the config has no servable control,
     when a servable control is not bound to an <Image>, or when several are (mark all but one with
-    ``model_skip="true"``).
+    ``model_skip="true"``; ``/predict`` serves several, see ``parse_label_controls``).
+    """
+    servable = parse_label_controls(config)
+    if len(servable) > 1:
+        names = ", ".join(f"<{s.result_type_tag} name=\"{s.from_name}\">" for s in servable)
+        raise LabelConfigError(
+            f"the label config has {len(servable)} controls the model could serve ({names}); /predict answers "
+            "each from its own model, but training, prediction jobs and FiftyOne work on one control: "
+            "mark all but one with model_skip=\"true\""
+        )
+    return servable[0]
+
+
+def parse_label_controls(config: str) -> list[ControlSpec]:
+    """Every control of the config the model can serve, in config order (at least one): what ``/setup`` and
+    ``/predict`` answer, each control from its own model (as upstream's YOLO example does).
+
+    Raises LabelConfigError naming the offending tag when there is none, or when a servable control is
+    not bound to an <Image>.
     """
     _check_xml(config)
     try:
@@ -163,13 +187,7 @@ def parse_label_config(config: str) -> ControlSpec:
             "the label config has no control the model can serve: expected <Choices>, <RectangleLabels> "
             f"or <PolygonLabels> bound to an <Image>; found {seen_tags or 'no control tags'}"
         )
-    if len(servable) > 1:
-        names = ", ".join(f"<{s.result_type_tag} name=\"{s.from_name}\">" for s in servable)
-        raise LabelConfigError(
-            f"the label config has {len(servable)} controls the model could serve ({names}); "
-            "mark all but one with model_skip=\"true\""
-        )
-    return servable[0]
+    return servable
 
 
 def _control_spec(control, image) -> ControlSpec:

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from labelloop import __version__
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
-from labelloop.core.labelconfig import parse_label_config
+from labelloop.core.labelconfig import parse_label_controls
 from labelloop.core.predict import cached_model_count, loaded_versions
 from labelloop.core.registry import Registry
 from labelloop.errors import LabelloopError
@@ -55,7 +55,15 @@ from labelloop.service.schemas import (
     validate_tasks,
     webhook_id,
 )
-from labelloop.workflows.pipeline import model_source, predict_tasks, resolve_model
+from labelloop.workflows.pipeline import (
+    combined_version,
+    control_source,
+    model_source,
+    predict_controls,
+    predict_tasks,
+    resolve_control_models,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +213,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
         schema = body.get("schema")
         if not isinstance(schema, str):
             raise BadRequest("'schema' (the label config XML) is required", 422)
-        spec = parse_label_config(schema)
+        specs = parse_label_controls(schema)
         project = project_key(body.get("project"))
         if project:
             schemas[project] = schema
@@ -214,6 +222,9 @@ def create_app(env: Settings | None = None) -> FastAPI:
             setup_projects[project] = None
             while len(setup_projects) > KNOWN_PROJECTS_CAP:
                 setup_projects.pop(next(iter(setup_projects)))
+        if len(specs) > 1:  # several controls: each answered from its own model (no warm start, no backlog job)
+            return await run_in_threadpool(_setup_controls, project, specs)
+        spec = specs[0]
         if project:
             await run_in_threadpool(_ask_for_warm_start, project, spec, "setup")
         source = await run_in_threadpool(model_source, registry, project, spec, env)
@@ -241,12 +252,15 @@ def create_app(env: Settings | None = None) -> FastAPI:
             config = schemas[project]
         if not isinstance(config, str):
             raise BadRequest("'label_config' (string) is required unless /setup was called for this project", 422)
-        spec = parse_label_config(config)
+        specs = parse_label_controls(config)
         params = body.get("params")
         if params is not None and not isinstance(params, dict):
             raise BadRequest("'params' must be an object", 422)
         if not tasks:
             return {"results": []}
+        if len(specs) > 1:
+            return await _predict_controls(project, specs, tasks)
+        spec = specs[0]
         t_model = time.perf_counter()
         model = await in_predict_pool(resolve_model, registry, project, spec, env)
         if model is None:
@@ -277,6 +291,54 @@ def create_app(env: Settings | None = None) -> FastAPI:
         server_timing = ", ".join(f"{phase};dur={1000 * seconds:.1f}" for phase, seconds in timings.items())
         return JSONResponse({"results": results, "model_version": model.version},
                             headers={"Server-Timing": server_timing})
+
+    def _setup_controls(project: str | None, specs) -> dict[str, Any]:
+        """/setup of a config with several servable controls: the combined version (``combined_version``)
+        and each control's model; models load in the background as for one control."""
+        sources = [control_source(registry, project, spec, env) for spec in specs]
+        version = combined_version([s[1] if s else None for s in sources])
+        controls = [{"from_name": spec.from_name, "task_type": spec.task_type,
+                     "model_version": source[1] if source else None} for spec, source in zip(specs, sources)]
+        if version is None:
+            return {"model_version": NO_MODEL_VERSION, "model_ready": False, "controls": controls,
+                    "message": _no_model_message(project)}
+        if any(s is not None and s[1] not in loaded_versions() for s in sources):
+            loading = predict_pool.submit(resolve_control_models, registry, project, specs, env)
+            loading.add_done_callback(functools.partial(_report_failed_load, version))
+        return {"model_version": version, "model_ready": True, "task_types": [spec.task_type for spec in specs],
+                "controls": controls}
+
+    async def _predict_controls(project: str | None, specs, tasks) -> JSONResponse:
+        t_model = time.perf_counter()
+        served, skipped, version = await in_predict_pool(resolve_control_models, registry, project, specs, env)
+        if not served:
+            metrics.no_model.inc()
+            return JSONResponse({"results": [], "message": "; ".join(skipped) or _no_model_message(project)})
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {"model": t0 - t_model}
+        chunk = max(1, env.predict_batch or 1) * 4
+        preds = []
+        for start in range(0, len(tasks), chunk):
+            preds += await in_predict_pool(functools.partial(predict_controls, timings=timings, env=env),
+                                           tasks[start : start + chunk], served, fetcher, version)
+        metrics.predict_seconds.observe(time.perf_counter() - t0)
+        for phase, seconds in timings.items():
+            metrics.predict_phase_seconds.labels(phase).observe(seconds)
+        results = []
+        for p in preds:
+            item = p.to_label_studio()
+            if p.error:
+                item["error"] = p.error
+                metrics.prediction_errors.labels(p.error_kind or "error").inc()
+            else:
+                metrics.predictions.labels(p.model_version).inc()
+            results.append(item)
+        metrics.models_loaded.set(cached_model_count())
+        answer: dict[str, Any] = {"results": results, "model_version": version}
+        if skipped:
+            answer["message"] = "; ".join(skipped)
+        server_timing = ", ".join(f"{phase};dur={1000 * seconds:.1f}" for phase, seconds in timings.items())
+        return JSONResponse(answer, headers={"Server-Timing": server_timing})
 
     @app.post("/webhook", openapi_extra=json_body(WebhookRequest),
               responses=errors(400, 401, 403, 413, 422, 429, 503))
@@ -363,8 +425,9 @@ def create_app(env: Settings | None = None) -> FastAPI:
             answer.update(job=job["id"])
         if action == "TASKS_CREATED" and str(project_id) in schemas:
             # new images: the warm start is rebuilt when the project has grown enough (build_warm_start)
-            warm = await run_in_threadpool(_ask_for_warm_start, str(project_id),
-                                           parse_label_config(schemas[str(project_id)]), action)
+            controls = parse_label_controls(schemas[str(project_id)])
+            warm = None if len(controls) > 1 else \
+                await run_in_threadpool(_ask_for_warm_start, str(project_id), controls[0], action)
             if warm is not None:
                 answer.update(warm_start_job=warm["id"])
         return answer

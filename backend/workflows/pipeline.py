@@ -75,6 +75,91 @@ def resolve_model(registry: Registry, project: str | int | None, spec: ControlSp
     return None if source is None else load_model(*source)
 
 
+def control_source(registry: Registry, project: str | int | None, spec: ControlSpec,
+                   env: Settings | None = None) -> tuple[Path, str] | None:
+    """``model_source`` for one control of a config with several: the project's version in service only if
+    it is of this control's kind (trained versions are per project and kind), else the tag's
+    ``model_path``, else LABELLOOP_BASE_MODEL (whose kind is checked once loaded)."""
+    env = env or current_settings()
+    serving = registry.serving(project) if project is not None else None
+    if serving is not None and serving.task_type == spec.task_type:
+        return serving.weights, serving.version
+    custom = resolve_model_path(spec, env.allow_custom_model_path, env.model_root)
+    if custom is not None:
+        return custom, f"custom-{custom.stem}"
+    if env.base_model:
+        path = Path(env.base_model)
+        if not path.is_file():
+            raise LabelConfigError(f"LABELLOOP_BASE_MODEL={env.base_model} does not exist")
+        return path, f"base-{path.stem}"
+    return None
+
+
+def combined_version(versions: list[str | None]) -> str | None:
+    """The ``model_version`` of a prediction drawn from several controls' models: their versions in control
+    order, each once, joined by "+" (``/setup`` and ``/predict`` compute it alike)."""
+    unique = list(dict.fromkeys(v for v in versions if v))
+    return "+".join(unique) if unique else None
+
+
+def resolve_control_models(registry: Registry, project: str | int | None, specs: list[ControlSpec],
+                           env: Settings | None = None) -> tuple[list[tuple[ControlSpec, LoadedModel]], list[str], str | None]:
+    """(control, loaded model) for every control that has a model that can answer it, why each other control
+    is skipped, and the combined version (``combined_version`` of every control's source)."""
+    from labelloop.core.predict import check_compatible
+
+    served: list[tuple[ControlSpec, LoadedModel]] = []
+    skipped: list[str] = []
+    versions: list[str | None] = []
+    for spec in specs:
+        tag = f"<{spec.result_type_tag} name=\"{spec.from_name}\">"
+        source = control_source(registry, project, spec, env)
+        versions.append(source[1] if source else None)
+        if source is None:
+            skipped.append(f"{tag} skipped: no model (set its model_path, or LABELLOOP_BASE_MODEL to a "
+                           f"{' or '.join(spec.kind.served_by)} model)")
+            continue
+        model = load_model(*source)
+        try:
+            check_compatible(model, spec)
+            spec.require_label_map(model.names)
+        except LabelConfigError as exc:
+            skipped.append(f"{tag} skipped: {exc}")
+            continue
+        served.append((spec, model))
+    return served, skipped, combined_version(versions)
+
+
+def predict_controls(tasks: list[dict[str, Any]], served: list[tuple[ControlSpec, LoadedModel]], fetcher,
+                     version: str, env: Settings | None = None,
+                     timings: dict[str, float] | None = None) -> list[TaskPrediction]:
+    """``predict_tasks`` for every served control, merged: one result list per task with every control's
+    regions (ids ``ll<control>-<k>``, unique across controls) and one task score, the lowest of the
+    controls' task scores (each is the probability that its part of the pre-label is right; the least
+    confident part decides when the task needs review). A task where any control failed carries the
+    reasons and scores 0 (review first); the other controls' regions stay."""
+    per_control = [predict_tasks(tasks, spec, model, fetcher, env=env, timings=timings) for spec, model in served]
+    out: list[TaskPrediction] = []
+    for i, task in enumerate(tasks):
+        merged = TaskPrediction(task_id=task.get("id"), model_version=version)
+        scores, errors = [], []
+        for c, preds in enumerate(per_control):
+            part = preds[i]
+            if part.error:
+                errors.append(f"{served[c][0].from_name}: {part.error}")
+                merged.error_kind = merged.error_kind or part.error_kind
+                continue
+            merged.result += [{**item, "id": f"ll{c}-{k}"} for k, item in enumerate(part.result)]
+            if part.score is not None:
+                scores.append(part.score)
+        if errors:
+            merged.error = "; ".join(errors)
+        else:
+            merged.score = min(scores) if scores else None
+        out.append(merged)
+    return out
+
+
 @dataclass
 class TaskPrediction:
     task_id: Any

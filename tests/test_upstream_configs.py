@@ -1,0 +1,175 @@
+"""Upstream label configs that labelloop used to refuse (issue 11, item 2): several servable controls in one
+config (each answered from its own model, one result list and one score per task).
+
+Unit tests check the parsing and the merge rule; the service tests POST real label configs to an in-process
+``/setup`` and ``/predict`` (label-studio-ml-backend's test style: compare the JSON) with models the suite
+trains once (``trained``), and compare a two-control answer with the two one-control answers it is made of.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import install_model
+from fastapi.testclient import TestClient
+
+from labelloop.config import settings
+from labelloop.core.labelconfig import LabelConfigError, parse_label_config, parse_label_controls
+from labelloop.dev.shapes import CLASSES
+from labelloop.workflows import pipeline
+from labelloop.workflows.pipeline import TaskPrediction, combined_version, predict_controls
+
+CHOICES = "".join(f'<Choice value="{c}"/>' for c in CLASSES)
+LABELS = "".join(f'<Label value="{c}"/>' for c in CLASSES)
+
+
+def cfg(*controls: str) -> str:
+    return '<View><Image name="image" value="$image"/>' + "".join(controls) + "</View>"
+
+
+def choices(attrs: str = "") -> str:
+    return f'<Choices name="kind" toName="image"{attrs}>{CHOICES}</Choices>'
+
+
+def rectangles(attrs: str = "") -> str:
+    return f'<RectangleLabels name="label" toName="image"{attrs}>{LABELS}</RectangleLabels>'
+
+
+# -- unit: parsing and merging ------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_every_servable_control_is_parsed_in_config_order():
+    specs = parse_label_controls(cfg(choices(), rectangles(' model_score_threshold="0.3"'),
+                                     '<PolygonLabels name="p" toName="image" model_skip="true"><Label value="a"/>'
+                                     '</PolygonLabels>'))
+    assert [(s.from_name, s.task_type) for s in specs] == [("kind", "classification"), ("label", "detection")]
+    assert specs[1].score_threshold == pytest.approx(0.3)
+
+
+@pytest.mark.unit
+def test_one_control_callers_still_get_a_clear_refusal():
+    """Training, prediction jobs and FiftyOne work on one control: they keep the model_skip advice."""
+    with pytest.raises(LabelConfigError, match=r"/predict answers each.*model_skip"):
+        parse_label_config(cfg(choices(), rectangles()))
+
+
+@pytest.mark.unit
+def test_combined_version_names_each_model_once_in_control_order():
+    assert combined_version(["custom-cls", "p7-v1"]) == "custom-cls+p7-v1"
+    assert combined_version(["base-yolo", None, "base-yolo"]) == "base-yolo"
+    assert combined_version([None, None]) is None
+
+
+@pytest.mark.unit
+def test_merge_keeps_every_region_with_unique_ids_and_the_lowest_score(monkeypatch):
+    specs = parse_label_controls(cfg(choices(), rectangles()))
+    answers = {
+        "kind": [TaskPrediction(1, [{"id": "ll0", "from_name": "kind"}], 0.9, "a"),
+                 TaskPrediction(2, [{"id": "ll0", "from_name": "kind"}], 0.6, "a")],
+        "label": [TaskPrediction(1, [{"id": "ll0", "from_name": "label"}, {"id": "ll1", "from_name": "label"}],
+                                 0.4, "b"),
+                  TaskPrediction(2, [], None, "b", error="HTTP 404 fetching x", error_kind="http")],
+    }
+    monkeypatch.setattr(pipeline, "predict_tasks", lambda tasks, spec, model, fetcher, **kw: answers[spec.from_name])
+    out = predict_controls([{"id": 1}, {"id": 2}], [(specs[0], None), (specs[1], None)], None, "a+b")
+    first, second = (p.to_label_studio() for p in out)
+    assert first == {"result": [{"id": "ll0-0", "from_name": "kind"}, {"id": "ll1-0", "from_name": "label"},
+                                {"id": "ll1-1", "from_name": "label"}], "score": 0.4, "model_version": "a+b"}
+    # a control that failed: its reason, the other control's regions, score 0 (review first)
+    assert second == {"result": [{"id": "ll0-0", "from_name": "kind"}], "score": 0.0, "model_version": "a+b"}
+    assert out[1].error == "label: HTTP 404 fetching x" and out[1].error_kind == "http"
+
+
+# -- service: real configs through /setup and /predict -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_home(tmp_path_factory, trained):
+    """A registry where project 7 serves the suite's detector, and the suite's classifier under MODEL_ROOT."""
+    home = tmp_path_factory.mktemp("upstream-configs")
+    version = install_model(home / "models", 7, trained("detection"))
+    (home / "weights").mkdir()
+    shutil.copy(trained("classification").weights, home / "weights" / "shapes-cls.pt")
+    return home, version
+
+
+def client(home: Path, image_host: str, **changes) -> TestClient:
+    from labelloop.service.app import create_app
+
+    env = dataclasses.replace(settings(), model_dir=home / "models", model_root=home / "weights",
+                              allow_custom_model_path=True, allowed_hosts=(image_host.removeprefix("http://"),),
+                              cache_dir=home / "cache", warm_start_steps=0, base_model="", **changes)
+    return TestClient(create_app(env), raise_server_exceptions=False)
+
+
+def tasks_for(image_host: str, shapes_eval, n: int = 4) -> list[dict]:
+    return [{"id": 100 + k, "data": {"image": f"{image_host}/{image.file}"}} for k, image in enumerate(shapes_eval.images[:n])]
+
+
+def predict(app: TestClient, project, config: str, tasks: list[dict]) -> dict:
+    response = app.post("/predict", json={"tasks": tasks, "project": project, "label_config": config})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_choices_and_rectangles_on_one_image_are_both_served(served_home, image_host, shapes_eval):
+    home, detector = served_home
+    app = client(home, image_host)
+    boxes = rectangles(' model_score_threshold="0.1"')
+    both = cfg(choices(' model_path="shapes-cls.pt"'), boxes)
+    setup = app.post("/setup", json={"project": "7.1795358080", "schema": both})
+    assert setup.status_code == 200, setup.text
+    assert setup.json() == {
+        "model_version": f"custom-shapes-cls+{detector}", "model_ready": True,
+        "task_types": ["classification", "detection"],
+        "controls": [{"from_name": "kind", "task_type": "classification", "model_version": "custom-shapes-cls"},
+                     {"from_name": "label", "task_type": "detection", "model_version": detector}]}
+    tasks = tasks_for(image_host, shapes_eval, 12)
+    answer = predict(app, "7.1795358080", both, tasks)
+    # the same tasks through one-control configs: the classifier alone (a project with no trained version, so
+    # its model_path answers) and the project's detector alone
+    alone_cls = predict(app, "8", cfg(choices(' model_path="shapes-cls.pt"')), tasks)["results"]
+    alone_det = predict(app, "7", cfg(boxes), tasks)["results"]
+    assert answer["model_version"] == f"custom-shapes-cls+{detector}" and "message" not in answer
+    assert len(answer["results"]) == len(tasks)
+    for merged, c, d in zip(answer["results"], alone_cls, alone_det):
+        expected = [{**item, "id": f"ll0-{k}"} for k, item in enumerate(c["result"])] + \
+                   [{**item, "id": f"ll1-{k}"} for k, item in enumerate(d["result"])]
+        assert merged == {"result": expected, "score": min(c["score"], d["score"]),
+                          "model_version": f"custom-shapes-cls+{detector}"}
+        assert merged["result"][0]["type"] == "choices"
+    assert any(r["type"] == "rectanglelabels" for merged in answer["results"] for r in merged["result"])
+
+
+def test_a_control_without_a_model_is_skipped_with_a_message(served_home, image_host, shapes_eval):
+    """No model_path on the Choices and no base model: the detector's boxes are served, the Choices is named
+    in the message (not a 422)."""
+    home, detector = served_home
+    app = client(home, image_host)
+    both = cfg(choices(), rectangles())
+    setup = app.post("/setup", json={"project": "7", "schema": both}).json()
+    assert setup["model_version"] == detector and setup["controls"][0]["model_version"] is None
+    tasks = tasks_for(image_host, shapes_eval, 2)
+    answer = predict(app, "7", both, tasks)
+    assert answer["model_version"] == detector
+    assert answer["message"].startswith('<Choices name="kind"> skipped: no model')
+    alone = predict(app, "7", cfg(rectangles()), tasks)["results"]
+    for merged, d in zip(answer["results"], alone):
+        assert merged["result"] == [{**item, "id": f"ll1-{k}"} for k, item in enumerate(d["result"])]
+        assert merged["score"] == d["score"]
+
+
+def test_a_model_of_the_wrong_kind_is_skipped_and_no_model_at_all_is_an_empty_answer(served_home, image_host,
+                                                                                    shapes_eval):
+    home, _ = served_home
+    app = client(home, image_host)
+    # the classifier named on the RectangleLabels: wrong kind, skipped; nothing left to serve
+    config = cfg(choices(), rectangles(' model_path="shapes-cls.pt"'))
+    answer = predict(app, "9", config, tasks_for(image_host, shapes_eval, 1))
+    assert answer["results"] == []
+    assert '<Choices name="kind"> skipped: no model' in answer["message"]
+    assert '<RectangleLabels name="label"> skipped: ' in answer["message"] and "classify model" in answer["message"]
