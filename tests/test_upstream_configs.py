@@ -173,3 +173,85 @@ def test_a_model_of_the_wrong_kind_is_skipped_and_no_model_at_all_is_an_empty_an
     assert answer["results"] == []
     assert '<Choices name="kind"> skipped: no model' in answer["message"]
     assert '<RectangleLabels name="label"> skipped: ' in answer["message"] and "classify model" in answer["message"]
+
+
+# -- multi-label Choices (choice="multiple") ----------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_choice_multiple_is_read_from_the_config():
+    multi = parse_label_config(cfg(choices(' choice="multiple"')))
+    single = parse_label_config(cfg(choices(' choice="single"')))
+    assert multi.multiple and not single.multiple and not parse_label_config(cfg(rectangles())).multiple
+
+
+@pytest.mark.unit
+def test_multilabel_choices_every_class_over_the_threshold_at_least_the_top_one():
+    from labelloop.core.scoring import multilabel_choices
+
+    assert multilabel_choices([0.1, 0.45, 0.3, 0.15], 0.25) == [1, 2]
+    assert multilabel_choices([0.1, 0.45, 0.3, 0.15], 0.5) == [1]  # none reaches it: the top one
+    assert multilabel_choices([], 0.5) == []
+
+
+@pytest.mark.unit
+def test_multilabel_task_score_is_the_product_of_decision_correctness():
+    from labelloop.core.scoring import decision_correctness, multilabel_task_score
+
+    probs = [0.1, 0.45, 0.3, 0.15]
+    # chosen 1 and 2 (right with p), left out 0 and 3 (right with 1 - p)
+    assert multilabel_task_score(probs, 0.25) == pytest.approx(0.9 * 0.45 * 0.3 * 0.85)
+    # the top class chosen under the threshold counts as chosen: p, not 1 - p
+    assert multilabel_task_score(probs, 0.5) == pytest.approx(0.9 * 0.45 * 0.7 * 0.85)
+    # the same rule as detection's keep/drop decisions
+    assert multilabel_task_score([0.8, 0.2], 0.5) == pytest.approx(
+        decision_correctness(0.8, 0.5) * decision_correctness(0.2, 0.5))
+
+
+@pytest.mark.unit
+def test_multilabel_prediction_is_one_item_choosing_every_chosen_class():
+    from labelloop.core.predict import ImagePrediction, _classification_prediction
+    from labelloop.labelstudio.results import prediction_result
+
+    spec = parse_label_config(cfg(choices(' choice="multiple" model_score_threshold="0.25"')))
+    labels = list(CLASSES)
+    label_of = dict(enumerate(labels))
+    pred = _classification_prediction(ImagePrediction(width=8, height=8), labels, [0.1, 0.45, 0.3, 0.15], label_of,
+                                      multilabel=0.25)
+    assert [r.label for r in pred.regions] == [labels[1], labels[2]]
+    assert pred.score == pytest.approx(0.9 * 0.45 * 0.3 * 0.85)
+    assert prediction_result(pred, spec) == [{"id": "ll0", "from_name": "kind", "to_name": "image", "type": "choices",
+                                              "score": 0.3, "value": {"choices": [labels[1], labels[2]]}}]
+    # a single-label control on the same probabilities: the top class alone, as before
+    single = _classification_prediction(ImagePrediction(), labels, [0.1, 0.45, 0.3, 0.15], label_of)
+    assert [r.label for r in single.regions] == [labels[1]] and single.score == pytest.approx(0.45)
+
+
+@pytest.mark.unit
+def test_training_a_multilabel_choices_is_refused_with_the_reason(tmp_path):
+    from labelloop.core.datasets import DatasetError
+    from labelloop.core.registry import Registry
+    from labelloop.workflows.pipeline import train_new_version
+
+    spec = parse_label_config(cfg(choices(' choice="multiple"')))
+    with pytest.raises(DatasetError, match=r"choice=\"multiple\".*single-label"):
+        train_new_version(Registry(tmp_path), 1, [], spec, None)
+
+
+def test_multilabel_choices_served_through_predict(served_home, image_host, shapes_eval):
+    """A real multi-label config through /predict: one item per task choosing every class at or above the
+    threshold, the most likely first (the class the single-label config chooses); threshold 0 chooses all."""
+    home, _ = served_home
+    app = client(home, image_host)
+    tasks = tasks_for(image_host, shapes_eval, 6)
+    single = predict(app, "8", cfg(choices(' model_path="shapes-cls.pt"')), tasks)["results"]
+    multi = predict(app, "8", cfg(choices(' model_path="shapes-cls.pt" choice="multiple" model_score_threshold="0.2"')),
+                    tasks)["results"]
+    for one, many in zip(single, multi):
+        (item,) = many["result"]
+        assert item["value"]["choices"][0] == one["result"][0]["value"]["choices"][0]  # the top class leads
+        assert len(item["value"]["choices"]) >= 1 and 0.0 <= many["score"] <= 1.0
+    everything = predict(app, "8", cfg(choices(' model_path="shapes-cls.pt" choice="multiple" model_score_threshold="0"')),
+                         tasks)["results"]
+    for many in everything:
+        assert sorted(many["result"][0]["value"]["choices"]) == sorted(CLASSES)  # threshold 0: every class

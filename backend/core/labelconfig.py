@@ -23,6 +23,10 @@ too, the first wins when both are set), ``model_skip="true"`` (ignore this tag),
 ``MODEL_ROOT``; a bare ultralytics model name such as ``yolo11n.pt`` missing there is downloaded into
 it when online, see ``yolo_env.fetch_weights``). Label Studio labels map to model class names through
 ``predicted_values`` on ``<Label>``, then an exact match, then a case-insensitive match.
+
+``<Choices choice="multiple">`` is served multi-label: every class whose probability is at least the
+control's threshold is chosen, at least the most likely one (``scoring.multilabel_choices``); training one
+is refused with that reason (ultralytics classifiers are single-label).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class ControlSpec:
     predicted_values: dict[str, tuple[str, ...]] = field(default_factory=dict)  # LS label → model names
     score_threshold: float | None = None  # None → LABELLOOP_SCORE_THRESHOLD
     model_path: str | None = None  # raw attribute; resolved by resolve_model_path()
+    multiple: bool = False  # <Choices choice="multiple">: every class at or above the threshold is chosen
 
     def __post_init__(self):
         if self.task_type not in KINDS:
@@ -224,6 +229,7 @@ def _control_spec(control, image) -> ControlSpec:
         predicted_values=predicted,
         score_threshold=threshold,
         model_path=control.attr.get("model_path") or None,
+        multiple=tag.lower() == "choices" and str(control.attr.get("choice") or "").strip().lower() == "multiple",
     )
 
 

@@ -209,8 +209,9 @@ def predict_images(
     """
     check_compatible(model, spec)
     label_of = spec.require_label_map(model.names)
+    multilabel = threshold if spec.kind.whole_image and spec.multiple else None
     if tta and spec.kind.whole_image:
-        return _predict_classification_tta(model, images, label_of, batch, imgsz)
+        return _predict_classification_tta(model, images, label_of, batch, imgsz, multilabel)
     floor = min(scoring.CANDIDATE_FLOOR, threshold)
     out: list[ImagePrediction] = []
     for start in range(0, len(images), batch):
@@ -236,7 +237,7 @@ def _views(image: np.ndarray) -> list[np.ndarray]:
 
 
 def _predict_classification_tta(model: LoadedModel, images: list[Path], label_of: dict[int, str], batch: int,
-                                imgsz: int | None) -> list[ImagePrediction]:
+                                imgsz: int | None, multilabel: float | None = None) -> list[ImagePrediction]:
     import cv2
 
     out: list[ImagePrediction] = []
@@ -260,7 +261,7 @@ def _predict_classification_tta(model: LoadedModel, images: list[Path], label_of
             height, width = arrays[k].shape[:2]
             mean = np.mean([[g.class_probs[label] for label in group[0].class_probs] for g in group], axis=0)
             out.append(_classification_prediction(ImagePrediction(width=width, height=height),
-                                                   list(group[0].class_probs), mean, label_of))
+                                                   list(group[0].class_probs), mean, label_of, multilabel))
     return out
 
 
@@ -280,7 +281,8 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
     height, width = (int(v) for v in result.orig_shape)
     pred = ImagePrediction(width=width, height=height)
     if spec.kind.whole_image:
-        return _convert_classification(result, pred, label_of, model.temperature)
+        return _convert_classification(result, pred, label_of, model.temperature,
+                                       threshold if spec.multiple else None)
 
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
@@ -314,19 +316,29 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
 
 
 def _convert_classification(result, pred: ImagePrediction, label_of: dict[int, str],
-                            temperature: float = 1.0) -> ImagePrediction:
+                            temperature: float = 1.0, multilabel: float | None = None) -> ImagePrediction:
     probs = result.probs.data.cpu().numpy().astype(float)
     indices = sorted(label_of)
     mapped = scoring.normalize([probs[i] for i in indices])
     if temperature != 1.0:
         mapped = apply_temperature(mapped, temperature)
-    return _classification_prediction(pred, [label_of[i] for i in indices], mapped, label_of)
+    return _classification_prediction(pred, [label_of[i] for i in indices], mapped, label_of, multilabel)
 
 
-def _classification_prediction(pred: ImagePrediction, labels: list[str], probs, label_of: dict[int, str]
-                               ) -> ImagePrediction:
+def _classification_prediction(pred: ImagePrediction, labels: list[str], probs, label_of: dict[int, str],
+                               multilabel: float | None = None) -> ImagePrediction:
+    """One chosen class (the most likely); with ``multilabel`` (the threshold of a ``choice="multiple"``
+    control) every class at or above it, at least the most likely (``scoring.multilabel_choices``), scored
+    as choose/leave decisions (``scoring.multilabel_task_score``). ultralytics classifiers are softmax
+    models: their probabilities compete, so a multi-label control wants a threshold under 0.5."""
     index_of = {label: i for i, label in label_of.items()}
     pred.class_probs = {label: float(p) for label, p in zip(labels, probs)}
+    if multilabel is not None:
+        chosen = scoring.multilabel_choices(probs, multilabel)
+        pred.regions = [Region(label=labels[i], score=float(probs[i]), class_index=index_of[labels[i]]) for i in chosen]
+        pred.candidate_scores = [float(probs[i]) for i in chosen]
+        pred.score = scoring.multilabel_task_score(probs, multilabel)
+        return pred
     best = int(np.argmax(probs))
     pred.regions.append(Region(label=labels[best], score=float(probs[best]), class_index=index_of[labels[best]]))
     pred.candidate_scores = [float(probs[best])]

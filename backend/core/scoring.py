@@ -7,7 +7,8 @@ Conventions (what a number means):
   is right and needs no correction, in [0, 1]. **Low = least confident = review first.**
 
   - classification: the probability of the predicted class (softmax, over the classes the label
-    config offers).
+    config offers). Multi-label ``Choices``: every class is a choose/leave decision scored like a
+    detection's keep/drop (``multilabel_task_score``).
   - detection / segmentation: every candidate region the model produced above a low floor
     (``CANDIDATE_FLOOR``, far below the display threshold) is a keep/drop decision. A region kept
     (confidence p >= threshold) is right with probability p; a region dropped is right with
@@ -55,6 +56,29 @@ def classification_task_score(probs: Sequence[float] | np.ndarray) -> float:
     """Task score for classification: probability of the predicted (top-1) class."""
     array = normalize(probs)
     return float(array.max()) if len(array) else 0.0
+
+
+def multilabel_choices(probs: Sequence[float] | np.ndarray, threshold: float) -> list[int]:
+    """Multi-label ``Choices`` (``choice="multiple"``): the indices of every class whose probability is at
+    least ``threshold``, and at least the most likely one, most likely first."""
+    array = np.asarray(probs, dtype=np.float64)
+    if not len(array):
+        return []
+    order = [int(i) for i in np.argsort(-array, kind="stable")]
+    return [i for i in order if array[i] >= threshold] or order[:1]
+
+
+def multilabel_task_score(probs: Sequence[float] | np.ndarray, threshold: float) -> float:
+    """Task score of a multi-label choice: every class is a choose/leave decision, right with probability p
+    when chosen and 1 - p when left out (``decision_correctness``, as for detection's keep/drop), and the
+    score is the product. The top class chosen under the threshold (at least one is chosen) counts as
+    chosen: right with probability p."""
+    array = np.asarray(probs, dtype=np.float64)
+    chosen = set(multilabel_choices(array, threshold))
+    score = 1.0
+    for i, p in enumerate(array):
+        score *= decision_correctness(float(p), min(threshold, float(p)) if i in chosen else threshold)
+    return float(score)
 
 
 # -- uncertainty measures (higher = more uncertain), used for sampling --------------------------

@@ -98,7 +98,14 @@ def _pct(value: float, size: int) -> float:
 
 
 def prediction_result(pred: ImagePrediction, spec: ControlSpec) -> list[dict[str, Any]]:
-    """Label Studio ``result`` list for one engine prediction (coordinates in percent of the image)."""
+    """Label Studio ``result`` list for one engine prediction (coordinates in percent of the image).
+
+    A multi-label ``Choices`` (``choice="multiple"``) is one item choosing every chosen class, scored by the
+    least likely of them."""
+    if spec.kind.whole_image and spec.multiple and pred.regions:
+        return [{"id": "ll0", "from_name": spec.from_name, "to_name": spec.to_name, "type": spec.result_type,
+                 "score": round(min(r.score for r in pred.regions), 6),
+                 "value": {"choices": [r.label for r in pred.regions]}}]
     items: list[dict[str, Any]] = []
     for k, region in enumerate(pred.regions):
         item: dict[str, Any] = {"id": f"ll{k}", "from_name": spec.from_name, "to_name": spec.to_name,

@@ -302,6 +302,10 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
     """
     env = env or current_settings()
     say = progress or (lambda fraction, message: None)
+    if spec.multiple:  # never trained as single-label behind the labeler's back
+        raise DatasetError(f"<Choices name=\"{spec.from_name}\"> is choice=\"multiple\": labelloop serves it "
+                           "(every class at or above the threshold) but cannot train it, ultralytics classifiers "
+                           "are single-label; train from single-label Choices, or serve a model_path or base model")
     images = labeled_images(tasks, spec)
     if len(images) < min_train:
         raise DatasetError(f"project {project} has {len(images)} labeled task(s) for '{spec.from_name}'; "
@@ -456,6 +460,8 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
         return {"skipped": "warm start switched off (LABELLOOP_WARM_START_STEPS=0)"}
     if not spec.kind.whole_image:
         return {"skipped": f"no warm start for {spec.task_type} yet"}
+    if spec.multiple:
+        return {"skipped": "multi-label Choices (choice=\"multiple\") are not trained, so no warm start"}
     if resolve_model_path(spec, env.allow_custom_model_path, env.model_root) or env.base_model or env.model_config:
         return {"skipped": "the project trains from the user's weights or model config"}
     urls = [u for u in (_image_url_or_empty(t, spec.value_key) for t in tasks) if u]
