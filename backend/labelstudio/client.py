@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 # Unreachable Label Studio: try again after 1, 2, 4, 8 s (15 s in all), then fail with the reason.
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+# Projects above this many tasks are read through an export snapshot rather than the easy export
+# (one request that must build the whole JSON within Label Studio's timeout).
+SNAPSHOT_ABOVE_TASKS = 2000
+SNAPSHOT_TIMEOUT_S = 600
 PREDICTION_CHUNK = 100  # predictions per bulk import request
 WEBHOOK_SECRET_HEADER = "X-Labelloop-Webhook-Secret"  # installed on the project's webhook; checked by /webhook
 
@@ -127,12 +131,38 @@ class StudioClient:
         """The project, its parsed label config and every task with its annotations (the truth)."""
         info = self.project(project_id)
         spec = parse_label_config(info["label_config"])
-        return StudioProject(int(project_id), info, spec, self.export_tasks(project_id))
+        snapshot = int(info.get("task_number") or 0) > SNAPSHOT_ABOVE_TASKS
+        return StudioProject(int(project_id), info, spec, self.export_tasks(project_id, snapshot=snapshot))
 
-    def export_tasks(self, project_id: int | str) -> list[dict[str, Any]]:
-        """Every task of the project with its annotations (Label Studio's JSON export)."""
-        return self.request("GET", f"/api/projects/{int(project_id)}/export",
-                            params={"exportType": "JSON", "download_all_tasks": "true"})
+    def export_tasks(self, project_id: int | str, snapshot: bool = False) -> list[dict[str, Any]]:
+        """Every task of the project with its annotations (Label Studio's JSON export).
+
+        ``snapshot``: through an export snapshot (made, downloaded, deleted) instead of the one-request
+        "easy export", which Label Studio's maintainers advise against for large projects; what comes
+        back is the same JSON.
+        """
+        if not snapshot:
+            return self.request("GET", f"/api/projects/{int(project_id)}/export",
+                                params={"exportType": "JSON", "download_all_tasks": "true"})
+        base = f"/api/projects/{int(project_id)}/exports"
+        made = self.request("POST", base, json={"title": "labelloop read",
+                                                "task_filter_options": {"only_with_annotations": False}})
+        try:
+            deadline = time.monotonic() + SNAPSHOT_TIMEOUT_S
+            while (made.get("status") or "created") not in ("completed", "failed"):
+                if time.monotonic() > deadline:
+                    raise StudioError(f"Label Studio's export snapshot of project {int(project_id)} did not "
+                                      f"finish within {SNAPSHOT_TIMEOUT_S} s")
+                time.sleep(0.5)
+                made = self.request("GET", f"{base}/{int(made['id'])}")
+            if made["status"] == "failed":
+                raise StudioError(f"Label Studio's export snapshot of project {int(project_id)} failed")
+            return self.request("GET", f"{base}/{int(made['id'])}/download", params={"exportType": "JSON"})
+        finally:  # snapshots are files in Label Studio's storage: never leave ours behind
+            try:
+                self._send("DELETE", f"{base}/{int(made['id'])}")
+            except (httpx.HTTPError, StudioError):
+                log.warning("project %s: export snapshot %s not deleted", project_id, made.get("id"))
 
     def tasks(self, project_id: int | str, ordering: list[str] | None = None, page_size: int = 10_000) -> list[dict[str, Any]]:
         """Tasks as the Data Manager lists them (``ordering`` e.g. ``["tasks:predictions_score"]``)."""
