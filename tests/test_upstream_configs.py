@@ -100,9 +100,10 @@ def served_home(tmp_path_factory, trained):
 def client(home: Path, image_host: str, **changes) -> TestClient:
     from labelloop.service.app import create_app
 
+    changes = {"base_model": "", **changes}
     env = dataclasses.replace(settings(), model_dir=home / "models", model_root=home / "weights",
                               allow_custom_model_path=True, allowed_hosts=(image_host.removeprefix("http://"),),
-                              cache_dir=home / "cache", warm_start_steps=0, base_model="", **changes)
+                              cache_dir=home / "cache", warm_start_steps=0, **changes)
     return TestClient(create_app(env), raise_server_exceptions=False)
 
 
@@ -255,3 +256,85 @@ def test_multilabel_choices_served_through_predict(served_home, image_host, shap
                          tasks)["results"]
     for many in everything:
         assert sorted(many["result"][0]["value"]["choices"]) == sorted(CLASSES)  # threshold 0: every class
+
+
+# -- RectangleLabels model_obb="true": an ultralytics OBB model's rotated boxes ------------------------
+
+
+def _obb_result(boxes, shape=(60, 100)):
+    import numpy as np
+    import torch
+    from ultralytics.engine.results import Results
+
+    return Results(np.zeros((*shape, 3), np.uint8), "x.png", dict(enumerate(CLASSES)), obb=torch.tensor(boxes))
+
+
+@pytest.mark.unit
+def test_model_obb_is_read_and_needs_an_obb_model():
+    from labelloop.core.predict import LoadedModel, check_compatible
+
+    spec = parse_label_config(cfg(rectangles(' model_obb="true"')))
+    assert spec.oriented and not parse_label_config(cfg(rectangles())).oriented
+    check_compatible(LoadedModel(None, Path("m.pt"), "base-obb", "obb", {}), spec)
+    with pytest.raises(LabelConfigError, match=r"model_obb.*needs an obb model.*detect model"):
+        check_compatible(LoadedModel(None, Path("m.pt"), "base-det", "detect", {}), spec)
+    with pytest.raises(LabelConfigError, match=r"needs a detect or segment model"):  # and the other way round
+        check_compatible(LoadedModel(None, Path("m.pt"), "base-obb", "obb", {}), parse_label_config(cfg(rectangles())))
+
+
+@pytest.mark.unit
+def test_rotated_boxes_become_label_studio_rectangles_with_the_same_corners():
+    """Label Studio rotates a rectangle about its (x, y) corner, clockwise in image coordinates: the four
+    corners it draws are the OBB model's corners (checked in pixels on a non-square image)."""
+    import math
+
+    from labelloop.core.predict import ImagePrediction, _convert_oriented
+    from labelloop.labelstudio.results import prediction_result
+
+    spec = parse_label_config(cfg(rectangles(' model_obb="true"')))
+    result = _obb_result([[50.0, 30.0, 40.0, 20.0, math.radians(30), 0.9, 1.0],
+                          [20.0, 20.0, 10.0, 10.0, 0.2, 0.3, 0.0]])  # the second under the 0.5 threshold
+    pred = _convert_oriented(result, ImagePrediction(width=100, height=60), dict(enumerate(CLASSES)), 0.5, 0.05)
+    assert [r.label for r in pred.regions] == [CLASSES[1]]
+    assert pred.score == pytest.approx(0.9 * (1 - 0.3))  # keep/drop decisions, as for detection
+    (item,) = prediction_result(pred, spec)
+    value = item["value"]
+    assert value["rotation"] == pytest.approx(30.0) and value["rectanglelabels"] == [CLASSES[1]]
+    x, y = value["x"] / 100 * 100, value["y"] / 100 * 60
+    w, h = value["width"] / 100 * 100, value["height"] / 100 * 60
+    angle = math.radians(value["rotation"])
+    drawn = [(x + dx * math.cos(angle) - dy * math.sin(angle), y + dx * math.sin(angle) + dy * math.cos(angle))
+             for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    corners = [tuple(map(float, c)) for c in result.obb.xyxyxyxy[0].numpy()]
+    for point in drawn:
+        assert min(math.dist(point, c) for c in corners) < 0.05
+
+
+@pytest.mark.unit
+def test_training_an_obb_control_is_refused_with_the_reason(tmp_path):
+    from labelloop.core.datasets import DatasetError
+    from labelloop.core.registry import Registry
+    from labelloop.workflows.pipeline import train_new_version
+
+    with pytest.raises(DatasetError, match="does not train OBB models"):
+        train_new_version(Registry(tmp_path), 1, [], parse_label_config(cfg(rectangles(' model_obb="true"'))), None)
+
+
+def test_an_obb_base_model_answers_a_model_obb_config(tmp_path, image_host, shapes_eval):
+    """An ultralytics OBB model (built from yolov8n-obb.yaml: untrained, so it may find nothing) serves a
+    model_obb config through /predict as LABELLOOP_BASE_MODEL; a plain RectangleLabels is refused with it."""
+    from labelloop.core.yolo_env import import_yolo
+
+    model = import_yolo()("yolov8n-obb.yaml")
+    model.model.names = dict(enumerate(CLASSES))
+    model.save(str(tmp_path / "obb.pt"))
+    (tmp_path / "weights").mkdir()
+    app = client(tmp_path, image_host, base_model=str(tmp_path / "obb.pt"))
+    tasks = tasks_for(image_host, shapes_eval, 2)
+    answer = predict(app, "5", cfg(rectangles(' model_obb="true"')), tasks)
+    assert answer["model_version"] == "base-obb" and len(answer["results"]) == 2
+    for result in answer["results"]:
+        assert "error" not in result and 0.0 <= result["score"] <= 1.0
+        assert all(r["type"] == "rectanglelabels" and "rotation" in r["value"] for r in result["result"])
+    refused = app.post("/predict", json={"tasks": tasks, "project": "5", "label_config": cfg(rectangles())})
+    assert refused.status_code == 422 and "obb model" in refused.json()["error"]

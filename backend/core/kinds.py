@@ -14,6 +14,10 @@ classification     ``Choices``             ``classify``          classify
 detection          ``RectangleLabels``     ``detect``            detect, segment
 segmentation       ``PolygonLabels``       ``segment``           segment
 =================  ======================  ====================  =====================
+
+Served, not trained: ``RectangleLabels model_obb="true"`` (detection's kind, rotated boxes from an ultralytics
+``obb`` model: ``ControlSpec.oriented``) and ``Choices choice="multiple"`` (classification's kind, multi-label:
+``ControlSpec.multiple``); training either is refused with the reason.
 """
 
 from __future__ import annotations

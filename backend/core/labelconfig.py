@@ -27,6 +27,9 @@ it when online, see ``yolo_env.fetch_weights``). Label Studio labels map to mode
 ``<Choices choice="multiple">`` is served multi-label: every class whose probability is at least the
 control's threshold is chosen, at least the most likely one (``scoring.multilabel_choices``); training one
 is refused with that reason (ultralytics classifiers are single-label).
+
+``<RectangleLabels model_obb="true">`` (upstream's attribute) is served from an ultralytics OBB model (task
+``obb``: a base model or ``model_path``) as rotated rectangles; labelloop does not train OBB models.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class ControlSpec:
     score_threshold: float | None = None  # None → LABELLOOP_SCORE_THRESHOLD
     model_path: str | None = None  # raw attribute; resolved by resolve_model_path()
     multiple: bool = False  # <Choices choice="multiple">: every class at or above the threshold is chosen
+    oriented: bool = False  # <RectangleLabels model_obb="true">: rotated boxes from an ultralytics OBB model
 
     def __post_init__(self):
         if self.task_type not in KINDS:
@@ -230,6 +234,7 @@ def _control_spec(control, image) -> ControlSpec:
         score_threshold=threshold,
         model_path=control.attr.get("model_path") or None,
         multiple=tag.lower() == "choices" and str(control.attr.get("choice") or "").strip().lower() == "multiple",
+        oriented=tag.lower() == "rectanglelabels" and _truthy(control.attr.get("model_obb")),
     )
 
 

@@ -34,6 +34,7 @@ class Region:
     class_index: int  # model class index
     bbox: tuple[float, float, float, float] | None = None  # x, y, w, h in pixels
     polygon: list[tuple[float, float]] | None = None  # pixels
+    rotation: float = 0.0  # degrees clockwise about the bbox's (x, y) corner (an OBB model's rotated box)
     # detection: the per-class sigmoid scores of this box, by Label Studio label (not normalized)
     class_probs: dict[str, float] = field(default_factory=dict)
 
@@ -186,6 +187,13 @@ def loaded_versions() -> list[str]:
 
 
 def check_compatible(model: LoadedModel, spec: ControlSpec) -> None:
+    if spec.oriented:
+        if model.task != "obb":
+            raise LabelConfigError(
+                f"<{spec.result_type_tag} name=\"{spec.from_name}\"> has model_obb=\"true\": it needs an obb model "
+                f"(rotated boxes), but {model.version} is a {model.task} model"
+            )
+        return
     if model.task not in spec.kind.served_by:
         raise LabelConfigError(
             f"<{spec.result_type_tag} name=\"{spec.from_name}\"> needs a "
@@ -219,7 +227,7 @@ def predict_images(
         kwargs = dict(conf=floor, verbose=False, batch=len(chunk))
         if imgsz:
             kwargs["imgsz"] = imgsz
-        if not spec.kind.whole_image:
+        if not spec.kind.whole_image and not spec.oriented:
             kwargs["predictor"] = _scoring_predictor(model.task)
         with model.lock:  # ultralytics predictors keep per-call state: one call at a time per model
             results = model.yolo.predict(chunk, **kwargs)
@@ -283,6 +291,8 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
     if spec.kind.whole_image:
         return _convert_classification(result, pred, label_of, model.temperature,
                                        threshold if spec.multiple else None)
+    if spec.oriented:
+        return _convert_oriented(result, pred, label_of, threshold, floor)
 
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
@@ -311,6 +321,33 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
             if len(region.polygon) < 3:
                 continue  # mask too small to outline; still counted in the task score
         pred.regions.append(region)
+    pred.score = scoring.detection_task_score(pred.candidate_scores, threshold, floor)
+    return pred
+
+
+def _convert_oriented(result, pred: ImagePrediction, label_of: dict[int, str], threshold: float,
+                      floor: float) -> ImagePrediction:
+    """An OBB model's rotated boxes (centre, size, angle) as Label Studio rectangles: the corner the box
+    rotates about (its top-left before rotation) and the angle in degrees; scored as detection's boxes."""
+    import math
+
+    obb = getattr(result, "obb", None)
+    if obb is not None and len(obb):
+        conf = obb.conf.cpu().numpy().astype(float)
+        cls = obb.cls.cpu().numpy().astype(int)
+        for i, (cx, cy, w, h, angle) in enumerate(obb.xywhr.cpu().numpy().astype(float)):
+            label = label_of.get(int(cls[i]))
+            if label is None:
+                continue
+            cos, sin = math.cos(angle), math.sin(angle)
+            x = cx - (w / 2) * cos + (h / 2) * sin  # the centre minus the rotated half-diagonal
+            y = cy - (w / 2) * sin - (h / 2) * cos
+            region = Region(label=label, score=float(conf[i]), class_index=int(cls[i]), bbox=(x, y, w, h),
+                            rotation=math.degrees(angle) % 360.0)
+            pred.candidates.append(region)
+            pred.candidate_scores.append(float(conf[i]))
+            if conf[i] >= threshold:
+                pred.regions.append(region)
     pred.score = scoring.detection_task_score(pred.candidate_scores, threshold, floor)
     return pred
 

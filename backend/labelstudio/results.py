@@ -97,6 +97,10 @@ def _pct(value: float, size: int) -> float:
     return round(min(100.0, max(0.0, 100.0 * value / size)), 4) if size else 0.0
 
 
+def _pct_unclamped(value: float, size: int) -> float:
+    return round(100.0 * value / size, 4) if size else 0.0
+
+
 def prediction_result(pred: ImagePrediction, spec: ControlSpec) -> list[dict[str, Any]]:
     """Label Studio ``result`` list for one engine prediction (coordinates in percent of the image).
 
@@ -119,7 +123,13 @@ def prediction_result(pred: ImagePrediction, spec: ControlSpec) -> list[dict[str
                                  "closed": True, spec.result_type: [region.label]}
             else:
                 x, y, w, h = region.bbox
-                item["value"] = {"x": _pct(x, pred.width), "y": _pct(y, pred.height), "width": _pct(w, pred.width),
-                                 "height": _pct(h, pred.height), "rotation": 0, spec.result_type: [region.label]}
+                if region.rotation:  # a rotated box: its corner may lie outside the image, so no clamping
+                    position = {"x": _pct_unclamped(x, pred.width), "y": _pct_unclamped(y, pred.height),
+                                "rotation": round(region.rotation, 4)}
+                else:
+                    position = {"x": _pct(x, pred.width), "y": _pct(y, pred.height), "rotation": 0}
+                item["value"] = {"x": position["x"], "y": position["y"], "width": _pct(w, pred.width),
+                                 "height": _pct(h, pred.height), "rotation": position["rotation"],
+                                 spec.result_type: [region.label]}
         items.append(item)
     return items

@@ -306,6 +306,9 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         raise DatasetError(f"<Choices name=\"{spec.from_name}\"> is choice=\"multiple\": labelloop serves it "
                            "(every class at or above the threshold) but cannot train it, ultralytics classifiers "
                            "are single-label; train from single-label Choices, or serve a model_path or base model")
+    if spec.oriented:
+        raise DatasetError(f"<RectangleLabels name=\"{spec.from_name}\"> has model_obb=\"true\": labelloop serves "
+                           "an OBB model's rotated boxes (a base model or model_path) but does not train OBB models")
     images = labeled_images(tasks, spec)
     if len(images) < min_train:
         raise DatasetError(f"project {project} has {len(images)} labeled task(s) for '{spec.from_name}'; "
