@@ -45,7 +45,7 @@ from labelloop.fo.env import import_fiftyone, root_dataset
 from labelloop.labelstudio.client import StudioClient
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import annotation_key, labeled_image
-from labelloop.workflows.pipeline import resolve_model
+from labelloop.workflows.pipeline import image_url_of, resolve_model
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -174,7 +174,7 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     new_tasks = [t for tid, t in by_id.items() if tid not in known]
     say(0.05, f"{len(new_tasks)} new task(s); fetching images")
     media = media_dir_for(project_id, env)
-    urls = [(t.get("data") or {}).get(spec.value_key) or "" for t in new_tasks]
+    urls = [image_url_of(t, spec.value_key) for t in new_tasks]  # cloud-storage URIs through Label Studio
     with MediaFetcher.from_settings(env) as fetcher:
         report.added = _add_samples(dataset, new_tasks, fetcher.fetch_many(urls), spec, project_id, media, report)
         _own_cached_images(dataset, fetcher, env, media, report)

@@ -266,6 +266,12 @@ def create_app(env: Settings | None = None) -> FastAPI:
         if model is None:
             metrics.no_model.inc()
             return {"results": [], "message": _no_model_message(project)}
+        return await _predict_in_chunks(functools.partial(predict_tasks, spec=spec, model=model, fetcher=fetcher),
+                                        tasks, t_model, {"model_version": model.version})
+
+    async def _predict_in_chunks(predict_chunk, tasks, t_model: float, answer: dict[str, Any]) -> JSONResponse:
+        """Run ``predict_chunk(tasks=…, timings=…)`` chunk by chunk in the predict pool; the Label Studio
+        answer (``answer`` adds to it), metrics and the Server-Timing header."""
         t0 = time.perf_counter()
         timings: dict[str, float] = {"model": t0 - t_model}  # "model": loading (and warming) a version not in memory
         # In chunks: a big request holds a thread (and its images) one chunk at a time, and
@@ -273,8 +279,8 @@ def create_app(env: Settings | None = None) -> FastAPI:
         chunk = max(1, env.predict_batch or 1) * 4
         preds = []
         for start in range(0, len(tasks), chunk):
-            preds += await in_predict_pool(functools.partial(predict_tasks, timings=timings),
-                                           tasks[start : start + chunk], spec, model, fetcher)
+            preds += await in_predict_pool(functools.partial(predict_chunk, tasks[start : start + chunk],
+                                                             timings=timings))
         metrics.predict_seconds.observe(time.perf_counter() - t0)
         for phase, seconds in timings.items():
             metrics.predict_phase_seconds.labels(phase).observe(seconds)
@@ -289,8 +295,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
             results.append(item)
         metrics.models_loaded.set(cached_model_count())
         server_timing = ", ".join(f"{phase};dur={1000 * seconds:.1f}" for phase, seconds in timings.items())
-        return JSONResponse({"results": results, "model_version": model.version},
-                            headers={"Server-Timing": server_timing})
+        return JSONResponse({"results": results, **answer}, headers={"Server-Timing": server_timing})
 
     def _setup_controls(project: str | None, specs) -> dict[str, Any]:
         """/setup of a config with several servable controls: the combined version (``combined_version``)
@@ -314,31 +319,11 @@ def create_app(env: Settings | None = None) -> FastAPI:
         if not served:
             metrics.no_model.inc()
             return JSONResponse({"results": [], "message": "; ".join(skipped) or _no_model_message(project)})
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {"model": t0 - t_model}
-        chunk = max(1, env.predict_batch or 1) * 4
-        preds = []
-        for start in range(0, len(tasks), chunk):
-            preds += await in_predict_pool(functools.partial(predict_controls, timings=timings, env=env),
-                                           tasks[start : start + chunk], served, fetcher, version)
-        metrics.predict_seconds.observe(time.perf_counter() - t0)
-        for phase, seconds in timings.items():
-            metrics.predict_phase_seconds.labels(phase).observe(seconds)
-        results = []
-        for p in preds:
-            item = p.to_label_studio()
-            if p.error:
-                item["error"] = p.error
-                metrics.prediction_errors.labels(p.error_kind or "error").inc()
-            else:
-                metrics.predictions.labels(p.model_version).inc()
-            results.append(item)
-        metrics.models_loaded.set(cached_model_count())
-        answer: dict[str, Any] = {"results": results, "model_version": version}
+        answer: dict[str, Any] = {"model_version": version}
         if skipped:
             answer["message"] = "; ".join(skipped)
-        server_timing = ", ".join(f"{phase};dur={1000 * seconds:.1f}" for phase, seconds in timings.items())
-        return JSONResponse(answer, headers={"Server-Timing": server_timing})
+        return await _predict_in_chunks(functools.partial(predict_controls, served=served, fetcher=fetcher,
+                                                          version=version, env=env), tasks, t_model, answer)
 
     @app.post("/webhook", openapi_extra=json_body(WebhookRequest),
               responses=errors(400, 401, 403, 413, 422, 429, 503))

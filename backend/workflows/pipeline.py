@@ -241,7 +241,7 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
     return out
 
 
-def _image_url_or_empty(task: dict[str, Any], key: str) -> str:
+def image_url_of(task: dict[str, Any], key: str) -> str:
     """``task_image_url``, "" (the fetcher's "empty image URL") for none; a cloud-storage URI that cannot be
     presigned stays as it is, and the fetcher refuses it with the reason."""
     try:
@@ -318,7 +318,7 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
     if skip_if_unchanged and latest is not None and latest.data_fingerprint == fingerprint:
         raise NothingNew(f"no annotation changed since {latest.version}")
     say(0.0, f"fetching {len(images)} images")
-    url_of = {t.get("id"): _image_url_or_empty(t, spec.value_key) for t in tasks}
+    url_of = {t.get("id"): image_url_of(t, spec.value_key) for t in tasks}
     fetched = fetcher.fetch_many([url_of[image.task_id] for image in images])
     image_paths = {image.task_id: p for image, p in zip(images, fetched) if not isinstance(p, Exception)}
     failures = [str(p) for p in fetched if isinstance(p, Exception)]
@@ -467,7 +467,7 @@ def build_warm_start(registry: Registry, project: str | int, tasks: list[dict[st
         return {"skipped": "multi-label Choices (choice=\"multiple\") are not trained, so no warm start"}
     if resolve_model_path(spec, env.allow_custom_model_path, env.model_root) or env.base_model or env.model_config:
         return {"skipped": "the project trains from the user's weights or model config"}
-    urls = [u for u in (_image_url_or_empty(t, spec.value_key) for t in tasks) if u]
+    urls = [u for u in (image_url_of(t, spec.value_key) for t in tasks) if u]
     if len(urls) < WARM_START_MIN_IMAGES:
         return {"skipped": f"{len(urls)} images; a warm start needs at least {WARM_START_MIN_IMAGES}"}
     sample = random.Random(0).sample(urls, min(len(urls), pretrain.MAX_IMAGES))
@@ -660,7 +660,7 @@ def train_fold_and_predict(tasks: list[dict[str, Any]], spec: ControlSpec, fetch
         registry = _Registry(Path(tmp) / "models")
         outcome = train_new_version(registry, f"fold{fold}", training, spec, fetcher, progress)
         model = load_model(outcome.manifest.weights, f"fold{fold}-of-{folds}")
-        fetched = fetcher.fetch_many([_image_url_or_empty(t, spec.value_key) for t in held_out])
+        fetched = fetcher.fetch_many([image_url_of(t, spec.value_key) for t in held_out])
         ready = [(t, p) for t, p in zip(held_out, fetched) if not isinstance(p, Exception)]
         threshold = threshold_for(spec)
         preds = predict_images(model, [p for _, p in ready], spec, threshold)
