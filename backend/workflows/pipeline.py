@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # -- prediction ----------------------------------------------------------------------------------
 
 def model_source(registry: Registry, project: str | int | None, spec: ControlSpec,
-                 env: Settings | None = None) -> tuple[Path, str] | None:
+                 env: Settings | None = None, serving_of_its_kind_only: bool = False) -> tuple[Path, str] | None:
     """(weights file, version name) of the model that answers for ``project``, or None when there is
     none yet — without loading it (Label Studio gives ``/setup`` 3 s).
 
@@ -55,7 +55,7 @@ def model_source(registry: Registry, project: str | int | None, spec: ControlSpe
     """
     env = env or current_settings()
     serving = registry.serving(project) if project is not None else None
-    if serving is not None:
+    if serving is not None and (not serving_of_its_kind_only or serving.task_type == spec.task_type):
         return serving.weights, serving.version
     custom = resolve_model_path(spec, env.allow_custom_model_path, env.model_root)
     if custom is not None:
@@ -80,19 +80,7 @@ def control_source(registry: Registry, project: str | int | None, spec: ControlS
     """``model_source`` for one control of a config with several: the project's version in service only if
     it is of this control's kind (trained versions are per project and kind), else the tag's
     ``model_path``, else LABELLOOP_BASE_MODEL (whose kind is checked once loaded)."""
-    env = env or current_settings()
-    serving = registry.serving(project) if project is not None else None
-    if serving is not None and serving.task_type == spec.task_type:
-        return serving.weights, serving.version
-    custom = resolve_model_path(spec, env.allow_custom_model_path, env.model_root)
-    if custom is not None:
-        return custom, f"custom-{custom.stem}"
-    if env.base_model:
-        path = Path(env.base_model)
-        if not path.is_file():
-            raise LabelConfigError(f"LABELLOOP_BASE_MODEL={env.base_model} does not exist")
-        return path, f"base-{path.stem}"
-    return None
+    return model_source(registry, project, spec, env, serving_of_its_kind_only=True)
 
 
 def combined_version(versions: list[str | None]) -> str | None:
