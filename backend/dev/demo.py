@@ -245,7 +245,7 @@ def run_demo(args) -> int:
     ranked = sorted(scores, key=lambda t: -scores[t])
     found = [len(set(ranked[:k]) & flipped_tasks) for k in range(1, len(ranked) + 1)]
     picked = fo_analysis.uncertainty_sampling(dataset, k=10, diversity=True)
-    sent = fo_analysis.send_to_label_studio(dataset.select(picked["selected"]), "labelloop: label next")
+    sent = fo_analysis.send_to_label_studio(dataset.select(picked["selected"]), "labelloop: picked in FiftyOne")
     fo_analysis.compute_embeddings(dataset, method="pca" if quick else "umap")
     tuning = fo_analysis.evaluate_model(dataset, split="val")  # the FiftyOne evaluation an analyst opens
     held_out = held_out_metrics(test_predicted, [im.label for im in test.images], list(spec.labels))
@@ -274,7 +274,7 @@ def run_demo(args) -> int:
     print(f"""
 Report: {out}
 Label Studio  {ls_url}/projects/{project}  login {state['label_studio']['username']} / {state['label_studio']['password']}
-              the tab "labelloop: label next" holds the review queue picked in FiftyOne
+              tabs: "labelloop: label next" (what to label now), "labelloop: picked in FiftyOne" (the review queue)
 FiftyOne App  {(app + '/datasets/' + report.dataset) if app else '(not started)'}
               saved views: {fo_analysis.MISLABEL_VIEW}, {fo_analysis.UNCERTAIN_VIEW}
 ML backend    {backend}  (GET /versions, /jobs, /metrics)

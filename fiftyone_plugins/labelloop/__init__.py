@@ -340,7 +340,7 @@ class UncertaintySampling(foo.Operator):
                                                       bool(p.get("unlabeled_only", True)), progress)
             if p.get("send"):
                 with StudioClient.from_settings(env) as client:
-                    sent = fo_analysis.send_to_label_studio(dataset.select(result["selected"]), "labelloop: label next",
+                    sent = fo_analysis.send_to_label_studio(dataset.select(result["selected"]), "labelloop: picked in FiftyOne",
                                                             client=client)
                 result["label_studio_tab"] = sent["tab"]
                 result["label_studio_link"] = _project_link(env, sent["project"], sent["tab"])
