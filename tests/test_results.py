@@ -58,3 +58,18 @@ def test_foreign_and_degenerate_regions_are_left_out_but_the_image_still_counts(
     ]
     truth = labeled_image(as_annotated(result), spec)
     assert truth is not None and truth.regions == ()  # an image with nothing of ours in it: a negative
+
+
+def test_first_label_reads_the_controls_own_result_type():
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.dev.shapes import label_config
+    from labelloop.labelstudio.results import first_label
+
+    boxes = parse_label_config(label_config("detection"))
+    result = [{"type": "rectanglelabels", "value": {"x": 1, "y": 1, "width": 5, "height": 5,
+                                                    "rectanglelabels": ["star"]}}]
+    assert first_label(result, boxes) == "star"
+    assert first_label([], boxes) == "" and first_label(None, boxes) == ""
+    choices = parse_label_config(label_config("classification"))
+    assert first_label(result, choices) == ""  # another control's regions are not this one's
+    assert first_label([{"value": {"choices": ["circle"]}}], choices) == "circle"

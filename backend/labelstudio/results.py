@@ -85,6 +85,16 @@ def labeled_image(task: dict[str, Any], spec: ControlSpec) -> LabeledImage | Non
     return LabeledImage(task["id"], key, regions=regions)
 
 
+def first_label(result: list[dict[str, Any]] | None, spec: ControlSpec) -> str:
+    """The label of a result's first region of ``spec``'s control ("" for none): e.g. the class an
+    uncertainty pick is charged to."""
+    for item in result or []:
+        labels = (item.get("value") or {}).get(spec.result_type)
+        if isinstance(labels, list) and labels:
+            return str(labels[0])
+    return ""
+
+
 def labeled_images(tasks: list[dict[str, Any]], spec: ControlSpec) -> list[LabeledImage]:
     """``labeled_image`` of every task that has one, in task order."""
     return [image for image in (labeled_image(t, spec) for t in tasks) if image is not None]

@@ -37,7 +37,7 @@ from labelloop.core.yolo_env import import_yolo
 from labelloop.errors import LabelloopError
 from labelloop.labelstudio.client import StudioClient, read_project
 from labelloop.labelstudio.media import MediaError, MediaFetcher, task_image_url
-from labelloop.labelstudio.results import labeled_images, latest_human_annotation, prediction_result
+from labelloop.labelstudio.results import first_label, labeled_images, latest_human_annotation, prediction_result
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         project = client.load_project(project_id)
         spec, tasks = project.spec, project.tasks
         weights = manifest.weights if manifest is not None else base_weights(registry, project_id, spec, version, env)
-        existing = {p["task"]: (p.get("score"), predicted_label(p.get("result"))) for p in client.predictions(project_id)
+        existing = {p["task"]: (p.get("score"), first_label(p.get("result"), spec)) for p in client.predictions(project_id)
                     if p.get("model_version") == version}
         done = set(existing)
         todo = [t for t in tasks if latest_human_annotation(t) is None and t["id"] not in done]
@@ -535,7 +535,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             if payload:
                 client.import_predictions(project_id, payload)
                 counts["pushed"] += len(payload)
-                scores.update({item["task"]: (item["score"], predicted_label(item["result"])) for item in payload})
+                scores.update({item["task"]: (item["score"], first_label(item["result"], spec)) for item in payload})
             say((start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
         if serves(registry, project_id, spec, version, env):
             try:
@@ -549,15 +549,6 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
 
 LABEL_NEXT_TAB = "labelloop: label next"
 LABEL_NEXT_SIZE = 50  # a labeler's sitting; refreshed after every promotion
-
-
-def predicted_label(result: list[dict[str, Any]] | None) -> str:
-    """The label of a prediction's first region ("" for none): the class an uncertainty pick is charged to."""
-    for region in result or []:
-        for key, value in (region.get("value") or {}).items():
-            if (key == "choices" or key.endswith("labels")) and isinstance(value, list) and value:
-                return str(value[0])
-    return ""
 
 
 def refresh_label_next(client: StudioClient, project_id: int | str,
