@@ -190,6 +190,9 @@ def parse_args(argv=None):
     parser.add_argument("--test", type=int, default=150)
     parser.add_argument("--size", type=int, default=64, help="image side in px (the demo's: 64)")
     parser.add_argument("--noise", type=float, default=0.1, help="share of wrong labels in the pool")
+    parser.add_argument("--style", default="simple", choices=("simple", "textured"),
+                        help="the demo's 'simple' shapes (light on dark), or 'textured' (shapes on textured "
+                             "backgrounds in contrasting colours: harder, so more labels are needed)")
     parser.add_argument("--budgets", default="40,80,120,160,240,320,400")
     parser.add_argument("--baseline-budgets", default="80,160,400")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -236,7 +239,7 @@ def main(argv=None) -> int:
     from labelloop.dev.shapes import flip_image_labels, generate_shapes, to_label_studio_tasks
     from labelloop.workflows.pipeline import train_new_version
 
-    bench = classification_bench(work, args.size, args.test)
+    bench = classification_bench(work, args.size, args.test, args.style)
     recipe_kind_metric = kind_of("classification").primary_metric
     spec, fetcher, registry = bench.spec, bench.fetcher, bench.registry
     test_paths, test_labels = bench.test_paths, bench.test_labels
@@ -255,7 +258,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         candidates = args.pool if args.imbalance <= 1 else int(3 * args.pool)
         pool = generate_shapes(work / f"pool{seed}", n=candidates, seed=500 + seed, size=args.size, max_objects=1,
-                               style="simple")
+                               style=args.style)
         if args.imbalance > 1:
             pool = imbalanced_subset(pool, args.pool, args.imbalance, seed)
         paths = [pool.images_dir / im.file for im in pool.images]
@@ -458,7 +461,7 @@ def report(args, runs, throughput, elapsed, pretrain_seconds=()):
                          f"{np.mean(pretrain_seconds):.0f} s mean / {np.max(pretrain_seconds):.0f} s max")
     skew = (f", classes skewed {args.imbalance:g}:1 (commonest : rarest; the test set balanced)"
             if args.imbalance > 1 else "")
-    settings = (f"seeds {','.join(map(str, args.seeds))}; pool {args.pool} 'simple' shapes at {args.size} px{skew} with "
+    settings = (f"seeds {','.join(map(str, args.seeds))}; pool {args.pool} '{args.style}' shapes at {args.size} px{skew} with "
                 f"{int(100 * args.noise)} % wrong labels, fixed clean test set {args.test}; full-pool accuracy per seed: "
                 + ", ".join(f"{s}: {v:.3f}" for s, v in references.items()))
     tp = throughput

@@ -42,6 +42,12 @@ def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home
         assert summary["per_class_computed_on"] == "held-out test images"
         assert summary["warm_start"]["images"] == 240 and summary["warm_start"]["steps"] == 60, summary["warm_start"]
         assert "held-out test images" in (report / "report.md").read_text()
+        # the "mislabel suspects" tab the prediction job keeps: mostly the labeler's injected mistakes, where
+        # a random pick of labeled tasks holds them at the noise rate (~0.1)
+        tab = summary["suspects_tab"]
+        base_rate = tab["injected_labeled"] / tab["labeled"]
+        assert tab["tasks"] and tab["injected_found"] / tab["tasks"] >= max(0.5, 3 * base_rate), tab
+        assert tab["injected_found"] >= 0.5 * tab["injected_labeled"], tab
         project = summary["project"]
         newest = httpx.get(f"{summary['backend']}/versions", params={"project": project}).json()["serving"][str(project)]
         state = json.loads((home / "stack" / "state.json").read_text())

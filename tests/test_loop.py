@@ -70,6 +70,7 @@ def loop_project(ls_api, backend, worker, loop_images):
 def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, backend, loop_project):
     project, tasks, truth = loop_project["id"], loop_project["tasks"], loop_project["truth"]
     labeled = tasks[:10]
+    ls_api.set_task_meta(labeled[0]["id"], {"source": "camera-7"})  # the user's own meta, to be kept
     for task in labeled:  # what a labeler does; each save fires ANNOTATION_CREATED at the backend
         ls_api.annotate(task["id"], truth[task["id"]])
     before = {t["id"]: t["annotations"] for t in ls_api.tasks(project)}
@@ -117,6 +118,20 @@ def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, b
     assert [t["id"] for t in ls_api.tab_tasks(project, [i for i, v in views.items()
                                                         if v["data"].get("title") == LABEL_NEXT_TAB][0])] == listed[:3]
     assert views[user_tab["id"]]["data"] == {"title": "mine"}
+    # every human label scored by the served version in the task's meta (the user's keys kept), and the
+    # "mislabel suspects" tab lists exactly the labeled tasks marked as suspects there
+    from labelloop.workflows.suspects import SUSPECTS_TAB
+
+    now = {t["id"]: t for t in ls_api.tasks(project)}
+    entries = {t["id"]: now[t["id"]]["meta"]["labelloop"] for t in labeled}
+    assert all(e["version"] == serving and e["mislabel_score"] >= 0.0 for e in entries.values()), entries
+    assert now[labeled[0]["id"]]["meta"]["source"] == "camera-7"
+    assert all("labelloop" not in (now[t]["meta"] or {}) for t in unlabeled)
+    suspects_tab = [v for v in ls_api.request("GET", "/api/dm/views", params={"project": project})
+                    if v["data"].get("title") == SUSPECTS_TAB]
+    assert len(suspects_tab) == 1
+    in_tab = {t["id"] for t in ls_api.tab_tasks(project, suspects_tab[0]["id"])}
+    assert in_tab == {t for t, e in entries.items() if e["mislabel_suspect"]}
     # nothing a human made was touched
     assert {t["id"]: t["annotations"] for t in ls_api.tasks(project)} == before
 

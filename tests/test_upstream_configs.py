@@ -120,7 +120,7 @@ def predict(app: TestClient, project, config: str, tasks: list[dict]) -> dict:
 def test_choices_and_rectangles_on_one_image_are_both_served(served_home, image_host, shapes_eval):
     home, detector = served_home
     app = client(home, image_host)
-    boxes = rectangles(' model_score_threshold="0.1"')
+    boxes = rectangles(' model_score_threshold="0.05"')  # the suite's 30-epoch detector is weak
     both = cfg(choices(' model_path="shapes-cls.pt"'), boxes)
     setup = app.post("/setup", json={"project": "7.1795358080", "schema": both})
     assert setup.status_code == 200, setup.text

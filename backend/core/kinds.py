@@ -13,9 +13,11 @@ kind               Label Studio tag        ultralytics task      served by
 classification     ``Choices``             ``classify``          classify
 detection          ``RectangleLabels``     ``detect``            detect, segment
 segmentation       ``PolygonLabels``       ``segment``           segment
+keypoints          ``KeyPointLabels``      ``pose``              pose (served, not trained)
 =================  ======================  ====================  =====================
 
-Served, not trained: ``RectangleLabels model_obb="true"`` (detection's kind, rotated boxes from an ultralytics
+Served, not trained: ``KeyPointLabels`` (points from an ultralytics ``pose`` model, ``trained=False``),
+``RectangleLabels model_obb="true"`` (detection's kind, rotated boxes from an ultralytics
 ``obb`` model: ``ControlSpec.oriented``) and ``Choices choice="multiple"`` (classification's kind, multi-label:
 ``ControlSpec.multiple``); training either is refused with the reason.
 """
@@ -36,6 +38,8 @@ class TaskKind:
     primary_metric: str              # the tuning-split metric the promotion gate compares
     whole_image: bool                # one label per image, no geometry
     polygons: bool                   # regions carry outlines (masks), not only boxes
+    points: bool = False             # regions are named points of an object (keypoints), grouped by its box
+    trained: bool = True             # labelloop trains this kind (else it only serves a pose/base model)
 
     @property
     def result_type(self) -> str:
@@ -53,7 +57,12 @@ DETECTION = TaskKind("detection", "RectangleLabels", "detect", ("detect", "segme
 SEGMENTATION = TaskKind("segmentation", "PolygonLabels", "segment", ("segment",), "yolov8n-seg.yaml", None,
                         "mask_map50_95", whole_image=False, polygons=True)
 
-KINDS = {kind.name: kind for kind in (CLASSIFICATION, DETECTION, SEGMENTATION)}
+# Keypoints are served from the user's ultralytics pose weights (a base model or model_path), as upstream's
+# YOLO example does; labelloop does not train them (no recipe, gate or FiftyOne sync for points yet).
+KEYPOINTS = TaskKind("keypoints", "KeyPointLabels", "pose", ("pose",), "yolov8n-pose.yaml", None,
+                     "pose_map50_95", whole_image=False, polygons=False, points=True, trained=False)
+
+KINDS = {kind.name: kind for kind in (CLASSIFICATION, DETECTION, SEGMENTATION, KEYPOINTS)}
 BY_LS_TAG = {kind.ls_tag.lower(): kind for kind in KINDS.values()}  # Label Studio matches tags case-insensitively
 BY_ULTRALYTICS_TASK = {kind.ultralytics_task: kind for kind in KINDS.values()}
 

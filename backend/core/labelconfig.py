@@ -30,6 +30,14 @@ is refused with that reason (ultralytics classifiers are single-label).
 
 ``<RectangleLabels model_obb="true">`` (upstream's attribute) is served from an ultralytics OBB model (task
 ``obb``: a base model or ``model_path``) as rotated rectangles; labelloop does not train OBB models.
+
+``<KeyPointLabels>`` is served from an ultralytics pose model (a base model or ``model_path``), with upstream's
+attributes: each ``<Label value="nose" predicted_values="person" model_index="0"/>`` names keypoint 0 of the
+model class "person" (``predicted_values`` may be left out: any class), ``model_point_threshold`` (a point's
+confidence needed, default 0), ``model_point_size`` (the drawn point, px, default 1), ``model_add_bboxes``
+(default true: each object's box goes to the ``<RectangleLabels name="<name>_bbox">`` of the config, when it
+has one, as the points' parent; that control is then answered with the points, not served on its own).
+labelloop does not train keypoints.
 """
 
 from __future__ import annotations
@@ -66,6 +74,11 @@ class ControlSpec:
     model_path: str | None = None  # raw attribute; resolved by resolve_model_path()
     multiple: bool = False  # <Choices choice="multiple">: every class at or above the threshold is chosen
     oriented: bool = False  # <RectangleLabels model_obb="true">: rotated boxes from an ultralytics OBB model
+    # <KeyPointLabels>: (LS label, model class or None = any class, keypoint index) per mapped <Label>
+    points: tuple[tuple[str, str | None, int], ...] = ()
+    point_threshold: float = 0.0  # model_point_threshold: a point below it is left out
+    point_size: float = 1.0  # model_point_size: the drawn point's width, px
+    boxes: ControlSpec | None = None  # the <RectangleLabels name="<name>_bbox"> that gets each object's box
 
     def __post_init__(self):
         if self.task_type not in KINDS:
@@ -99,8 +112,30 @@ class ControlSpec:
                 mapping[int(index)] = label
         return mapping
 
+    def point_map(self, model_names: dict[int, str] | list[str]) -> dict[int, dict[int, str]]:
+        """Keypoints: model class index → {keypoint index → Label Studio label}, from each ``<Label>``'s
+        ``predicted_values`` (the class; none = every class) and ``model_index`` (the keypoint)."""
+        names = dict(enumerate(model_names)) if isinstance(model_names, (list, tuple)) else dict(model_names)
+        mapping: dict[int, dict[int, str]] = {}
+        for index, name in names.items():
+            for label, model_class, point in self.points:
+                if model_class is None or model_class == name or model_class.casefold() == str(name).casefold():
+                    mapping.setdefault(int(index), {}).setdefault(point, label)
+        return mapping
+
     def require_label_map(self, model_names: dict[int, str] | list[str]) -> dict[int, str]:
-        """``label_map`` that raises a clear error when no model class matches any label."""
+        """``label_map`` that raises a clear error when no model class matches any label (keypoints: the
+        model classes whose points are mapped, by class name)."""
+        if self.kind.points:
+            names = dict(enumerate(model_names)) if isinstance(model_names, (list, tuple)) else dict(model_names)
+            points = self.point_map(names)
+            if not points:
+                raise LabelConfigError(
+                    f"<KeyPointLabels name=\"{self.from_name}\">: no <Label> maps a keypoint of the model's classes "
+                    f"{list(names.values())[:20]}; add model_index=\"<keypoint number, from 0>\" (and "
+                    "predicted_values=\"<model class>\") to each <Label>"
+                )
+            return {index: str(names[index]) for index in points}
         mapping = self.label_map(model_names)
         if not mapping:
             shown = list(dict(enumerate(model_names)).values() if isinstance(model_names, (list, tuple))
@@ -177,10 +212,17 @@ def parse_label_controls(config: str) -> list[ControlSpec]:
     images = {obj.name: obj for obj in interface.objects if obj.tag.lower() == "image"}
     servable: list[ControlSpec] = []
     seen_tags: list[str] = []
+    # a KeyPointLabels' "<name>_bbox" rectangles carry its objects' boxes: answered with the points
+    box_controls = {f"{c.name}_bbox" for c in interface.controls
+                    if c.tag.lower() == "keypointlabels" and not _truthy(c.attr.get("model_skip"))
+                    and str(c.attr.get("model_add_bboxes", "true")).strip().lower() in ("1", "true", "yes")}
+    by_name = {c.name: c for c in interface.controls}
     for control in interface.controls:
         tag = control.tag
         seen_tags.append(f"<{tag} name=\"{control.name}\">")
         if tag.lower() not in BY_LS_TAG or _truthy(control.attr.get("model_skip")):
+            continue
+        if tag.lower() == "rectanglelabels" and control.name in box_controls:
             continue
         to_names = list(control.to_name or [])
         image = next((images[n] for n in to_names if n in images), None)
@@ -189,14 +231,65 @@ def parse_label_controls(config: str) -> list[ControlSpec]:
                 f"<{tag} name=\"{control.name}\"> must point toName at an <Image> tag "
                 f"(it points at {to_names}); only image tasks are supported"
             )
-        servable.append(_control_spec(control, image))
+        spec = _control_spec(control, image)
+        if spec.kind.points:
+            spec = _with_points(spec, control, by_name.get(f"{control.name}_bbox"), image)
+        servable.append(spec)
 
     if not servable:
         raise LabelConfigError(
-            "the label config has no control the model can serve: expected <Choices>, <RectangleLabels> "
-            f"or <PolygonLabels> bound to an <Image>; found {seen_tags or 'no control tags'}"
+            "the label config has no control the model can serve: expected <Choices>, <RectangleLabels>, "
+            f"<PolygonLabels> or <KeyPointLabels> bound to an <Image>; found {seen_tags or 'no control tags'}"
         )
     return servable
+
+
+MAX_KEYPOINT_INDEX = 1000  # ultralytics pose models have tens of keypoints; a bound for an attribute from outside
+
+
+def _number(control, attribute: str, default: float, low: float, high: float) -> float:
+    raw = control.attr.get(attribute)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LabelConfigError(f"<{control.tag} name=\"{control.name}\"> {attribute}={raw!r} is not a number") from None
+    if not low <= value <= high:  # NaN fails this too
+        raise LabelConfigError(f"<{control.tag} name=\"{control.name}\"> {attribute} must be in [{low:g}, {high:g}], "
+                               f"got {raw!r}")
+    return value
+
+
+def _with_points(spec: ControlSpec, control, box_control, image) -> ControlSpec:
+    """A KeyPointLabels spec with its point map, point threshold and size, and its box control."""
+    import dataclasses
+
+    points: list[tuple[str, str | None, int]] = []
+    for label, attrs in (getattr(control, "labels_attrs", None) or {}).items():
+        attr = getattr(attrs, "attr", None) or {}
+        raw = attr.get("model_index")
+        if raw is None:
+            continue
+        try:
+            index = int(str(raw).strip())
+        except ValueError:
+            raise LabelConfigError(f"<Label value=\"{label}\"> of <KeyPointLabels name=\"{control.name}\">: "
+                                   f"model_index={raw!r} is not a whole number") from None
+        if not 0 <= index < MAX_KEYPOINT_INDEX:
+            raise LabelConfigError(f"<Label value=\"{label}\"> of <KeyPointLabels name=\"{control.name}\">: "
+                                   f"model_index must be in [0, {MAX_KEYPOINT_INDEX}), got {raw!r}")
+        classes: list[str | None] = [v.strip() for v in str(attr.get("predicted_values") or "").split(",") if v.strip()]
+        points += [(label, model_class, index) for model_class in (classes or [None])]
+    boxes = None
+    if box_control is not None and str(control.attr.get("model_add_bboxes", "true")).strip().lower() in ("1", "true", "yes"):
+        if box_control.tag.lower() != "rectanglelabels":
+            raise LabelConfigError(f"<{box_control.tag} name=\"{box_control.name}\"> would get the boxes of "
+                                   f"<KeyPointLabels name=\"{control.name}\">: it must be a <RectangleLabels>")
+        boxes = _control_spec(box_control, image)
+    return dataclasses.replace(spec, points=tuple(points),
+                               point_threshold=_number(control, "model_point_threshold", 0.0, 0.0, 1.0),
+                               point_size=_number(control, "model_point_size", 1.0, 0.0, 10_000.0), boxes=boxes)
 
 
 def _control_spec(control, image) -> ControlSpec:

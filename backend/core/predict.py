@@ -20,7 +20,7 @@ import numpy as np
 
 from labelloop.core import scoring
 from labelloop.core.calibration import apply_temperature
-from labelloop.core.kinds import BY_ULTRALYTICS_TASK, kind_of
+from labelloop.core.kinds import kind_of
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError
 from labelloop.core.yolo_env import import_yolo
 
@@ -37,6 +37,8 @@ class Region:
     rotation: float = 0.0  # degrees clockwise about the bbox's (x, y) corner (an OBB model's rotated box)
     # detection: the per-class sigmoid scores of this box, by Label Studio label (not normalized)
     class_probs: dict[str, float] = field(default_factory=dict)
+    # keypoints: the object's named points, (Label Studio label, x px, y px, confidence); label = the box's
+    points: list[tuple[str, float, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -121,7 +123,7 @@ def _warm_up(model: LoadedModel) -> float:
     Returns the seconds it took; a failure here is logged and left to the first request to report."""
     started = time.perf_counter()
     kwargs: dict[str, Any] = {"verbose": False}
-    if model.task in BY_ULTRALYTICS_TASK and not BY_ULTRALYTICS_TASK[model.task].whole_image:
+    if model.task in SCORED_REGION_TASKS:
         kwargs["predictor"] = _scoring_predictor(model.task)
     try:
         with model.lock:
@@ -164,6 +166,10 @@ class _KeepClassScores:
     def get_obj_feats(self, raw, idxs):
         nc = len(self.model.names)
         return [raw[b, 4 : 4 + nc, idx.long().view(-1)].T.float().cpu().numpy() for b, idx in enumerate(idxs)]
+
+
+# the tasks whose boxes carry per-class scores (_KeepClassScores); pose and obb answer with ultralytics' own
+SCORED_REGION_TASKS = ("detect", "segment")
 
 
 @functools.cache
@@ -227,7 +233,7 @@ def predict_images(
         kwargs = dict(conf=floor, verbose=False, batch=len(chunk))
         if imgsz:
             kwargs["imgsz"] = imgsz
-        if not spec.kind.whole_image and not spec.oriented:
+        if model.task in SCORED_REGION_TASKS and not spec.oriented:
             kwargs["predictor"] = _scoring_predictor(model.task)
         with model.lock:  # ultralytics predictors keep per-call state: one call at a time per model
             results = model.yolo.predict(chunk, **kwargs)
@@ -293,6 +299,8 @@ def _convert(result, model: LoadedModel, spec: ControlSpec, label_of: dict[int, 
                                        threshold if spec.multiple else None)
     if spec.oriented:
         return _convert_oriented(result, pred, label_of, threshold, floor)
+    if spec.kind.points:
+        return _convert_keypoints(result, pred, spec, spec.point_map(model.names), model.names, threshold, floor)
 
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
@@ -348,6 +356,46 @@ def _convert_oriented(result, pred: ImagePrediction, label_of: dict[int, str], t
             pred.candidate_scores.append(float(conf[i]))
             if conf[i] >= threshold:
                 pred.regions.append(region)
+    pred.score = scoring.detection_task_score(pred.candidate_scores, threshold, floor)
+    return pred
+
+
+def _convert_keypoints(result, pred: ImagePrediction, spec: ControlSpec, point_map: dict[int, dict[int, str]],
+                       names: dict[int, str], threshold: float, floor: float) -> ImagePrediction:
+    """A pose model's objects: each kept box (scored as detection's keep/drop decisions) with its mapped points
+    at or above the control's point threshold (a model without point confidences keeps them all). The box's
+    label is its class mapped onto the ``<name>_bbox`` control's labels, else the model's class name."""
+    boxes, keypoints = result.boxes, getattr(result, "keypoints", None)
+    if boxes is None or len(boxes) == 0 or keypoints is None:
+        pred.score = scoring.detection_task_score([], threshold, floor)
+        return pred
+    conf = boxes.conf.cpu().numpy().astype(float)
+    cls = boxes.cls.cpu().numpy().astype(int)
+    xyxy = boxes.xyxy.cpu().numpy().astype(float)
+    xy = keypoints.xy.cpu().numpy().astype(float)
+    point_conf = keypoints.conf.cpu().numpy().astype(float) if keypoints.conf is not None else None
+    box_label = spec.boxes.label_map(names) if spec.boxes is not None else {}
+    for i in range(len(conf)):
+        mapped = point_map.get(int(cls[i]))
+        if not mapped:  # a class none of the config's points belongs to
+            continue
+        x1, y1, x2, y2 = (float(v) for v in xyxy[i])
+        region = Region(label=box_label.get(int(cls[i]), str(names.get(int(cls[i]), cls[i]))), score=float(conf[i]),
+                        class_index=int(cls[i]), bbox=(x1, y1, x2 - x1, y2 - y1))
+        pred.candidates.append(region)
+        pred.candidate_scores.append(float(conf[i]))
+        if conf[i] < threshold:
+            continue
+        for k, label in sorted(mapped.items()):
+            if k >= len(xy[i]):
+                continue
+            score = float(point_conf[i][k]) if point_conf is not None else float(conf[i])
+            x, y = float(xy[i][k][0]), float(xy[i][k][1])
+            # ultralytics puts an invisible point at (0, 0); one below the threshold is not offered either
+            if score < spec.point_threshold or (x == 0.0 and y == 0.0):
+                continue
+            region.points.append((label, x, y, score))
+        pred.regions.append(region)
     pred.score = scoring.detection_task_score(pred.candidate_scores, threshold, floor)
     return pred
 

@@ -117,6 +117,12 @@ def classification_loss(probs: dict[str, float], label: str, eps: float = 1e-6) 
     return float(-math.log(max(eps, p)))
 
 
+def suspect_cutoff(whole_image: bool, threshold: float) -> float:
+    """The mislabel score from which a human label is a suspect: classification, the model gives the human
+    label less than one chance in two (-log 0.5); detection, a flag as strong as the display threshold."""
+    return float(math.log(2.0)) if whole_image else float(threshold)
+
+
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two boxes given as (x, y, w, h)."""
     ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]

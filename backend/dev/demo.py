@@ -40,12 +40,17 @@ def _choice_result(label: str) -> list[dict]:
     return [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
 
 
+def _tab(studio: LabelerClient, project: int, title: str) -> list[dict]:
+    """The tasks of the project's Data Manager tab ``title`` (none when there is no such tab)."""
+    views = studio.request("GET", "/api/dm/views", params={"project": project})
+    tab = next((v for v in views if (v.get("data") or {}).get("title") == title), None)
+    return studio.tab_tasks(project, tab["id"]) if tab else []
+
+
 def _label_next(studio: LabelerClient, project: int) -> list[dict]:
     from labelloop.workflows.pipeline import LABEL_NEXT_TAB
 
-    views = studio.request("GET", "/api/dm/views", params={"project": project})
-    tab = next((v for v in views if (v.get("data") or {}).get("title") == LABEL_NEXT_TAB), None)
-    return studio.tab_tasks(project, tab["id"]) if tab else []
+    return _tab(studio, project, LABEL_NEXT_TAB)
 
 
 def _wait_for_version(backend: str, project: int, studio: LabelerClient, after: set[str], unlabeled: int,
@@ -244,6 +249,12 @@ def run_demo(args) -> int:
     flipped_tasks = {t for t, i in image_of.items() if i in set(flipped) and t in labeled}
     ranked = sorted(scores, key=lambda t: -scores[t])
     found = [len(set(ranked[:k]) & flipped_tasks) for k in range(1, len(ranked) + 1)]
+    # what a labeler sees without FiftyOne: the suspects tab the last prediction job wrote
+    from labelloop.workflows.suspects import SUSPECTS_TAB
+
+    in_tab = [t["id"] for t in _tab(studio, project, SUSPECTS_TAB)]
+    suspects_tab = {"title": SUSPECTS_TAB, "tasks": len(in_tab), "injected_found": len(set(in_tab) & flipped_tasks),
+                    "injected_labeled": len(flipped_tasks), "labeled": len(labeled)}
     picked = fo_analysis.uncertainty_sampling(dataset, k=10, diversity=True)
     sent = fo_analysis.send_to_label_studio(dataset.select(picked["selected"]), "labelloop: picked in FiftyOne")
     fo_analysis.compute_embeddings(dataset, method="pca" if quick else "umap")
@@ -263,6 +274,7 @@ def run_demo(args) -> int:
     warm_start = ({**warm_jobs[0].get("warm_start", {}),
                    "seconds": round(float(warm_jobs[0]["finished_at"]) - float(warm_jobs[0]["started_at"]), 1)}
                   if warm_jobs else None)
+    summary.update(suspects_tab=suspects_tab)
     summary.update(project=project, versions=promoted, label_studio=ls_url, backend=backend, dataset=report.dataset,
                    training_seconds=train_seconds, warm_start=warm_start)
     if warm_start:
@@ -274,7 +286,10 @@ def run_demo(args) -> int:
     print(f"""
 Report: {out}
 Label Studio  {ls_url}/projects/{project}  login {state['label_studio']['username']} / {state['label_studio']['password']}
-              tabs: "labelloop: label next" (what to label now), "labelloop: picked in FiftyOne" (the review queue)
+              tabs: "labelloop: label next" (what to label now), "labelloop: mislabel suspects"
+                    ({suspects_tab['tasks']} tasks, {suspects_tab['injected_found']} of the
+                    {suspects_tab['injected_labeled']} injected mistakes),
+                    "labelloop: picked in FiftyOne" (the review queue)
 FiftyOne App  {(app + '/datasets/' + report.dataset) if app else '(not started)'}
               saved views: {fo_analysis.MISLABEL_VIEW}, {fo_analysis.UNCERTAIN_VIEW}
 ML backend    {backend}  (GET /versions, /jobs, /metrics)

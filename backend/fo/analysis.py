@@ -132,9 +132,7 @@ def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progr
 
 
 def _suspect_cutoff(spec: ControlSpec) -> float:
-    # classification: the model gives the human label less than one chance in two (-log 0.5);
-    # detection: a flag as strong as the display threshold.
-    return float(np.log(2.0)) if spec.kind.whole_image else _threshold(spec)
+    return scoring.suspect_cutoff(spec.kind.whole_image, _threshold(spec))
 
 
 def _write_object_flags(dataset, flags_by_id: dict[str, list[dict]], mode: str) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
 from labelloop.core.datasets import link_or_copy, split_of
-from labelloop.core.labelconfig import ControlSpec, threshold_for
+from labelloop.core.labelconfig import ControlSpec, LabelConfigError, threshold_for
 from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
 from labelloop.core.registry import Registry
 from labelloop.fo.env import import_fiftyone, root_dataset
@@ -161,6 +161,9 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     else:
         loaded = client.load_project(project_id)
     project, spec, tasks = loaded.info, loaded.spec, loaded.tasks
+    if not spec.kind.trained:
+        raise LabelConfigError(f"<{spec.result_type_tag} name=\"{spec.from_name}\">: {spec.kind.name} are served in "
+                               "Label Studio but not synced to FiftyOne yet (only classification, boxes and polygons)")
     name = dataset_name or dataset_name_for(project_id)
     dataset = load_or_create(name)
     _declare_fields(dataset, spec)

@@ -174,6 +174,11 @@ class StudioClient:
     def task(self, task_id: int | str) -> dict[str, Any]:
         return self.request("GET", f"/api/tasks/{int(task_id)}")
 
+    def set_task_meta(self, task_id: int | str, meta: dict[str, Any]) -> None:
+        """Replace a task's ``meta`` (its data, annotations and predictions are left alone): callers pass the
+        task's meta with their own key changed, so the user's keys survive."""
+        self.request("PATCH", f"/api/tasks/{int(task_id)}", json={"meta": meta})
+
     def predictions(self, project_id: int | str) -> list[dict[str, Any]]:
         return self.request("GET", "/api/predictions", params={"project": int(project_id)})
 

@@ -120,6 +120,8 @@ def prediction_result(pred: ImagePrediction, spec: ControlSpec) -> list[dict[str
         return [{"id": "ll0", "from_name": spec.from_name, "to_name": spec.to_name, "type": spec.result_type,
                  "score": round(min(r.score for r in pred.regions), 6),
                  "value": {"choices": [r.label for r in pred.regions]}}]
+    if spec.kind.points:
+        return _keypoint_items(pred, spec)
     items: list[dict[str, Any]] = []
     for k, region in enumerate(pred.regions):
         item: dict[str, Any] = {"id": f"ll{k}", "from_name": spec.from_name, "to_name": spec.to_name,
@@ -142,4 +144,32 @@ def prediction_result(pred: ImagePrediction, spec: ControlSpec) -> list[dict[str
                                  "height": _pct(h, pred.height), "rotation": position["rotation"],
                                  spec.result_type: [region.label]}
         items.append(item)
+    return items
+
+
+def _keypoint_items(pred: ImagePrediction, spec: ControlSpec) -> list[dict[str, Any]]:
+    """A pose model's objects as upstream's YOLO example writes them: one ``keypointlabels`` item per point
+    (``width`` = the point's size in percent of the image width) and, when the config has the control's
+    ``<name>_bbox`` rectangles, the object's box as a hidden parent of its points (``parentID``)."""
+    items: list[dict[str, Any]] = []
+    size = {"original_width": pred.width, "original_height": pred.height, "image_rotation": 0}
+    width = round(min(100.0, 100.0 * spec.point_size / pred.width), 4) if pred.width else 0.0
+    for k, region in enumerate(pred.regions):
+        parent = None
+        if spec.boxes is not None and region.label in spec.boxes.labels and region.bbox is not None:
+            parent = f"ll{k}"
+            x, y, w, h = region.bbox
+            items.append({"id": parent, "from_name": spec.boxes.from_name, "to_name": spec.boxes.to_name,
+                          "type": spec.boxes.result_type, "score": round(region.score, 6), "hidden": True, **size,
+                          "value": {"x": _pct(x, pred.width), "y": _pct(y, pred.height), "width": _pct(w, pred.width),
+                                    "height": _pct(h, pred.height), "rotation": 0,
+                                    spec.boxes.result_type: [region.label]}})
+        for j, (label, px, py, score) in enumerate(region.points):
+            item: dict[str, Any] = {"id": f"ll{k}-{j}", "from_name": spec.from_name, "to_name": spec.to_name,
+                                    "type": spec.result_type, "score": round(score, 6), **size,
+                                    "value": {"x": _pct(px, pred.width), "y": _pct(py, pred.height), "width": width,
+                                              spec.result_type: [label]}}
+            if parent is not None:
+                item["parentID"] = parent
+            items.append(item)
     return items

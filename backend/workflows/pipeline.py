@@ -37,7 +37,14 @@ from labelloop.core.yolo_env import import_yolo
 from labelloop.errors import LabelloopError
 from labelloop.labelstudio.client import StudioClient, read_project
 from labelloop.labelstudio.media import MediaError, MediaFetcher, task_image_url
-from labelloop.labelstudio.results import first_label, labeled_images, latest_human_annotation, prediction_result
+from labelloop.labelstudio.results import (
+    first_label,
+    labeled_image,
+    labeled_images,
+    latest_human_annotation,
+    prediction_result,
+)
+from labelloop.workflows.suspects import SUSPECTS_TAB, refresh_suspects
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +144,7 @@ def predict_controls(tasks: list[dict[str, Any]], served: list[tuple[ControlSpec
                 errors.append(f"{served[c][0].from_name}: {part.error}")
                 merged.error_kind = merged.error_kind or part.error_kind
                 continue
-            merged.result += [{**item, "id": f"ll{c}-{k}"} for k, item in enumerate(part.result)]
+            merged.result += [_in_control(item, c) for item in part.result]
             if part.score is not None:
                 scores.append(part.score)
         if errors:
@@ -145,6 +152,15 @@ def predict_controls(tasks: list[dict[str, Any]], served: list[tuple[ControlSpec
         else:
             merged.score = min(scores) if scores else None
         out.append(merged)
+    return out
+
+
+def _in_control(item: dict[str, Any], control: int) -> dict[str, Any]:
+    """A result item's id (and a keypoint's ``parentID``) made unique across controls: ``ll<k>`` of control
+    ``c`` becomes ``ll<c>-<k>``."""
+    out = {**item, "id": f"ll{control}-{str(item.get('id', ''))[2:]}"}
+    if "parentID" in item:
+        out["parentID"] = f"ll{control}-{str(item['parentID'])[2:]}"
     return out
 
 
@@ -156,6 +172,7 @@ class TaskPrediction:
     model_version: str = ""
     error: str | None = None
     error_kind: str | None = None  # a fixed name for metrics (MediaError.kind, or no_image)
+    prediction: ImagePrediction | None = None  # the engine's own (class probabilities, hidden candidates)
 
     def to_label_studio(self) -> dict[str, Any]:
         return {"result": self.result, "score": 0.0 if self.score is None else round(self.score, 6),
@@ -208,6 +225,7 @@ def predict_tasks(tasks: list[dict[str, Any]], spec: ControlSpec, model: LoadedM
         for (i, _), pred in zip(ready, preds):
             out[i].result = prediction_result(pred, spec)
             out[i].score = pred.score
+            out[i].prediction = pred
         lap("serialize")
 
     with _fetch_ahead(fetcher, [urls[i] for i in wanted], window=2 * size) as fetched:
@@ -297,6 +315,10 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
     if spec.oriented:
         raise DatasetError(f"<RectangleLabels name=\"{spec.from_name}\"> has model_obb=\"true\": labelloop serves "
                            "an OBB model's rotated boxes (a base model or model_path) but does not train OBB models")
+    if not spec.kind.trained:
+        raise DatasetError(f"<{spec.result_type_tag} name=\"{spec.from_name}\">: labelloop serves {spec.kind.name} "
+                           f"from an ultralytics {spec.kind.ultralytics_task} model (a base model or model_path) but "
+                           "does not train them")
     images = labeled_images(tasks, spec)
     if len(images) < min_train:
         raise DatasetError(f"project {project} has {len(images)} labeled task(s) for '{spec.from_name}'; "
@@ -498,7 +520,9 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                       env: Settings | None = None, chunk: int = 64) -> dict[str, int]:
     """Predict every task of the project without a human annotation with ``version`` and push the
     predictions to Label Studio (never touching annotations); then, if ``version`` is still the one
-    in service, make it the project's model version so the Data Manager sorts by its scores.
+    in service, rewrite the "label next" tab, score every human label with it (``suspects``: the task's
+    meta and the "mislabel suspects" tab) and make it the project's model version so the Data Manager
+    sorts by its scores.
 
     Tasks that already hold a prediction of this version are skipped, so running twice is harmless.
     """
@@ -519,6 +543,9 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         scores = {t["id"]: existing[t["id"]] for t in tasks
                   if latest_human_annotation(t) is None and t["id"] in existing}
         model = load_model(weights, version)
+        # the human labels the served version disagrees with: scored after the backlog (what labelers wait on)
+        labeled = [(t, truth) for t in tasks if spec.kind.trained and (truth := labeled_image(t, spec)) is not None]
+        share = 0.8 if labeled else 1.0  # of the job's progress
         counts = {"unlabeled": len(todo) + len([t for t in tasks if t["id"] in done]), "pushed": 0,
                   "already_there": len(done), "errors": 0}
         say(0.0, f"predicting {len(todo)} unlabeled task(s) with {version}")
@@ -536,13 +563,21 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                 client.import_predictions(project_id, payload)
                 counts["pushed"] += len(payload)
                 scores.update({item["task"]: (item["score"], first_label(item["result"], spec)) for item in payload})
-            say((start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
+            say(share * (start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
         if serves(registry, project_id, spec, version, env):
             try:
                 counts["label_next"], counts["label_next_mode"] = refresh_label_next(
                     client, project_id, scores, manifest, version)
             except LabelloopError as exc:  # the predictions are in; a tab is not worth failing the job
                 log.warning("project %s: the %r tab was not updated: %s", project_id, LABEL_NEXT_TAB, exc)
+            if labeled:
+                say(share, f"scoring the human labels of {len(labeled)} task(s) with {version}")
+                try:
+                    counts.update(refresh_suspects(
+                        client, project_id, spec, version, labeled,
+                        lambda part: [p.prediction for p in predict_tasks(part, spec, model, fetcher, env=env)]))
+                except LabelloopError as exc:
+                    log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
             client.set_model_version(project_id, version)
         return counts
 

@@ -1,0 +1,85 @@
+"""Mislabel suspects where labelers work: each labeled task's human label scored by the version in service,
+the score kept in the task's meta, and a "labelloop: mislabel suspects" Data Manager tab of the worst ones.
+
+The score is the engine's mislabel-by-loss (``core.scoring``), the same numbers the FiftyOne face writes as
+``mislabel_score`` (in-sample: the version has seen most of these labels, so it agrees with them more than
+a fold model would; the FiftyOne operator's out-of-sample mode is the stronger check). Refreshed by the
+prediction job after every promotion, so the tab follows the model without an analyst in the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from labelloop.core import scoring
+from labelloop.core.labelconfig import ControlSpec, threshold_for
+from labelloop.core.predict import ImagePrediction
+from labelloop.core.truth import LabeledImage
+
+log = logging.getLogger(__name__)
+
+SUSPECTS_TAB = "labelloop: mislabel suspects"
+SUSPECTS_SIZE = 50  # a reviewer's sitting
+META_KEY = "labelloop"  # the one key of a task's meta that labelloop writes; the user's keys stay as they are
+
+
+def mislabel_score(truth: LabeledImage, pred: ImagePrediction, spec: ControlSpec,
+                   threshold: float | None = None) -> tuple[float, list[dict]]:
+    """(score, flags): how strongly ``pred`` (the version in service) disagrees with the human label.
+
+    Classification: -log p(human label) (0 = the model agrees for sure; above -log 0.5 = it gives the
+    label less than one chance in two). Detection / segmentation: the strongest of ``scoring.detection_flags``
+    (wrong class, poor box, a human box the model does not see, an object the human may have missed)."""
+    if spec.kind.whole_image:
+        return scoring.classification_loss(pred.class_probs, truth.label or ""), []
+    width, height = max(1, pred.width), max(1, pred.height)
+    ground = [(r.label, (r.box[0], r.box[1], r.box[2] - r.box[0], r.box[3] - r.box[1])) for r in truth.regions]
+    candidates = [(c.label, c.score, (c.bbox[0] / width, c.bbox[1] / height, c.bbox[2] / width, c.bbox[3] / height))
+                  for c in pred.candidates if c.bbox is not None]
+    flags = scoring.detection_flags(ground, candidates, threshold_for(spec) if threshold is None else threshold)
+    return scoring.detection_mislabel_score(flags), flags
+
+
+def rank_suspects(scores: dict[int, float], spec: ControlSpec, size: int = SUSPECTS_SIZE) -> list[int]:
+    """Task ids whose score reaches ``scoring.suspect_cutoff``, worst first, at most ``size``."""
+    cutoff = scoring.suspect_cutoff(spec.kind.whole_image, threshold_for(spec))
+    ranked = sorted((t for t, s in scores.items() if s >= cutoff), key=lambda t: (-scores[t], t))
+    return ranked[:size]
+
+
+def task_meta(task: dict[str, Any], version: str, score: float, suspect: bool) -> dict[str, Any] | None:
+    """The task's meta with labelloop's entry set (every other key as it was), or None when it already says so."""
+    meta = task.get("meta") if isinstance(task.get("meta"), dict) else {}
+    entry = {"mislabel_score": round(float(score), 4), "mislabel_suspect": bool(suspect), "version": version}
+    if meta.get(META_KEY) == entry:
+        return None
+    return {**meta, META_KEY: entry}
+
+
+def refresh_suspects(client, project_id: int | str, spec: ControlSpec, version: str,
+                     labeled: list[tuple[dict[str, Any], LabeledImage]], predict, say=None) -> dict[str, int]:
+    """Score every labeled task with ``predict`` (tasks → ImagePredictions, the served version's), write each
+    task's meta entry (only where it changed) and rewrite the suspects tab. Returns counts."""
+    scores: dict[int, float] = {}
+    by_id = {int(task["id"]): task for task, _ in labeled}
+    predictions = predict([task for task, _ in labeled])
+    for (task, truth), pred in zip(labeled, predictions):
+        if pred is None or pred.error is not None:
+            continue
+        scores[int(task["id"])], _ = mislabel_score(truth, pred, spec)
+    suspects = rank_suspects(scores, spec)
+    top = set(suspects)
+    written = 0
+    for task_id, score in scores.items():
+        meta = task_meta(by_id[task_id], version, score, task_id in top)
+        if meta is not None:
+            client.set_task_meta(task_id, meta)
+            written += 1
+    client.put_tab(project_id, SUSPECTS_TAB, suspects)
+    if say:
+        say(1.0, f"{len(suspects)} mislabel suspect(s) of {len(scores)} labeled tasks")
+    return {"scored": len(scores), "suspects": len(suspects), "meta_written": written}
+
+
+
