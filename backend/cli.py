@@ -379,6 +379,57 @@ def cmd_versions(args) -> int:
     return 0
 
 
+def cmd_model_tests(args) -> int:
+    """Show (or set, or clear) a project's model tests and the newest versions' results on them."""
+    from labelloop.core import modeltests
+
+    registry = _registry()
+    folder = registry.project_dir(args.project)
+    if args.set or args.clear:
+        labels = None
+        if args.set:
+            try:
+                raw = json.loads(Path(args.set).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise modeltests.ModelTestError(f"cannot read {args.set}: {exc}") from None
+            if not args.no_check:  # the project's labels and kind, from Label Studio
+                from labelloop.labelstudio.client import StudioClient
+
+                with StudioClient.from_settings() as client:
+                    spec = client.load_project(args.project).spec
+                labels = spec.labels
+            tests = modeltests.parse_suite(raw, labels)
+            if labels is not None:
+                modeltests.check_kind(spec.kind.whole_image, tests)
+        else:
+            tests = []
+        path = modeltests.save_suite(folder, tests)
+        print(f"project {args.project}: {len(tests)} model test(s) in {path}; every new version runs them")
+    tests = modeltests.load_suite(folder)
+    rows = [m for m in sorted(registry.versions(args.project), key=lambda m: m.created_at, reverse=True)
+            if m.model_tests][: args.last]
+    if args.json:
+        print(json.dumps({"tests": modeltests.suite_json(tests)["tests"],
+                          "versions": {m.version: m.model_tests for m in rows}}, indent=2))
+        return 0
+    if not tests:
+        print(f"project {args.project} has no model tests: write a suite and `labelloop model-tests --project "
+              f"{args.project} --set tests.json` (see README, Model tests)")
+        return 0
+    name_width = max(len(t.name) for t in tests)
+    print(f"{'test':<{name_width}}  {'bar':<34} " + " ".join(f"{m.version:>14}" for m in rows))
+    for test in tests:
+        cells = []
+        for m in rows:
+            result = next((r for r in m.model_tests.get("results", []) if r["name"] == test.name), None)
+            value = "n/a" if result is None or result["value"] is None else format(result["value"], ".2f")
+            cells.append("-" if result is None else f"{'ok' if result['passed'] else 'FAIL'} {value}")
+        required = "" if test.required else " (advisory)"
+        bar = modeltests.describe_bar(test) + required
+        print(f"{test.name:<{name_width}}  {bar:<34} " + " ".join(f"{c:>14}" for c in cells))
+    return 0
+
+
 def _promote(registry, version: str, reason: str, by: str) -> int:
     from labelloop.tasks.jobs import promote_version
 
@@ -706,6 +757,17 @@ def build_parser() -> argparse.ArgumentParser:
     versions.add_argument("--project", required=True, type=int, help="Label Studio project id")
     versions.add_argument("--json", action="store_true", help="print the rows as JSON")
     versions.set_defaults(func=cmd_versions)
+
+    tests = sub.add_parser("model-tests", help="a project's model tests (promotion gates) and the newest versions' "
+                                               "results on them; --set a suite from a JSON file")
+    tests.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    tests.add_argument("--set", metavar="FILE", help='replace the suite with FILE ({"tests": [...]}, see README)')
+    tests.add_argument("--clear", action="store_true", help="remove every test")
+    tests.add_argument("--no-check", action="store_true",
+                       help="with --set: do not read the project's labels from Label Studio (default: checked)")
+    tests.add_argument("--last", type=int, default=4, help="versions shown beside the tests (default 4)")
+    tests.add_argument("--json", action="store_true", help="print the suite and the results as JSON")
+    tests.set_defaults(func=cmd_model_tests)
 
     promote = sub.add_parser("promote", help="serve a version (as POST /versions/{version}/promote) and queue its "
                                              "predictions")

@@ -209,7 +209,7 @@ def check_compatible(model: LoadedModel, spec: ControlSpec) -> None:
 
 def predict_images(
     model: LoadedModel,
-    images: list[Path],
+    images: list[Path] | list[np.ndarray],
     spec: ControlSpec,
     threshold: float,
     batch: int = 16,
@@ -225,11 +225,15 @@ def predict_images(
     label_of = spec.require_label_map(model.names)
     multilabel = threshold if spec.kind.whole_image and spec.multiple else None
     if tta and spec.kind.whole_image:
-        return _predict_classification_tta(model, images, label_of, batch, imgsz, multilabel)
+        paths = [p for p in images if isinstance(p, Path)]
+        if len(paths) != len(images):
+            raise ValueError("test-time augmentation reads image files, not arrays")
+        return _predict_classification_tta(model, paths, label_of, batch, imgsz, multilabel)
     floor = min(scoring.CANDIDATE_FLOOR, threshold)
     out: list[ImagePrediction] = []
     for start in range(0, len(images), batch):
-        chunk = [str(p) for p in images[start : start + batch]]
+        # paths, or BGR arrays (model tests predict perturbed images without writing them)
+        chunk = [p if isinstance(p, np.ndarray) else str(p) for p in images[start : start + batch]]
         kwargs = dict(conf=floor, verbose=False, batch=len(chunk))
         if imgsz:
             kwargs["imgsz"] = imgsz

@@ -54,6 +54,8 @@ class Manifest:
     weights_sha256: str = ""
     data_fingerprint: str = ""  # what annotations it was trained on (see datasets.annotation_fingerprint)
     calibration: dict[str, Any] = field(default_factory=dict)  # classification: temperature fitted on the tuning split
+    # the project's model tests on the tuning split: this version's results and the serving version's beside
+    model_tests: dict[str, Any] = field(default_factory=dict)
     path: str = ""  # directory (filled when read)
 
     @property

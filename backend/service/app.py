@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from labelloop import __version__
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
+from labelloop.core import modeltests
 from labelloop.core.labelconfig import parse_label_controls
 from labelloop.core.predict import cached_model_count, loaded_versions
 from labelloop.core.registry import Registry
@@ -43,6 +44,7 @@ from labelloop.service.schemas import (
     MAX_ID,
     WEBHOOK_ACTIONS,
     BadRequest,
+    ModelTestsRequest,
     PredictRequest,
     SetupRequest,
     WebhookRequest,
@@ -445,6 +447,29 @@ def create_app(env: Settings | None = None) -> FastAPI:
 
         return await run_in_threadpool(promote_version, registry, version, "promoted through the API", "api",
                                        jobs.store())
+
+    @app.get("/projects/{project}/model-tests", responses=errors(401, 422))
+    async def get_model_tests(project: str):
+        """The project's model tests: what every new version must pass on the tuning split to serve."""
+        key = project_key(project, "project") or ""
+        tests = await run_in_threadpool(modeltests.load_suite, registry.project_dir(key))
+        return {"project": key, **modeltests.suite_json(tests)}
+
+    @app.put("/projects/{project}/model-tests", openapi_extra=json_body(ModelTestsRequest),
+             responses=errors(400, 401, 413, 422))
+    async def put_model_tests(project: str, request: Request):
+        """Replace the project's model tests (an empty list removes them); checked against the project's
+        labels when this backend has its label config."""
+        key = project_key(project, "project") or ""
+        body = await read_json_object(request)
+        if set(body) != {"tests"}:
+            raise BadRequest('expected {"tests": [...]} and nothing else', 422)
+        specs = parse_label_controls(schemas[key]) if key in schemas else None
+        tests = modeltests.parse_suite(body, specs[0].labels if specs and len(specs) == 1 else None)
+        if specs and len(specs) == 1:
+            modeltests.check_kind(specs[0].kind.whole_image, tests)
+        await run_in_threadpool(modeltests.save_suite, registry.project_dir(key), tests)
+        return {"project": key, **modeltests.suite_json(tests)}
 
     @app.get("/events", responses=errors(401, 422))
     async def list_events(project: str | None = None, limit: int = 100):

@@ -167,7 +167,19 @@ class WebhookRequest(_LabelStudioBody):
     annotations: list[WebhookObject] | None = Field(None, description="ANNOTATIONS_DELETED: [{\"id\": 2}, ...]")
 
 
-REQUEST_MODELS = (SetupRequest, PredictRequest, WebhookRequest)
+class ModelTestsRequest(BaseModel):
+    """A project's model tests (``core/modeltests.py``): what every new version must pass on the tuning split
+    before it may serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tests: list[dict[str, Any]] = Field(max_length=50, examples=[[
+        {"name": "stars are stars", "kind": "confidence", "cohort": {"label": "star"}, "min": 0.8},
+        {"name": "flip", "kind": "invariance", "perturbation": "flip_lr", "max_change": 0.1},
+        {"name": "known stars", "kind": "examples", "tasks": [12, 15], "label": "star"}]])
+
+
+REQUEST_MODELS = (SetupRequest, PredictRequest, WebhookRequest, ModelTestsRequest)
 
 _ERRORS = {
     400: "The body is not a JSON object: empty, malformed, nested too deeply or with a huge integer.",

@@ -18,7 +18,7 @@ from typing import Any
 
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
-from labelloop.core import acquisition, gate, pretrain, recipe
+from labelloop.core import acquisition, gate, modeltests, pretrain, recipe
 from labelloop.core.calibration import calibration_report
 from labelloop.core.datasets import DatasetError, annotation_fingerprint, build_dataset, first_training_minimum
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path, threshold_for
@@ -361,6 +361,8 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         say(0.92, "evaluating on the tuning split")
         metrics = evaluate(weights, dataset, chosen.imgsz, chosen.device)
         calibration = calibrate_on_tuning_split(weights, dataset, spec) if spec.kind.whole_image else {}
+        model_tests = run_model_tests(registry, project, spec, weights, serving if same_classes else None,
+                                      images, image_paths, dataset, tasks, fetcher, url_of, say)
 
         names = dict(import_yolo()(str(weights)).names)
         classes = [names[i] for i in sorted(names)]
@@ -376,10 +378,47 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
             "base": base,
             "data_fingerprint": fingerprint,
             "calibration": calibration,
+            "model_tests": model_tests,
         })
         outcome = _promote_if_not_worse(registry, project, manifest, serving, same_classes, dataset, chosen)
     say(1.0, outcome.reason)
     return outcome
+
+
+def run_model_tests(registry: Registry, project, spec: ControlSpec, weights: Path, serving: Manifest | None,
+                    images, image_paths: dict, dataset, tasks: list[dict[str, Any]], fetcher, url_of: dict,
+                    say: Progress) -> dict[str, Any]:
+    """The project's model tests (``core/modeltests.py``) on the tuning split, for the new version and,
+    beside it, the version in service (same tasks, same tests): {} when the project has none."""
+    tests = modeltests.load_suite(registry.project_dir(project), spec.labels)
+    if not tests:
+        return {}
+    modeltests.check_kind(spec.kind.whole_image, tests)
+    say(0.94, f"running {len(tests)} model test(s) on the tuning split")
+    by_id = {t.get("id"): t for t in tasks}
+    labels = {image.task_id: image.label for image in images}
+    tuning = [modeltests.TuningItem(int(task_id), str(labels[task_id]), image_paths[task_id],
+                                    dict((by_id.get(task_id) or {}).get("data") or {}),
+                                    dict((by_id.get(task_id) or {}).get("meta") or {}))
+              for task_id in dataset.task_ids.get("val", []) if task_id in image_paths]
+    wanted = sorted({t for test in tests for t in test.tasks if t in url_of and t not in image_paths})
+    examples = {t: p for t, p in image_paths.items()}
+    for task_id, fetched in zip(wanted, fetcher.fetch_many([url_of[t] for t in wanted]) if wanted else []):
+        if not isinstance(fetched, Exception):
+            examples[task_id] = fetched
+
+    def predictor(path: Path, version: str):
+        model = load_model(path, version)
+        return lambda batch: [p.regions[0].label if p.regions else None
+                              for p in predict_images(model, batch, spec, threshold_for(spec))]
+
+    results = modeltests.run_suite(tests, tuning, predictor(weights, "candidate"), examples)
+    out: dict[str, Any] = {"results": results, "tuning_tasks": len(tuning)}
+    if serving is not None:
+        out["serving"] = {"version": serving.version,
+                          "results": modeltests.run_suite(tests, tuning, predictor(serving.weights, serving.version),
+                                                          examples)}
+    return out
 
 
 def calibrate_on_tuning_split(weights: Path, dataset, spec: ControlSpec) -> dict[str, Any]:
@@ -402,6 +441,11 @@ def calibrate_on_tuning_split(weights: Path, dataset, spec: ControlSpec) -> dict
 
 def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, serving: Manifest | None,
                           comparable: bool, dataset, chosen) -> TrainOutcome:
+    failed = modeltests.failed_required((manifest.model_tests or {}).get("results") or [])
+    if failed:  # the project's own bar comes first: a required model test keeps the version out
+        reason = (f"{manifest.version} kept out: {len(failed)} required model test(s) failed on the tuning split: "
+                  f"{modeltests.describe_failures(failed)}")
+        return TrainOutcome(manifest, False, reason, compared_with=serving.version if serving else None)
     new = manifest.metrics["primary"]
     if serving is None:
         reason = f"{manifest.version} promoted: first version (primary metric {new:.3f})"
