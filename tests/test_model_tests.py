@@ -199,12 +199,15 @@ def test_the_first_version_passes_its_tests_and_serves(planted):
     results = {r["name"]: r for r in first.manifest.model_tests["results"]}
     assert first.promoted and registry.serving("77").version == first.manifest.version, first.reason
     assert results["stars are stars"]["passed"] and results["stars are stars"]["samples"] > 0, results
-    assert "serving" not in first.manifest.model_tests  # nothing served before it
+    assert "serving" not in first.manifest.model_tests and first.manifest.changes == {}  # nothing served before it
 
 
 def test_a_planted_regression_is_kept_out_by_a_confidence_test(planted):
     """A version trained where every star of the training split was labeled "circle" fails "stars are stars"
     on the tuning split and stays out of service; the version in service passes it, shown beside."""
+    import dataclasses
+
+    from labelloop.config import settings
     from labelloop.core.datasets import split_of
     from labelloop.dev.shapes import to_label_studio_tasks
     from labelloop.labelstudio.media import LocalFileFetcher
@@ -217,7 +220,8 @@ def test_a_planted_regression_is_kept_out_by_a_confidence_test(planted):
         value = task["annotations"][0]["result"][0]["value"]
         if value["choices"] == ["star"] and split_of(task["id"]) == "train":
             value["choices"] = ["circle"]
-    outcome = train_new_version(registry, "77", tasks, spec, LocalFileFetcher())
+    env = dataclasses.replace(settings(), label_studio_url="http://studio.example:8080")
+    outcome = train_new_version(registry, "77", tasks, spec, LocalFileFetcher(), env=env)
     assert not outcome.promoted and "kept out: 1 required model test(s) failed" in outcome.reason, outcome.reason
     assert "'stars are stars'" in outcome.reason and registry.serving("77").version == good
     tests = outcome.manifest.model_tests
@@ -227,6 +231,12 @@ def test_a_planted_regression_is_kept_out_by_a_confidence_test(planted):
     assert not mine["stars are stars"]["passed"] and mine["stars are stars"]["failing"], mine
     assert beside["stars are stars"]["passed"], beside
     assert set(mine["stars are stars"]["failing"]) <= {t["id"] for t in tasks}
+    # traceable: the tuning tasks the serving version got right and this one gets wrong, in the reason too
+    changes = outcome.manifest.changes
+    assert changes["compared_with"] == good and changes["regressed_count"] >= 1, changes
+    assert set(changes["regressed"]) & set(mine["stars are stars"]["failing"])
+    assert f"tuning task(s) it gets wrong that {good} got right" in outcome.reason
+    assert changes["links"][0] == f"http://studio.example:8080/projects/77/data?task={changes['regressed'][0]}"
     # the manifest on disk says the same (what /versions, the CLI and an analyst read)
     on_disk = json.loads((Path(outcome.manifest.path) / "manifest.json").read_text())
     assert on_disk["model_tests"]["results"] == tests["results"]

@@ -56,6 +56,8 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)  # classification: temperature fitted on the tuning split
     # the project's model tests on the tuning split: this version's results and the serving version's beside
     model_tests: dict[str, Any] = field(default_factory=dict)
+    # classification: tuning tasks it gets wrong that the serving version got right (regressed), and fixed
+    changes: dict[str, Any] = field(default_factory=dict)
     path: str = ""  # directory (filled when read)
 
     @property

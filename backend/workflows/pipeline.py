@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
 from labelloop.core import acquisition, gate, modeltests, pretrain, recipe
@@ -361,8 +363,16 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         say(0.92, "evaluating on the tuning split")
         metrics = evaluate(weights, dataset, chosen.imgsz, chosen.device)
         calibration = calibrate_on_tuning_split(weights, dataset, spec) if spec.kind.whole_image else {}
-        model_tests = run_model_tests(registry, project, spec, weights, serving if same_classes else None,
-                                      images, image_paths, dataset, tasks, fetcher, url_of, say)
+        model_tests: dict[str, Any] = {}
+        changes: dict[str, Any] = {}
+        if spec.kind.whole_image:  # the tuning split task by task: the project's tests, and what changed
+            tuning = tuning_items(images, image_paths, dataset, tasks)
+            candidate = label_predictor(weights, "candidate", spec)
+            current = ((serving.version, label_predictor(serving.weights, serving.version, spec))
+                       if serving is not None and same_classes else None)
+            model_tests = run_model_tests(registry, project, spec, tuning, candidate, current, image_paths, fetcher,
+                                          url_of, say)
+            changes = trace_changes(tuning, candidate, current, env.label_studio_url, project)
 
         names = dict(import_yolo()(str(weights)).names)
         classes = [names[i] for i in sorted(names)]
@@ -379,15 +389,43 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
             "data_fingerprint": fingerprint,
             "calibration": calibration,
             "model_tests": model_tests,
+            "changes": changes,
         })
         outcome = _promote_if_not_worse(registry, project, manifest, serving, same_classes, dataset, chosen)
     say(1.0, outcome.reason)
     return outcome
 
 
-def run_model_tests(registry: Registry, project, spec: ControlSpec, weights: Path, serving: Manifest | None,
-                    images, image_paths: dict, dataset, tasks: list[dict[str, Any]], fetcher, url_of: dict,
-                    say: Progress) -> dict[str, Any]:
+def tuning_items(images, image_paths: dict, dataset, tasks: list[dict[str, Any]]) -> list[modeltests.TuningItem]:
+    """The tuning split's labeled tasks (classification): id, human label, image, the task's data and meta."""
+    by_id = {t.get("id"): t for t in tasks}
+    labels = {image.task_id: image.label for image in images}
+    return [modeltests.TuningItem(int(task_id), str(labels[task_id]), image_paths[task_id],
+                                  dict((by_id.get(task_id) or {}).get("data") or {}),
+                                  dict((by_id.get(task_id) or {}).get("meta") or {}))
+            for task_id in dataset.task_ids.get("val", []) if task_id in image_paths and labels.get(task_id)]
+
+
+def label_predictor(weights: Path, version: str, spec: ControlSpec) -> modeltests.Predict:
+    """images → predicted labels with a version's weights; an image file is predicted once (the model tests
+    and the regression trace read the same tuning predictions)."""
+    model = load_model(weights, version)
+    seen: dict[str, str | None] = {}
+
+    def predict(batch: list[Any]) -> list[str | None]:
+        todo = [b for b in batch if isinstance(b, np.ndarray) or str(b) not in seen]
+        preds = predict_images(model, todo, spec, threshold_for(spec)) if todo else []
+        fresh = [p.regions[0].label if p.regions else None for p in preds]
+        arrays = iter(label for b, label in zip(todo, fresh) if isinstance(b, np.ndarray))
+        seen.update({str(b): label for b, label in zip(todo, fresh) if not isinstance(b, np.ndarray)})
+        return [next(arrays) if isinstance(b, np.ndarray) else seen[str(b)] for b in batch]
+
+    return predict
+
+
+def run_model_tests(registry: Registry, project, spec: ControlSpec, tuning: list[modeltests.TuningItem],
+                    candidate: modeltests.Predict, current: tuple[str, modeltests.Predict] | None,
+                    image_paths: dict, fetcher, url_of: dict, say: Progress) -> dict[str, Any]:
     """The project's model tests (``core/modeltests.py``) on the tuning split, for the new version and,
     beside it, the version in service (same tasks, same tests): {} when the project has none."""
     tests = modeltests.load_suite(registry.project_dir(project), spec.labels)
@@ -395,30 +433,44 @@ def run_model_tests(registry: Registry, project, spec: ControlSpec, weights: Pat
         return {}
     modeltests.check_kind(spec.kind.whole_image, tests)
     say(0.94, f"running {len(tests)} model test(s) on the tuning split")
-    by_id = {t.get("id"): t for t in tasks}
-    labels = {image.task_id: image.label for image in images}
-    tuning = [modeltests.TuningItem(int(task_id), str(labels[task_id]), image_paths[task_id],
-                                    dict((by_id.get(task_id) or {}).get("data") or {}),
-                                    dict((by_id.get(task_id) or {}).get("meta") or {}))
-              for task_id in dataset.task_ids.get("val", []) if task_id in image_paths]
     wanted = sorted({t for test in tests for t in test.tasks if t in url_of and t not in image_paths})
-    examples = {t: p for t, p in image_paths.items()}
+    examples = dict(image_paths)
     for task_id, fetched in zip(wanted, fetcher.fetch_many([url_of[t] for t in wanted]) if wanted else []):
         if not isinstance(fetched, Exception):
             examples[task_id] = fetched
-
-    def predictor(path: Path, version: str):
-        model = load_model(path, version)
-        return lambda batch: [p.regions[0].label if p.regions else None
-                              for p in predict_images(model, batch, spec, threshold_for(spec))]
-
-    results = modeltests.run_suite(tests, tuning, predictor(weights, "candidate"), examples)
-    out: dict[str, Any] = {"results": results, "tuning_tasks": len(tuning)}
-    if serving is not None:
-        out["serving"] = {"version": serving.version,
-                          "results": modeltests.run_suite(tests, tuning, predictor(serving.weights, serving.version),
-                                                          examples)}
+    out: dict[str, Any] = {"results": modeltests.run_suite(tests, tuning, candidate, examples), "tuning_tasks": len(tuning)}
+    if current is not None:
+        out["serving"] = {"version": current[0], "results": modeltests.run_suite(tests, tuning, current[1], examples)}
     return out
+
+
+def trace_changes(tuning: list[modeltests.TuningItem], candidate: modeltests.Predict,
+                  current: tuple[str, modeltests.Predict] | None, label_studio_url: str = "",
+                  project=None) -> dict[str, Any]:
+    """Which tuning tasks the new version gets wrong that the version in service got right (``regressed``)
+    and the other way round (``fixed``), so a drop points at the items behind it (first 50 ids each, the
+    counts, and Label Studio links to the first regressions)."""
+    if current is None or not tuning:
+        return {}
+    images = [item.image for item in tuning]
+    new, old = candidate(images), current[1](images)
+    regressed = [i.task_id for i, a, b in zip(tuning, new, old) if b == i.label and a != i.label]
+    fixed = [i.task_id for i, a, b in zip(tuning, new, old) if a == i.label and b != i.label]
+    shown = modeltests.SHOWN_FAILING
+    out: dict[str, Any] = {"compared_with": current[0], "regressed": regressed[:shown], "regressed_count": len(regressed),
+                           "fixed": fixed[:shown], "fixed_count": len(fixed), "tuning_tasks": len(tuning)}
+    if label_studio_url and project is not None and regressed:
+        base = label_studio_url.rstrip("/")
+        out["links"] = [f"{base}/projects/{project}/data?task={t}" for t in regressed[:10]]
+    return out
+
+
+def _describe_changes(changes: dict[str, Any]) -> str:
+    if not changes or not changes.get("regressed_count"):
+        return ""
+    ids = ", ".join(str(t) for t in changes["regressed"][:10]) + (", …" if changes["regressed_count"] > 10 else "")
+    return (f"; {changes['regressed_count']} tuning task(s) it gets wrong that {changes['compared_with']} got right "
+            f"({ids}), {changes['fixed_count']} the other way")
 
 
 def calibrate_on_tuning_split(weights: Path, dataset, spec: ControlSpec) -> dict[str, Any]:
@@ -444,7 +496,7 @@ def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, servi
     failed = modeltests.failed_required((manifest.model_tests or {}).get("results") or [])
     if failed:  # the project's own bar comes first: a required model test keeps the version out
         reason = (f"{manifest.version} kept out: {len(failed)} required model test(s) failed on the tuning split: "
-                  f"{modeltests.describe_failures(failed)}")
+                  f"{modeltests.describe_failures(failed)}{_describe_changes(manifest.changes)}")
         return TrainOutcome(manifest, False, reason, compared_with=serving.version if serving else None)
     new = manifest.metrics["primary"]
     if serving is None:
@@ -467,7 +519,8 @@ def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, servi
         registry.promote(project, manifest.version, reason)
         return TrainOutcome(manifest, True, reason, serving.version, old_metrics)
     reason = (f"{manifest.version} kept out of service: {new:.3f} < {old:.3f} of {serving.version} on the same "
-              f"tuning split, by more than the {allowed:.3f} a split of {n} images can tell")
+              f"tuning split, by more than the {allowed:.3f} a split of {n} images can tell"
+              f"{_describe_changes(manifest.changes)}")
     log.info("project %s: %s", project, reason)
     return TrainOutcome(manifest, False, reason, serving.version, old_metrics)
 
