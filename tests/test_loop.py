@@ -136,6 +136,40 @@ def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, b
     assert {t["id"]: t["annotations"] for t in ls_api.tasks(project)} == before
 
 
+def test_imported_tasks_unlike_the_training_set_are_flagged_as_drift(ls_api, backend, loop_project, tmp_path):
+    """New tasks of another look ('simple' shapes: flat dark ground, where the project's are textured) imported
+    into a project a version serves: Label Studio's TASKS_CREATED queues the prediction job, which predicts them,
+    finds them beyond the training set, writes drift.json, the "out of distribution" tab and the gauges."""
+    import json
+
+    from labelloop.workflows.drift_check import DRIFT_FILE, DRIFT_TAB
+
+    project = loop_project["id"]
+    wait_for(lambda: settled(backend.url, project), 300, "the project to be idle")
+    known = {j["id"] for j in jobs_of(backend.url, project)}
+    shifted = generate_shapes(tmp_path / "shifted", n=12, seed=5, size=64, max_objects=1, style="simple")
+    before = {t["id"] for t in ls_api.tasks(project)}
+    ls_api.upload_images(project, [shifted.images_dir / im.file for im in shifted.images])
+    new = {t["id"] for t in ls_api.tasks(project)} - before
+
+    def predicted():
+        done = [j for j in jobs_of(backend.url, project)
+                if j["id"] not in known and j["kind"] == "predict" and j["state"] == "done"]
+        return done[0] if done else None
+
+    job = wait_for(predicted, 300, "the prediction job of the imported tasks")
+    assert job["trigger"] == "TASKS_CREATED" and job["counts"]["drift"]["drifted"], job
+    report = json.loads((backend.info["model_dir"] / "projects" / str(project) / DRIFT_FILE).read_text())
+    assert report["drifted"] and report["incoming"] == len(new) and report["views"]["pixels"]["drifted"], report
+    assert {b["task"] for b in report["beyond"]} <= new and len(report["beyond"]) >= len(new) // 2
+    tab = [v for v in ls_api.request("GET", "/api/dm/views", params={"project": project})
+           if v["data"].get("title") == DRIFT_TAB]
+    assert [t["id"] for t in ls_api.tab_tasks(project, tab[0]["id"])] == sorted(b["task"] for b in report["beyond"])
+    scraped = httpx.get(f"{backend.url}/metrics").text
+    assert f'labelloop_drift_detected{{project="{project}"}} 1.0' in scraped
+    assert f'labelloop_drift_share_beyond{{project="{project}",view="pixels"}}' in scraped
+
+
 def test_a_burst_of_100_events_causes_at_most_two_trainings(ls_api, backend, loop_project):
     project, tasks, truth = loop_project["id"], loop_project["tasks"], loop_project["truth"]
     wait_for(lambda: settled(backend.url, project), 300, "the project to be idle")

@@ -57,6 +57,7 @@ from labelloop.service.schemas import (
     validate_tasks,
     webhook_id,
 )
+from labelloop.workflows.drift_check import latest_reports
 from labelloop.workflows.pipeline import (
     combined_version,
     control_source,
@@ -100,6 +101,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
     app.state.metrics, app.state.registry, app.state.events = metrics, registry, events
     jobs = _LazyJobStore()
     metrics.watch_jobs(jobs.list_quietly)
+    metrics.watch_drift(functools.partial(latest_reports, registry))
 
     async def in_predict_pool(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(predict_pool, functools.partial(fn, *args))

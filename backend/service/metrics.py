@@ -58,6 +58,10 @@ class ServiceMetrics:
         """Export job counts and running jobs' progress, read from the job store at scrape time."""
         self.registry.register(_JobCollector(source))
 
+    def watch_drift(self, source: Callable[[], list[dict]]) -> None:
+        """Export each project's last drift report (``workflows/drift_check.py``), read at scrape time."""
+        self.registry.register(_DriftCollector(source))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -86,3 +90,27 @@ class _JobCollector:
                 progress.add_metric([job["id"], str(job.get("kind")), str(job.get("project"))],
                                     float(job.get("progress") or 0))
         yield progress
+
+
+class _DriftCollector:
+    def __init__(self, source: Callable[[], list[dict]]):
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        share = GaugeMetricFamily("labelloop_drift_share_beyond",
+                                  "Share of the tasks imported since the served version that lie beyond the training "
+                                  "set's usual distance (about 0.05 without drift), by view",
+                                  labels=["project", "view"])
+        detected = GaugeMetricFamily("labelloop_drift_detected",
+                                     "1 when the last check found the imported tasks drifted from the training set",
+                                     labels=["project"])
+        for report in self.source():
+            project = str(report.get("project", ""))
+            for view, values in (report.get("views") or {}).items():
+                share.add_metric([project, str(view)], float(values.get("share_beyond") or 0.0))
+            detected.add_metric([project], 1.0 if report.get("drifted") else 0.0)
+        yield share
+        yield detected

@@ -46,6 +46,7 @@ from labelloop.labelstudio.results import (
     latest_human_annotation,
     prediction_result,
 )
+from labelloop.workflows.drift_check import check_incoming
 from labelloop.workflows.suspects import SUSPECTS_TAB, refresh_suspects
 
 log = logging.getLogger(__name__)
@@ -675,6 +676,16 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                         lambda part: [p.prediction for p in predict_tasks(part, spec, model, fetcher, env=env)]))
                 except LabelloopError as exc:
                     log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
+            if manifest is not None and spec.kind.trained:
+                # tasks imported after this version was trained, against the labels it learned from
+                try:
+                    report = check_incoming(client, registry, project_id, manifest, model, tasks,
+                                            {t["id"] for t, _ in labeled}, fetcher.fetch_many,
+                                            {t["id"]: image_url_of(t, spec.value_key) for t in tasks})
+                    if report is not None:
+                        counts["drift"] = report
+                except (LabelloopError, ValueError) as exc:
+                    log.warning("project %s: no drift check: %s", project_id, exc)
             client.set_model_version(project_id, version)
         return counts
 
