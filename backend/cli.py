@@ -399,24 +399,28 @@ def cmd_model_tests(args) -> int:
                     spec = client.load_project(args.project).spec
                 labels = spec.labels
             tests = modeltests.parse_suite(raw, labels)
+            costs = modeltests.parse_costs(raw.get("costs") if isinstance(raw, dict) else None, labels)
             if labels is not None:
-                modeltests.check_kind(spec.kind.whole_image, tests)
+                modeltests.check_kind(spec.kind.whole_image, [*tests, *([costs] if costs else [])])
         else:
-            tests = []
-        path = modeltests.save_suite(folder, tests)
+            tests, costs = [], None
+        path = modeltests.save_suite(folder, tests, costs)
         print(f"project {args.project}: {len(tests)} model test(s) in {path}; every new version runs them")
     tests = modeltests.load_suite(folder)
     rows = [m for m in sorted(registry.versions(args.project), key=lambda m: m.created_at, reverse=True)
             if m.model_tests][: args.last]
     if args.json:
+        costs_now = modeltests.load_costs(folder)
         print(json.dumps({"tests": modeltests.suite_json(tests)["tests"],
+                          "costs": costs_now.to_json() if costs_now else None,
                           "versions": {m.version: m.model_tests for m in rows}}, indent=2))
         return 0
-    if not tests:
+    costs = modeltests.load_costs(folder)
+    if not tests and costs is None:
         print(f"project {args.project} has no model tests: write a suite and `labelloop model-tests --project "
               f"{args.project} --set tests.json` (see README, Model tests)")
         return 0
-    name_width = max(len(t.name) for t in tests)
+    name_width = max([len("mean cost"), *(len(t.name) for t in tests)])
     print(f"{'test':<{name_width}}  {'bar':<34} " + " ".join(f"{m.version:>14}" for m in rows))
     for test in tests:
         cells = []
@@ -427,6 +431,10 @@ def cmd_model_tests(args) -> int:
         required = "" if test.required else " (advisory)"
         bar = modeltests.describe_bar(test) + required
         print(f"{test.name:<{name_width}}  {bar:<34} " + " ".join(f"{c:>14}" for c in cells))
+    if costs is not None:
+        cells = [format(m.model_tests["costs"]["cost"], ".3f") if "costs" in m.model_tests else "-" for m in rows]
+        print(f"{'mean cost':<{name_width}}  {'per tuning task (lower is better)':<34} "
+              + " ".join(f"{c:>14}" for c in cells))
     return 0
 
 

@@ -11,6 +11,7 @@ data where that side decides the label) fails a flip-invariance test that the en
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -94,6 +95,38 @@ def test_only_classification_is_gated_for_now():
     modeltests.check_kind(False, [])
     with pytest.raises(ModelTestError, match="classification versions only"):
         modeltests.check_kind(False, tests)
+
+
+@pytest.mark.unit
+def test_costs_are_read_bounded_and_priced():
+    costs = modeltests.parse_costs({"default": 1, "classes": {"star": 5}, "confusions": {"star -> circle": 20}}, LABELS)
+    assert (costs.of("star", "star"), costs.of("star", "circle"), costs.of("star", "square"), costs.of("circle", None)) \
+        == (0.0, 20.0, 5.0, 1.0)
+    assert modeltests.parse_costs(costs.to_json(), LABELS) == costs and modeltests.parse_costs(None) is None
+    for raw, message in [({"classes": {"dog": 1}}, "'dog' is not one of"), ({"default": -1}, r"default must be in"),
+                         ({"confusions": {"star": 1}}, "must read '<true label>-><predicted label>'"),
+                         ({"weights": {}}, "costs are"), ({"classes": {f"c{i}": 1 for i in range(1001)}}, "at most 1000")]:
+        with pytest.raises(ModelTestError, match=message):
+            modeltests.parse_costs(raw, LABELS if "dog" in str(raw) else None)
+
+
+@pytest.mark.unit
+def test_costs_compare_versions_on_the_same_tasks_with_their_noise(tmp_path):
+    tuning = [TuningItem(k, label, tmp_path / f"{k}.png") for k, label in enumerate(["star"] * 10 + ["circle"] * 40)]
+    costs = modeltests.parse_costs({"classes": {"star": 10}}, LABELS)
+    # the new version misses 5 stars (10 each); the old one misses 8 circles (1 each): plain accuracy says
+    # the new one is better (0.90 vs 0.84), what the errors cost says it is worse
+    new = ["circle"] * 5 + ["star"] * 5 + ["circle"] * 40
+    old = ["star"] * 10 + ["square"] * 8 + ["circle"] * 32
+    out = modeltests.compare_costs(tuning, new, old, costs)
+    assert (out["cost"], out["serving_cost"]) == (pytest.approx(1.0), pytest.approx(0.16))
+    diff = np.array([10.0] * 5 + [0.0] * 5 + [-1.0] * 8 + [0.0] * 32)
+    assert out["tolerance"] == pytest.approx(diff.std(ddof=1) / np.sqrt(50), abs=1e-6)
+    assert out["cost"] > out["serving_cost"] + out["tolerance"]
+    one_miss = modeltests.compare_costs(tuning, ["circle"] + ["star"] * 9 + ["circle"] * 40, ["star"] * 10 + ["circle"] * 40,
+                                        costs)
+    assert one_miss["cost"] <= one_miss["serving_cost"] + one_miss["tolerance"]  # one task is within the noise
+    assert "serving_cost" not in modeltests.compare_costs(tuning, new, None, costs)
 
 
 # -- unit: perturbations and verdicts -------------------------------------------------------------------
@@ -266,6 +299,30 @@ def test_the_cli_shows_each_version_beside_the_tests(planted, tmp_path):
     assert [t.name for t in modeltests.load_suite(registry.project_dir("77"))] == ["stars are stars", "flip invariance"]
 
 
+def test_costs_keep_out_a_version_whose_errors_cost_more(planted):
+    """With stars priced 20 times other errors (and the tests advisory), the planted regression is kept out by
+    its mean cost per tuning task, the plain metrics reported beside; the costs stay in the manifest."""
+    from labelloop.core.datasets import split_of
+    from labelloop.dev.shapes import to_label_studio_tasks
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+
+    registry, first, data, spec = planted
+    folder = registry.project_dir("77")
+    advisory = [dataclasses.replace(t, required=False) for t in modeltests.load_suite(folder)]
+    modeltests.save_suite(folder, advisory, modeltests.parse_costs({"classes": {"star": 20}}, LABELS))
+    tasks = to_label_studio_tasks(data, "classification")
+    for task in tasks:
+        value = task["annotations"][0]["result"][0]["value"]
+        if value["choices"] == ["star"] and split_of(task["id"]) == "train":
+            value["choices"] = ["circle"]
+    outcome = train_new_version(registry, "77", tasks, spec, LocalFileFetcher())
+    costs = outcome.manifest.model_tests["costs"]
+    assert not outcome.promoted and "mean cost" in outcome.reason and "plain " in outcome.reason, outcome.reason
+    assert costs["cost"] > costs["serving_cost"] + costs["tolerance"] and outcome.manifest.metrics["cost"] == costs["cost"]
+    assert registry.serving("77").version == first.manifest.version
+
+
 def side_images(folder: Path, n: int, seed: int, label_by_side: bool) -> list[tuple[Path, str]]:
     """Light discs on a dark ground at random places; labeled by the side they sit on (circle left, square
     right), or all "circle" (what they are: labels a left-right flip does not change)."""
@@ -361,3 +418,11 @@ def test_model_tests_are_set_and_read_over_http(tmp_path):
     boxes = app.put("/projects/5/model-tests", json=suite)
     assert boxes.status_code == 422 and "classification versions only" in boxes.json()["error"]
     assert app.put("/projects/5/model-tests", json={"tests": []}).status_code == 200  # an empty suite is fine
+    # costs beside the tests: checked like them, read back
+    priced = app.put("/projects/4/model-tests", json={"tests": [], "costs": {"classes": {"star": 5}}})
+    assert priced.status_code == 200 and app.get("/projects/4/model-tests").json()["costs"] == \
+        {"default": 1.0, "classes": {"star": 5.0}, "confusions": {}}
+    wrong = app.put("/projects/4/model-tests", json={"tests": [], "costs": {"confusions": {"star->dog": 5}}})
+    assert wrong.status_code == 422 and "'dog' is not one of" in wrong.json()["error"]
+    boxes_priced = app.put("/projects/5/model-tests", json={"tests": [], "costs": {"default": 2}})
+    assert boxes_priced.status_code == 422 and "classification versions only" in boxes_priced.json()["error"]

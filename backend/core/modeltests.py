@@ -58,6 +58,8 @@ SHOWN_FAILING = 50  # failing task ids kept per test in results
 NAME_RE = re.compile(r"^[\w .:/()+-]{1,100}$")
 COHORT_KEY_RE = re.compile(r"^(label|(data|meta)\.[A-Za-z0-9_\-]{1,64})$")
 SUITE_FILE = "model-tests.json"
+MAX_COSTS = 1000  # class and confusion entries
+MAX_COST = 1e6
 
 
 class ModelTestError(LabelloopError, ValueError):
@@ -181,6 +183,68 @@ def parse_test(raw: Any, labels: Sequence[str] | None = None) -> ModelTest:
                      tasks=tuple(dict.fromkeys(tasks)), min_pass=_number(name, "min_pass", raw.get("min_pass", 1.0), 0.0, 1.0))
 
 
+@dataclass(frozen=True)
+class Costs:
+    """What an error costs the product (value-aligned metrics): a wrong prediction for a task whose human label
+    is T and the model says P costs ``confusions[(T, P)]``, else ``classes[T]``, else ``default``; a right one
+    costs 0. Set, the gate compares versions by their mean cost per tuning task instead of the plain metric."""
+
+    default: float = 1.0
+    classes: dict[str, float] = field(default_factory=dict)
+    confusions: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def of(self, truth: str, predicted: str | None) -> float:
+        if predicted == truth:
+            return 0.0
+        return self.confusions.get((truth, str(predicted)), self.classes.get(truth, self.default))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"default": self.default, "classes": dict(self.classes),
+                "confusions": {f"{t}->{p}": c for (t, p), c in self.confusions.items()}}
+
+
+def parse_costs(raw: Any, labels: Sequence[str] | None = None) -> Costs | None:
+    """``{"default": 1, "classes": {"star": 5}, "confusions": {"star->circle": 20}}`` (None: no costs)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"default", "classes", "confusions"}:
+        raise ModelTestError('costs are {"default": <cost>, "classes": {label: cost}, "confusions": '
+                             '{"<true label>-><predicted label>": cost}}')
+    default = _number("costs", "default", raw.get("default", 1.0), 0.0, MAX_COST)
+    classes_raw, confusions_raw = raw.get("classes") or {}, raw.get("confusions") or {}
+    if not isinstance(classes_raw, dict) or not isinstance(confusions_raw, dict) or \
+            len(classes_raw) + len(confusions_raw) > MAX_COSTS:
+        raise ModelTestError(f"costs: classes and confusions are objects of at most {MAX_COSTS} entries in all")
+    classes = {_label("costs", k, labels): _number("costs", f"classes[{k!r}]", v, 0.0, MAX_COST)
+               for k, v in classes_raw.items()}
+    confusions: dict[tuple[str, str], float] = {}
+    for key, value in confusions_raw.items():
+        truth, arrow, predicted = str(key).partition("->")
+        if not arrow:
+            raise ModelTestError(f"costs: confusion {key!r} must read '<true label>-><predicted label>'")
+        pair = (_label("costs", truth.strip(), labels), _label("costs", predicted.strip(), labels))
+        confusions[pair] = _number("costs", f"confusions[{key!r}]", value, 0.0, MAX_COST)
+    return Costs(default, classes, confusions)
+
+
+def compare_costs(tuning: Sequence[TuningItem], new: Sequence[str | None], old: Sequence[str | None] | None,
+                  costs: Costs) -> dict[str, Any]:
+    """Mean cost per tuning task of the new version (and of the one in service on the same tasks), and the
+    noise of their difference: one standard error of the paired per-task differences (at least one task's
+    smallest non-zero cost / n, so a single differing task is never "significant" on its own)."""
+    mine = np.array([costs.of(i.label, p) for i, p in zip(tuning, new)], dtype=np.float64)
+    out: dict[str, Any] = {"cost": round(float(mine.mean()), 6) if len(mine) else 0.0, "tuning_tasks": len(mine),
+                           "costs": costs.to_json()}
+    if old is not None and len(mine):
+        theirs = np.array([costs.of(i.label, p) for i, p in zip(tuning, old)], dtype=np.float64)
+        diff = mine - theirs
+        positive = [c for c in [costs.default, *costs.classes.values(), *costs.confusions.values()] if c > 0]
+        floor = (min(positive) if positive else 0.0) / len(diff)
+        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        out.update(serving_cost=round(float(theirs.mean()), 6), tolerance=round(max(se, floor), 6))
+    return out
+
+
 def parse_suite(raw: Any, labels: Sequence[str] | None = None) -> list[ModelTest]:
     """A suite from its JSON form (``{"tests": [...]}`` or a bare list): at most MAX_TESTS, unique names."""
     items = raw.get("tests") if isinstance(raw, dict) else raw
@@ -199,30 +263,44 @@ def suite_json(tests: Sequence[ModelTest]) -> dict[str, Any]:
     return {"tests": [t.to_json() for t in tests]}
 
 
-def check_kind(whole_image: bool, tests: Sequence[ModelTest]) -> None:
-    """Only classification versions are gated by tests for now."""
+def check_kind(whole_image: bool, tests: Sequence[Any]) -> None:
+    """Only classification versions are gated by tests (and costs) for now."""
     if tests and not whole_image:
-        raise ModelTestError("model tests gate classification versions only, for now (boxes and polygons: not yet)")
+        raise ModelTestError("model tests and costs gate classification versions only, for now (boxes and polygons: "
+                             "not yet)")
+
+
+def _read(project_dir: Path) -> Any:
+    path = Path(project_dir) / SUITE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelTestError(f"{path} is not readable JSON: {exc}") from None
 
 
 def load_suite(project_dir: Path, labels: Sequence[str] | None = None) -> list[ModelTest]:
-    """The project's stored suite ([] when it has none)."""
-    path = Path(project_dir) / SUITE_FILE
-    if not path.is_file():
-        return []
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelTestError(f"{path} is not readable JSON: {exc}") from None
-    return parse_suite(raw, labels)
+    """The project's stored tests ([] when it has none)."""
+    raw = _read(project_dir)
+    return [] if raw is None else parse_suite(raw, labels)
 
 
-def save_suite(project_dir: Path, tests: Sequence[ModelTest]) -> Path:
-    """Write the suite atomically (a half-written suite never gates a version)."""
+def load_costs(project_dir: Path, labels: Sequence[str] | None = None) -> Costs | None:
+    """The project's stored costs (None when it has none)."""
+    raw = _read(project_dir)
+    return parse_costs(raw.get("costs"), labels) if isinstance(raw, dict) else None
+
+
+def save_suite(project_dir: Path, tests: Sequence[ModelTest], costs: Costs | None = None) -> Path:
+    """Write the tests (and costs) atomically (a half-written suite never gates a version)."""
     path = Path(project_dir) / SUITE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(suite_json(tests), indent=2), encoding="utf-8")
+    data = suite_json(tests)
+    if costs is not None:
+        data["costs"] = costs.to_json()
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
     tmp.replace(path)
     return path
 

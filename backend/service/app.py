@@ -455,7 +455,8 @@ def create_app(env: Settings | None = None) -> FastAPI:
         """The project's model tests: what every new version must pass on the tuning split to serve."""
         key = project_key(project, "project") or ""
         tests = await run_in_threadpool(modeltests.load_suite, registry.project_dir(key))
-        return {"project": key, **modeltests.suite_json(tests)}
+        costs = await run_in_threadpool(modeltests.load_costs, registry.project_dir(key))
+        return {"project": key, **modeltests.suite_json(tests), **({"costs": costs.to_json()} if costs else {})}
 
     @app.put("/projects/{project}/model-tests", openapi_extra=json_body(ModelTestsRequest),
              responses=errors(400, 401, 413, 422))
@@ -464,14 +465,16 @@ def create_app(env: Settings | None = None) -> FastAPI:
         labels when this backend has its label config."""
         key = project_key(project, "project") or ""
         body = await read_json_object(request)
-        if set(body) != {"tests"}:
-            raise BadRequest('expected {"tests": [...]} and nothing else', 422)
+        if "tests" not in body or set(body) - {"tests", "costs"}:
+            raise BadRequest('expected {"tests": [...], "costs": {...} (optional)} and nothing else', 422)
         specs = parse_label_controls(schemas[key]) if key in schemas else None
-        tests = modeltests.parse_suite(body, specs[0].labels if specs and len(specs) == 1 else None)
+        labels = specs[0].labels if specs and len(specs) == 1 else None
+        tests = modeltests.parse_suite(body, labels)
+        costs = modeltests.parse_costs(body.get("costs"), labels)
         if specs and len(specs) == 1:
-            modeltests.check_kind(specs[0].kind.whole_image, tests)
-        await run_in_threadpool(modeltests.save_suite, registry.project_dir(key), tests)
-        return {"project": key, **modeltests.suite_json(tests)}
+            modeltests.check_kind(specs[0].kind.whole_image, [*tests, *([costs] if costs else [])])
+        await run_in_threadpool(modeltests.save_suite, registry.project_dir(key), tests, costs)
+        return {"project": key, **modeltests.suite_json(tests), **({"costs": costs.to_json()} if costs else {})}
 
     @app.get("/events", responses=errors(401, 422))
     async def list_events(project: str | None = None, limit: int = 100):

@@ -177,6 +177,8 @@ class ModelTestsRequest(BaseModel):
         {"name": "stars are stars", "kind": "confidence", "cohort": {"label": "star"}, "min": 0.8},
         {"name": "flip", "kind": "invariance", "perturbation": "flip_lr", "max_change": 0.1},
         {"name": "known stars", "kind": "examples", "tasks": [12, 15], "label": "star"}]])
+    costs: dict[str, Any] | None = Field(None, examples=[{"default": 1, "classes": {"star": 5},
+                                                          "confusions": {"star->circle": 20}}])
 
 
 REQUEST_MODELS = (SetupRequest, PredictRequest, WebhookRequest, ModelTestsRequest)

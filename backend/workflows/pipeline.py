@@ -374,6 +374,16 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
             model_tests = run_model_tests(registry, project, spec, tuning, candidate, current, image_paths, fetcher,
                                           url_of, say)
             changes = trace_changes(tuning, candidate, current, env.label_studio_url, project)
+            costs = modeltests.load_costs(registry.project_dir(project), spec.labels)
+            if costs is not None and tuning:  # value-aligned: what the errors cost, beside the plain metric
+                images_of = [item.image for item in tuning]
+                model_tests["costs"] = modeltests.compare_costs(
+                    tuning, candidate(images_of), current[1](images_of) if current else None, costs)
+                if current:
+                    model_tests["costs"]["compared_with"] = current[0]
+                metrics = {**metrics, "cost": model_tests["costs"]["cost"]}
+        elif modeltests.load_costs(registry.project_dir(project)) is not None:
+            raise modeltests.ModelTestError("costs gate classification versions only, for now")
 
         names = dict(import_yolo()(str(weights)).names)
         classes = [names[i] for i in sorted(names)]
@@ -512,6 +522,19 @@ def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, servi
     old_metrics = evaluate(serving.weights, dataset, chosen.imgsz, chosen.device)
     old = old_metrics["primary"]
     n = int(dataset.counts["val"])
+    costs = (manifest.model_tests or {}).get("costs") or {}
+    if "serving_cost" in costs:  # the project said what errors cost: that decides, the plain metric is reported
+        mine, theirs, noise = costs["cost"], costs["serving_cost"], costs["tolerance"]
+        plain = f"plain {manifest.metrics.get('primary', 0.0):.3f} vs {old:.3f}"
+        if mine <= theirs + noise + 1e-12:
+            reason = (f"{manifest.version} promoted: mean cost {mine:.3f} per tuning task <= {theirs:.3f} of "
+                      f"{serving.version} (+{noise:.3f} noise) on the same tuning split ({plain})")
+            registry.promote(project, manifest.version, reason)
+            return TrainOutcome(manifest, True, reason, serving.version, old_metrics)
+        reason = (f"{manifest.version} kept out of service: mean cost {mine:.3f} per tuning task > {theirs:.3f} of "
+                  f"{serving.version} by more than the {noise:.3f} the split can tell ({plain})"
+                  f"{_describe_changes(manifest.changes)}")
+        return TrainOutcome(manifest, False, reason, serving.version, old_metrics)
     allowed = gate.tolerance(old, n)
     if gate.should_promote(new, old, n):
         relation = ">=" if new >= old else f"within {allowed:.3f} (noise of {n} images) of"
