@@ -105,6 +105,23 @@ def trained(tmp_path_factory, run_home, shapes_train, shapes_single):
     return get
 
 
+@pytest.fixture(scope="session")
+def simple_classifier(tmp_path_factory, run_home):
+    """(manifest, data, folder): a classifier the engine trained on 120 of the demo's 'simple' shapes (light
+    shapes on a dark ground, 64 px), with its own registry; for tests that need a model that learned."""
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+
+    home = tmp_path_factory.mktemp("simple-classifier")
+    data = generate_shapes(home / "train", n=120, seed=5, size=64, max_objects=1, style="simple")
+    outcome = train_new_version(Registry(home / "models"), "simple", to_label_studio_tasks(data, "classification"),
+                                parse_label_config(label_config("classification")), LocalFileFetcher())
+    return outcome.manifest, data, home
+
+
 def install_model(model_dir: Path, project: int | str, model: TrainedModel) -> str:
     """Put a trained model into a registry as the project's version in service (what a training job does)."""
     from labelloop.core.registry import Registry

@@ -51,23 +51,7 @@ def test_batches_from_the_same_distribution_are_rarely_flagged():
     assert not empty.drifted and empty.n_incoming == 0
 
 
-@pytest.fixture(scope="module")
-def simple_model(tmp_path_factory, run_home):
-    """A classifier the engine trained on 120 of the demo's 'simple' shapes (light shapes on a dark ground)."""
-    from labelloop.core.labelconfig import parse_label_config
-    from labelloop.core.registry import Registry
-    from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_tasks
-    from labelloop.labelstudio.media import LocalFileFetcher
-    from labelloop.workflows.pipeline import train_new_version
-
-    home = tmp_path_factory.mktemp("drift")
-    data = generate_shapes(home / "train", n=120, seed=5, size=64, max_objects=1, style="simple")
-    outcome = train_new_version(Registry(home / "models"), "d", to_label_studio_tasks(data, "classification"),
-                                parse_label_config(label_config("classification")), LocalFileFetcher())
-    return outcome.manifest, data, home
-
-
-def test_inverted_colours_drift_and_a_fresh_batch_does_not(simple_model):
+def test_inverted_colours_drift_and_a_fresh_batch_does_not(simple_classifier, tmp_path):
     """Real images through a real model: the training images vs a fresh batch of the same generator (not
     flagged, in either view) and that batch with its colours inverted (flagged, in both)."""
     import cv2
@@ -76,7 +60,8 @@ def test_inverted_colours_drift_and_a_fresh_batch_does_not(simple_model):
     from labelloop.core.predict import load_model
     from labelloop.dev.shapes import generate_shapes
 
-    manifest, data, home = simple_model
+    manifest, data, _ = simple_classifier
+    home = tmp_path
     model = load_model(manifest.weights, manifest.version)
     fresh = generate_shapes(home / "fresh", n=40, seed=77, size=64, max_objects=1, style="simple")
     fresh_paths = [fresh.images_dir / im.file for im in fresh.images]

@@ -252,3 +252,18 @@ def test_the_delegated_services_health_check_is_its_database(mongod):
     assert check(mongod.url).returncode == 0
     down = check("mongodb://127.0.0.1:9")
     assert down.returncode == 1 and "does not answer" in down.stderr
+
+
+def test_explain_writes_heatmaps_of_the_served_version(fo, fo_project):
+    """The explain operator (EigenCAM of the version in service, core/saliency.py) puts a heatmap on each
+    sample of the view it is given and saves the view of the explained samples."""
+    dataset = fo_project["dataset"]
+    view = dataset.exists("ground_truth").limit(6)
+    explained = run(fo, view, "explain_predictions", limit=5)
+    assert explained["explained"] == 5 and explained["model_version"].startswith(f"p{fo_project['project']}-v"), explained
+    saved = dataset.load_saved_view("labelloop-explained")
+    assert len(saved) == 5
+    for sample in saved:
+        heatmap = sample["saliency"]
+        assert heatmap.map.dtype == "uint8" and max(heatmap.map.shape) <= 128 and heatmap.map.max() > 0
+    assert len(dataset.exists("saliency")) == 5

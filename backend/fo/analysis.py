@@ -16,6 +16,7 @@ from labelloop.core import scoring
 from labelloop.core.labelconfig import ControlSpec, parse_label_config, threshold_for
 from labelloop.core.predict import embed_images
 from labelloop.core.registry import VERSION_RE
+from labelloop.core.saliency import saliency_maps
 from labelloop.errors import LabelloopError
 from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
 from labelloop.fo.sync import model_for_version, predict_samples, prediction_labels, serving_model
@@ -30,6 +31,9 @@ MISLABEL_VIEW = "labelloop-suspected-mislabels"
 UNCERTAIN_VIEW = "labelloop-uncertain"
 UNCERTAIN_TAG = "labelloop:uncertain"
 MISTAKES_VIEW = "labelloop-high-confidence-mistakes"
+EXPLAINED_VIEW = "labelloop-explained"
+MAX_EXPLAINED = 500  # maps per run: each is stored in the sample (a few kB at <= HEATMAP_SIDE px)
+HEATMAP_SIDE = 128
 
 
 class AnalysisError(LabelloopError, ValueError):
@@ -223,6 +227,40 @@ def uncertainty_sampling(view, k: int = 20, method: str = "least_confidence", di
 
 
 # -- embeddings ---------------------------------------------------------------------------------------
+
+def compute_saliency(view, limit: int = 100, progress: Progress | None = None,
+                     field: str = "saliency") -> dict[str, Any]:
+    """Where the served version looked: an EigenCAM map (``core/saliency.py``, the model that serves
+    predictions) as a FiftyOne heatmap on each sample of ``view`` (the first ``limit``, at most
+    MAX_EXPLAINED), saved as the view ``labelloop-explained``. Good views to explain: the suspected
+    mislabels and the high-confidence mistakes."""
+    import_fiftyone()  # FiftyOne configured for labelloop before its first use
+    from pathlib import Path
+
+    import cv2
+    import fiftyone as fo
+
+    say = progress or (lambda fraction, message: None)
+    dataset = root_dataset(view)
+    spec = spec_of(dataset)
+    model = serving_model(project_of(dataset), spec)
+    if model is None:
+        raise AnalysisError("no model yet for this project: annotate in Label Studio so one is trained")
+    limit = max(1, min(int(limit), MAX_EXPLAINED))
+    ids, paths = view.limit(limit).values(["id", "filepath"])
+    maps: dict[str, Any] = {}
+    for start in range(0, len(ids), 16):
+        for sample_id, cam in zip(ids[start : start + 16], saliency_maps(model, [Path(p) for p in paths[start : start + 16]])):
+            h, w = cam.shape
+            scale = min(1.0, HEATMAP_SIDE / max(h, w))  # the App stretches a heatmap over its image
+            small = cv2.resize(cam, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+            maps[sample_id] = fo.Heatmap(map=(np.clip(small, 0, 1) * 255).astype(np.uint8), range=[0, 255])
+        say(min(1.0, (start + 16) / max(1, len(ids))), f"explained {min(len(ids), start + 16)} of {len(ids)}")
+    dataset.set_values(field, maps, key_field="id")
+    _save_view(dataset, EXPLAINED_VIEW, dataset.select(list(maps)),
+               f"samples with a '{field}' map: where {model.version} looked (EigenCAM)")
+    return {"explained": len(maps), "field": field, "model_version": model.version, "saved_view": EXPLAINED_VIEW}
+
 
 def compute_embeddings(view, method: str = "umap", visualize: bool = True, similarity: bool = True,
                        progress: Progress | None = None, brain_key: str = "labelloop_embeddings") -> dict[str, Any]:

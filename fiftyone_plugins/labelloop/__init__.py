@@ -1,4 +1,4 @@
-"""labelloop's FiftyOne plugin: seven operators and a panel, the analyst's face of the engine.
+"""labelloop's FiftyOne plugin: eight operators and a panel, the analyst's face of the engine.
 
 Each operator is a form plus a call into ``labelloop.fo.sync`` / ``labelloop.fo.analysis``; the numbers
 come from the same engine that answers Label Studio.
@@ -388,6 +388,28 @@ class ComputeEmbeddings(foo.Operator):
                               ("similarity", "Similarity index (brain key)")], "Embeddings")
 
 
+class ExplainPredictions(foo.Operator):
+    @property
+    def config(self):
+        return _config("explain_predictions", "labelloop: where the model looked",
+                       "EigenCAM heatmaps of the served version on the view's samples (e.g. suspected mislabels)")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _view_choice(ctx, inputs)
+        inputs.int("limit", default=100, label="Samples to explain", description="at most 500 per run",
+                   view=types.FieldView())
+        return types.Property(inputs, view=types.View(label="Saliency maps of the served version"))
+
+    def execute(self, ctx):
+        view, limit = ctx.target_view(), int(ctx.params.get("limit") or 100)
+        return _execute(ctx, lambda progress: fo_analysis.compute_saliency(view, limit, progress=progress))
+
+    def resolve_output(self, ctx):
+        return _outputs(ctx, [("explained", "Samples explained"), ("field", "Heatmap field"),
+                              ("model_version", "Of version"), ("saved_view", "Saved view")], "Saliency")
+
+
 class EvaluateModel(foo.Operator):
     @property
     def config(self):
@@ -604,5 +626,5 @@ class VersionsPanel(foo.Panel):
 
 def register(p):
     for operator in (SyncLabelStudio, ComputeMislabelScores, UncertaintySampling, ComputeEmbeddings, EvaluateModel,
-                     CompareVersions, SendToLabelStudio, VersionsPanel):
+                     CompareVersions, SendToLabelStudio, ExplainPredictions, VersionsPanel):
         p.register(operator)
