@@ -170,6 +170,41 @@ def test_imported_tasks_unlike_the_training_set_are_flagged_as_drift(ls_api, bac
     assert f'labelloop_drift_share_beyond{{project="{project}",view="pixels"}}' in scraped
 
 
+def test_rough_labels_put_the_detectors_misses_in_a_review_tab(ls_api, backend, worker, trained, tmp_path):
+    """A detection project whose tasks carry rough labels in their data (``contains`` / ``counts``): the
+    prediction job of the version in service ranks the tasks whose predictions contradict them into the
+    "labelloop: model misses" tab; tasks without rough labels stay out."""
+    from conftest import install_model
+
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.workflows.misses import MISSES_TAB, rank_misses
+
+    images = generate_shapes(tmp_path / "rough", n=8, seed=44)
+    project = ls_api.create_project("rough labels", label_config("detection"))["id"]
+    tasks = ls_api.upload_images(project, [images.images_dir / im.file for im in images.images])
+    by_file = {im.file: im for im in images.images}
+    for k, task in enumerate(tasks[:6]):  # the last two carry no rough label
+        image = next(im for name, im in by_file.items() if task["data"]["image"].endswith(name))
+        rough = {"contains": sorted({o.label for o in image.objects})} if k % 2 else \
+            {"counts": {label: sum(o.label == label for o in image.objects) for label in {o.label for o in image.objects}}}
+        ls_api.request("PATCH", f"/api/tasks/{task['id']}", json={"data": {**task["data"], **rough}})
+    version = install_model(backend.info["model_dir"], project, trained("detection"))
+    answer = httpx.post(f"{backend.url}/versions/{version}/promote").json()
+    job = wait_for(lambda: (lambda j: j if j["state"] in ("done", "failed") else None)(
+        httpx.get(f"{backend.url}/jobs/{answer['prediction_job']}").json()), 300, "the prediction job")
+    assert job["state"] == "done", job
+    spec = parse_label_config(label_config("detection"))
+    now = ls_api.tasks(project)
+    results = {p["task"]: p["result"] for p in ls_api.predictions(project) if p["model_version"] == version}
+    expected = [t for t, _, _ in rank_misses(now, results, spec)]
+    assert expected, results  # the suite's weak detector misses objects: there is something to review
+    assert job["counts"]["misses"] == {"with_rough_labels": 6, "misses": len(expected)}, job["counts"]
+    tab = [v for v in ls_api.request("GET", "/api/dm/views", params={"project": project})
+           if v["data"].get("title") == MISSES_TAB]
+    listed = [t["id"] for t in ls_api.tab_tasks(project, tab[0]["id"])]
+    assert listed == sorted(expected) and set(listed) <= {t["id"] for t in tasks[:6]}
+
+
 def test_a_burst_of_100_events_causes_at_most_two_trainings(ls_api, backend, loop_project):
     project, tasks, truth = loop_project["id"], loop_project["tasks"], loop_project["truth"]
     wait_for(lambda: settled(backend.url, project), 300, "the project to be idle")

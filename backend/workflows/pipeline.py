@@ -47,6 +47,7 @@ from labelloop.labelstudio.results import (
     prediction_result,
 )
 from labelloop.workflows.drift_check import check_incoming
+from labelloop.workflows.misses import MISSES_TAB, refresh_misses
 from labelloop.workflows.suspects import SUSPECTS_TAB, refresh_suspects
 
 log = logging.getLogger(__name__)
@@ -656,8 +657,9 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         project = client.load_project(project_id)
         spec, tasks = project.spec, project.tasks
         weights = manifest.weights if manifest is not None else base_weights(registry, project_id, spec, version, env)
-        existing = {p["task"]: (p.get("score"), first_label(p.get("result"), spec)) for p in client.predictions(project_id)
-                    if p.get("model_version") == version}
+        held = [p for p in client.predictions(project_id) if p.get("model_version") == version]
+        existing = {p["task"]: (p.get("score"), first_label(p.get("result"), spec)) for p in held}
+        results = {p["task"]: p.get("result") or [] for p in held}  # what the version shows, per task
         done = set(existing)
         todo = [t for t in tasks if latest_human_annotation(t) is None and t["id"] not in done]
         # every unlabeled task's score by this version, for the "label next" tab
@@ -684,6 +686,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                 client.import_predictions(project_id, payload)
                 counts["pushed"] += len(payload)
                 scores.update({item["task"]: (item["score"], first_label(item["result"], spec)) for item in payload})
+                results.update({item["task"]: item["result"] for item in payload})
             say(share * (start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
         if serves(registry, project_id, spec, version, env):
             try:
@@ -699,6 +702,13 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                         lambda part: [p.prediction for p in predict_tasks(part, spec, model, fetcher, env=env)]))
                 except LabelloopError as exc:
                     log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
+            unlabeled_tasks = [t for t in tasks if latest_human_annotation(t) is None]
+            try:  # rough labels in the task data against what the version shows: its misses, for review
+                misses = refresh_misses(client, project_id, spec, unlabeled_tasks, results)
+                if misses is not None:
+                    counts["misses"] = misses
+            except LabelloopError as exc:
+                log.warning("project %s: the %r tab was not updated: %s", project_id, MISSES_TAB, exc)
             if manifest is not None and spec.kind.trained:
                 # tasks imported after this version was trained, against the labels it learned from
                 try:
