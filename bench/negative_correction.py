@@ -1,11 +1,10 @@
 """Benchmark: negative correction — do rough labels find the model's misses better than its own uncertainty?
 
 One detector, trained by the engine (its own recipe) on ``--train`` labeled 'simple' shapes (128 px, up to 4
-objects), predicts a pool of ``--pool`` unlabeled images at the display threshold. In each seed's copy of
-those predictions, one shown box is removed from ``--inject`` of the images that had every object right
-(injected misses, on top of the model's own; "right" = every object and nothing else shown). A task is a **miss** when, for some label, the model shows
-fewer objects than the image holds. Rankings of the pool, compared by precision@k (k = the misses) and by
-how many injected misses are in the top k:
+objects), predicts a pool of ``--pool`` unlabeled images at ``--threshold``. In each seed's copy of those
+predictions, one shown box is removed from ``--inject`` of the images it had exactly right (every object,
+nothing else): injected misses, on top of the model's own. A task is a **miss** when, for some label, the
+model shows fewer objects than the image holds. Rankings of the pool:
 
 * ``rough counts`` — ``core.negatives.miss_score`` with each image's object counts per label
   (the task data's ``counts``), 10 % of the images' counts off by one (rough labels are rough);

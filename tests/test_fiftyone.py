@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import install_model, wait_for
 from fo_helpers import run, run_immediately, schedule
@@ -267,3 +268,45 @@ def test_explain_writes_heatmaps_of_the_served_version(fo, fo_project):
         heatmap = sample["saliency"]
         assert heatmap.map.dtype == "uint8" and max(heatmap.map.shape) <= 128 and heatmap.map.max() > 0
     assert len(dataset.exists("saliency")) == 5
+
+
+def test_model_checks_and_the_suite_editor(fo, fo_project, backend, monkeypatch):
+    """A version whose model tests failed on two tasks and a drift report with one task beyond: the operator
+    writes failed_tests / ood_ratio and their saved views; the editor saves a suite through the backend and
+    says what is wrong with a bad one."""
+    import json
+
+    from labelloop.core.registry import Registry
+
+    project, dataset = fo_project["project"], fo_project["dataset"]
+    registry = Registry(backend.info["model_dir"])
+    serving = registry.serving(project)
+    a, b, c = (t["id"] for t in fo_project["annotated"][:3])
+    results = [{"name": "stars are stars", "kind": "confidence", "required": True, "passed": False, "value": 0.5,
+                "bar": "accuracy >= 0.8", "samples": 4, "failing": [a, b], "failing_count": 2, "note": ""},
+               {"name": "flip", "kind": "invariance", "required": False, "passed": True, "value": 0.0,
+                "bar": "changed by flip_lr <= 0.1", "samples": 4, "failing": [], "failing_count": 0, "note": ""}]
+    fields = {k: v for k, v in serving.to_json().items()
+              if k not in ("version", "project", "created_at", "weights_sha256")}
+    changes = {"compared_with": serving.version, "regressed": [b], "regressed_count": 1, "fixed": [], "fixed_count": 0}
+    checked = registry.add_version(project, serving.weights, {**fields, "model_tests": {"results": results},
+                                                              "changes": changes}).version
+    (registry.project_dir(project) / "drift.json").write_text(json.dumps(
+        {"project": str(project), "drifted": True, "beyond": [{"task": c, "ratio": 2.5}]}))
+    out = run(fo, dataset, "model_checks", version="")
+    assert out["test_failures"] == 2 and out["tests_failed"] == ["stars are stars"] and out["out_of_distribution"] == 1
+    failures = dataset.load_saved_view("labelloop-test-failures")
+    assert sorted(failures.values("ls_task_id")) == sorted([a, b])
+    assert failures.first()["failed_tests"] == ["stars are stars"]
+    assert dataset.load_saved_view("labelloop-out-of-distribution").values("ood_ratio") == [2.5]
+    assert out["regressions"] == 1 and dataset.load_saved_view("labelloop-regressions").values("ls_task_id") == [b]
+    assert run(fo, dataset, "model_checks", version=checked)["test_failures"] == 2
+
+    monkeypatch.setenv("LABELLOOP_BACKEND_URL", backend.url)
+    suite = {"tests": [{"name": "stars are stars", "kind": "confidence", "cohort": {"label": "star"}, "min": 0.8}],
+             "costs": {"classes": {"star": 5}}}
+    saved = run(fo, dataset, "edit_model_tests", suite=json.dumps(suite))
+    assert saved == {"tests": 1, "costs": True, "names": ["stars are stars"]}
+    assert httpx.get(f"{backend.url}/projects/{project}/model-tests").json()["tests"][0]["min"] == 0.8
+    outcome = run_immediately(dataset, "edit_model_tests", suite='{"tests": [{"name": "x", "kind": "guess"}]}')
+    assert outcome.error and "kind must be one of" in outcome.error, outcome.error

@@ -25,6 +25,9 @@ OPERATORS = (
     "evaluate_model",
     "compare_versions",
     "send_to_label_studio",
+    "explain_predictions",
+    "model_checks",
+    "edit_model_tests",
 )
 PLUGIN = "@labelloop/labelloop"
 CHROMIUM = "/usr/bin/chromium"

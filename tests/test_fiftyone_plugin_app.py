@@ -39,21 +39,29 @@ def versions(backend, tmp_path_factory):
     weights.write_bytes(b"not loaded: the panel reads manifests only")
     names = []
     for n, (top1, parent) in enumerate(((0.71, None), (0.83, None)), start=1):
+        stars = 0.9 if n == 1 else 0.4  # v2 is better overall and fails the stars test
+        tests = [{"name": "stars are stars", "kind": "confidence", "required": True, "passed": stars >= 0.8,
+                  "value": stars, "bar": "accuracy >= 0.8", "samples": 5, "failing": [] if n == 1 else [1003, 1007],
+                  "failing_count": 0 if n == 1 else 2, "note": ""},
+                 {"name": "mirror", "kind": "invariance", "required": False, "passed": True, "value": 0.05,
+                  "bar": "changed by flip_lr <= 0.1", "samples": 12, "failing": [1001], "failing_count": 1,
+                  "note": ""}]
         manifest = {"parent": names[-1] if names else parent, "task": "classify", "task_type": "classification",
                     "classes": list(CLASSES), "counts": {"train": 40 + 10 * n, "val": 12},
-                    "metrics": {"top1": top1, "primary": top1}}
+                    "metrics": {"top1": top1, "primary": top1}, "model_tests": {"results": tests}}
         names.append(registry.add_version(PROJECT, weights, manifest).version)
     registry.promote(PROJECT, names[-1], "set up by the test")
     return names
 
 
 @pytest.fixture(scope="module")
-def labelloop_dataset(fo, tmp_path_factory):
+def labelloop_dataset(fo, tmp_path_factory, simple_classifier):
     """A dataset as sync writes one for PROJECT: labels, the served version's predictions, the tuning split."""
     from labelloop.core.datasets import split_of
     from labelloop.dev.shapes import generate_shapes, label_config
 
-    data = generate_shapes(tmp_path_factory.mktemp("panel-shapes"), n=16, seed=5, max_objects=1)
+    data = generate_shapes(tmp_path_factory.mktemp("panel-shapes"), n=16, seed=5, size=96, max_objects=1,
+                           style="simple")
     dataset = fo.Dataset(f"labelloop-panel-{secrets.token_hex(4)}", persistent=True)
     dataset.info["labelloop"] = {"project": PROJECT, "label_config": label_config("classification"),
                                  "task_type": "classification", "label_studio_url": ""}
@@ -67,6 +75,21 @@ def labelloop_dataset(fo, tmp_path_factory):
                                  predictions=fo.Classification(label=guess, confidence=0.85),
                                  prediction_version="p9001-v2", ls_score=0.85, tuning_split=split_of(1000 + i)))
     dataset.add_samples(samples)
+    # where a real classifier looked (one the engine trained on these shapes), as the explain operator writes it
+    from labelloop.core.predict import load_model
+    from labelloop.core.saliency import saliency_maps
+
+    manifest = simple_classifier[0]
+    model = load_model(manifest.weights, manifest.version)
+    maps = saliency_maps(model, [data.images_dir / image.file for image in data.images])
+    dataset.set_values("saliency", {sample.id: fo.Heatmap(map=(m * 255).astype("uint8"), range=[0, 255])
+                                    for sample, m in zip(dataset.iter_samples(), maps)}, key_field="id")
+    from fiftyone.core.odm.dataset import ActiveFields
+
+    dataset.app_config.active_fields = ActiveFields(paths=["saliency"])  # the grid draws the heatmaps
+    dataset.save()
+    grid = fo.Panel(type="Samples", pinned=True)
+    dataset.save_workspace("heatmaps", fo.Space(children=[grid], active_child=grid.component_id), overwrite=True)
     panel = fo.Panel(type="labelloop_versions", state={})
     dataset.save_workspace("labelloop", fo.Space(children=[panel], active_child=panel.component_id), overwrite=True)
     yield dataset
@@ -115,6 +138,10 @@ def test_panel_shows_versions_metrics_jobs_and_rolls_back(app, browser, labelloo
     assert "in service" in text
     shot = browser.screenshot(ARTIFACTS / "fiftyone-panel.png")
     print(f"\npanel: {shot}")
+    # the model tests side by side: the newest version fails the required stars test the older one passed
+    tests = browser.wait_for_text("Model tests on the tuning split", "stars are stars", "FAIL 0.40", "ok 0.90")
+    assert "1/2 passed, failed: stars are stars" in tests and "(advisory)" in tests
+    print(f"model tests in the panel: {browser.screenshot(ARTIFACTS / 'fiftyone-model-tests.png')}")
 
     assert browser.click_text(f"Roll back to {older}")
     browser.wait_for_text(f"{older} is now in service")
@@ -175,3 +202,27 @@ def test_the_app_server_reports_an_operators_error(app, labelloop_dataset):
         lines = [json.loads(line) for line in response.iter_lines() if line.strip()]
     errors = [m["error"] for m in lines if m.get("error")]
     assert errors and "Label Studio" in errors[0], lines
+
+
+def test_the_grid_shows_where_the_model_looked(app, browser, labelloop_dataset):
+    """The samples' saliency heatmaps (EigenCAM of a classifier the engine trained on these shapes) drawn over
+    them in the App's grid (FiftyOne draws a heatmap in its field's colour, blue here) and in a sample's modal."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    browser.open(f"{app.url}/datasets/{labelloop_dataset.name}?workspace=heatmaps")
+    browser.wait_for_text("saliency")
+    browser.click_text("Dismiss")  # FiftyOne's "Explore Enterprise" card
+    time.sleep(3)  # tiles and their overlays load after the page's text
+    shot = browser.screenshot(ARTIFACTS / "fiftyone-heatmaps.png")
+    print(f"\nheatmaps in the grid: {shot}")
+    grid = np.asarray(Image.open(shot).convert("RGB").crop((310, 145, 1390, 700)), dtype=np.int16)
+    glow = float(((grid[..., 2] - np.maximum(grid[..., 0], grid[..., 1])) > 60).mean())
+    assert glow > 0.02, f"no heatmap drawn over the tiles ({glow:.1%} strongly blue pixels): {shot}"
+    sample = labelloop_dataset.first()
+    browser.open(f"{app.url}/datasets/{labelloop_dataset.name}?workspace=heatmaps&id={sample.id}")  # its modal
+    browser.wait_for_text("saliency")
+    time.sleep(3)
+    print(f"a heatmap in the modal: {browser.screenshot(ARTIFACTS / 'fiftyone-heatmap-modal.png')}")

@@ -262,6 +262,60 @@ def compute_saliency(view, limit: int = 100, progress: Progress | None = None,
     return {"explained": len(maps), "field": field, "model_version": model.version, "saved_view": EXPLAINED_VIEW}
 
 
+TEST_FAILURES_VIEW = "labelloop-test-failures"
+OOD_VIEW = "labelloop-out-of-distribution"
+REGRESSIONS_VIEW = "labelloop-regressions"
+
+
+def model_check_views(view, version: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """The project's model checks on its samples: ``failed_tests`` (the names of the model tests a sample
+    failed in ``version``, default the newest version that ran tests) with the saved view
+    ``labelloop-test-failures``; ``regressed_in`` (the version that got these tuning tasks wrong where the
+    version in service then got them right) with ``labelloop-regressions``; and ``ood_ratio`` (how far
+    beyond the training set the last drift check put a newly imported task; > 1 = beyond) with the saved
+    view ``labelloop-out-of-distribution``, farthest first."""
+    import_fiftyone()
+    from fiftyone import ViewField as F
+
+    from labelloop.config import settings as current_settings
+    from labelloop.core.registry import Registry
+    from labelloop.fo.versions import failing_tasks, regressed_tasks
+    from labelloop.workflows.drift_check import report_of
+
+    say = progress or (lambda fraction, message: None)
+    dataset = root_dataset(view)
+    project = project_of(dataset)
+    if version:
+        check_version(dataset, version)
+    failing = failing_tasks(project, version)
+    by_task: dict[int, list[str]] = {}
+    for name, task_ids in failing.items():
+        for task_id in task_ids:
+            by_task.setdefault(task_id, []).append(name)
+    ids, tasks = dataset.values(["id", "ls_task_id"])
+    dataset.set_values("failed_tests", {i: by_task.get(int(t)) if t is not None else None
+                                        for i, t in zip(ids, tasks)}, key_field="id")
+    failures = dataset.exists("failed_tests")
+    _save_view(dataset, TEST_FAILURES_VIEW, failures, "samples that failed a model test of the version checked")
+    say(0.5, f"{len(failures)} sample(s) failed a model test")
+    compared, regressed = regressed_tasks(project, version)
+    wrong_now = set(regressed)
+    dataset.set_values("regressed_in", {i: compared if t is not None and int(t) in wrong_now else None
+                                        for i, t in zip(ids, tasks)}, key_field="id")
+    _save_view(dataset, REGRESSIONS_VIEW, dataset.exists("regressed_in"),
+               f"tuning tasks {compared or 'a version'} got wrong that the version in service then got right")
+    report = report_of(Registry(current_settings().model_dir), project) or {}
+    ratios = {int(b["task"]): float(b["ratio"]) for b in report.get("beyond") or []}
+    dataset.set_values("ood_ratio", {i: ratios.get(int(t)) if t is not None else None for i, t in zip(ids, tasks)},
+                       key_field="id")
+    ood = dataset.exists("ood_ratio").sort_by(F("ood_ratio"), reverse=True)
+    _save_view(dataset, OOD_VIEW, ood, "newly imported tasks beyond the training set (last drift check), farthest first")
+    say(1.0, f"{len(ood)} sample(s) out of distribution")
+    return {"test_failures": len(failures), "tests_failed": sorted(failing), "regressions": len(wrong_now),
+            "regressed_version": compared, "out_of_distribution": len(ood), "drifted": bool(report.get("drifted")),
+            "saved_views": [TEST_FAILURES_VIEW, REGRESSIONS_VIEW, OOD_VIEW]}
+
+
 def compute_embeddings(view, method: str = "umap", visualize: bool = True, similarity: bool = True,
                        progress: Progress | None = None, brain_key: str = "labelloop_embeddings") -> dict[str, Any]:
     """Per-sample embeddings from the served model's own backbone, then a 2-D map and a similarity index."""

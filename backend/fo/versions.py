@@ -74,6 +74,14 @@ class Backend:
         """The project's newest job records (training, prediction, warm start), newest first."""
         return list(self._request("GET", "/jobs", params={"project": str(project), "limit": limit}).get("jobs", []))
 
+    def model_tests(self, project: int | str) -> dict[str, Any]:
+        """The project's model tests and costs (``GET /projects/{id}/model-tests``)."""
+        return self._request("GET", f"/projects/{int(project)}/model-tests")
+
+    def set_model_tests(self, project: int | str, suite: dict[str, Any]) -> dict[str, Any]:
+        """Replace them (``PUT``): the backend checks the suite and says what is wrong with it."""
+        return self._request("PUT", f"/projects/{int(project)}/model-tests", json=suite)
+
     def promote(self, version: str) -> dict[str, Any]:
         """Serve ``version`` (a promotion, or a rollback to an older one): the service's own endpoint."""
         return self._request("POST", f"/versions/{version}/promote")
@@ -97,8 +105,69 @@ def versions(project: int | str, env: Settings | None = None) -> list[dict[str, 
             "tuning_images": counts.get("val"),
             "parent": manifest.parent,
             "serving": manifest.version == serving,
+            "tests": tests_summary(manifest.model_tests),
+            "cost": _rounded((manifest.model_tests.get("costs") or {}).get("cost")) if manifest.model_tests else None,
+            "regressed": (manifest.changes or {}).get("regressed_count"),
         })
     return rows
+
+
+def tests_summary(model_tests: dict[str, Any] | None) -> str:
+    """"3/3 passed", "2/3 passed, failed: stars", or "" without tests."""
+    results = (model_tests or {}).get("results") or []
+    if not results:
+        return ""
+    failed = [r["name"] for r in results if not r.get("passed")]
+    text = f"{len(results) - len(failed)}/{len(results)} passed"
+    return text + (f", failed: {', '.join(failed)}" if failed else "")
+
+
+def test_matrix(project: int | str, last: int = 3, env: Settings | None = None) -> dict[str, Any]:
+    """The project's model tests beside its newest versions that ran them: {"versions": [...], "rows": [{"test",
+    "bar", "v0", "v1", ...}]} — cell k is version k's verdict ("ok 0.93", "FAIL 0.20", "n/a")."""
+    env = env or current_settings()
+    registry = Registry(env.model_dir)
+    ran = [m for m in sorted(registry.versions(project), key=lambda m: m.number, reverse=True)
+           if (m.model_tests or {}).get("results")][:last]
+    names: list[str] = []
+    bars: dict[str, str] = {}
+    for manifest in ran:
+        for result in manifest.model_tests["results"]:
+            if result["name"] not in bars:
+                names.append(result["name"])
+                bars[result["name"]] = result.get("bar", "") + ("" if result.get("required", True) else " (advisory)")
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"test": name, "bar": bars[name]}
+        for k, manifest in enumerate(ran):
+            result = next((r for r in manifest.model_tests["results"] if r["name"] == name), None)
+            value = "n/a" if result is None or result.get("value") is None else f"{result['value']:.2f}"
+            row[f"v{k}"] = "-" if result is None else f"{'ok' if result['passed'] else 'FAIL'} {value}"
+        rows.append(row)
+    return {"versions": [m.version for m in ran], "rows": rows}
+
+
+def failing_tasks(project: int | str, version: str | None = None, env: Settings | None = None) -> dict[str, list[int]]:
+    """Test name → the failing task ids of ``version``'s model tests (default: the newest version that ran them)."""
+    env = env or current_settings()
+    registry = Registry(env.model_dir)
+    manifests = sorted(registry.versions(project), key=lambda m: m.number, reverse=True)
+    chosen = next((m for m in manifests if (version is None or m.version == version)
+                   and (m.model_tests or {}).get("results")), None)
+    if chosen is None:
+        return {}
+    return {r["name"]: [int(t) for t in r.get("failing") or []] for r in chosen.model_tests["results"] if r.get("failing")}
+
+
+def regressed_tasks(project: int | str, version: str | None = None, env: Settings | None = None) -> tuple[str, list[int]]:
+    """(version, the tuning tasks it got wrong that the version in service then got right): ``version``, default
+    the newest version that was compared with one in service."""
+    env = env or current_settings()
+    manifests = sorted(Registry(env.model_dir).versions(project), key=lambda m: m.number, reverse=True)
+    chosen = next((m for m in manifests if (version is None or m.version == version) and m.changes), None)
+    if chosen is None:
+        return "", []
+    return chosen.version, [int(t) for t in chosen.changes.get("regressed") or []]
 
 
 def rollback_target(rows: list[dict[str, Any]]) -> str | None:

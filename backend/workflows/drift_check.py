@@ -85,6 +85,14 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def report_of(registry: Registry, project: int | str) -> dict[str, Any] | None:
+    """The project's last drift report, or None."""
+    try:
+        return json.loads((registry.project_dir(project) / DRIFT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def latest_reports(registry: Registry) -> list[dict[str, Any]]:
     """Every project's last drift report (for /metrics)."""
     out = []

@@ -1,4 +1,4 @@
-"""labelloop's FiftyOne plugin: eight operators and a panel, the analyst's face of the engine.
+"""labelloop's FiftyOne plugin: ten operators and a panel, the analyst's face of the engine.
 
 Each operator is a form plus a call into ``labelloop.fo.sync`` / ``labelloop.fo.analysis``; the numbers
 come from the same engine that answers Label Studio.
@@ -24,6 +24,7 @@ environment.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -410,6 +411,77 @@ class ExplainPredictions(foo.Operator):
                               ("model_version", "Of version"), ("saved_view", "Saved view")], "Saliency")
 
 
+class ModelChecks(foo.Operator):
+    @property
+    def config(self):
+        return _config("model_checks", "labelloop: model test failures and drift",
+                       "the samples that failed a version's model tests, and the imported tasks beyond the "
+                       "training set, as fields and saved views")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _version_input(ctx, inputs, "version", "Version (empty: the newest that ran the project's tests)", False)
+        return types.Property(inputs, view=types.View(label="Model test failures and drift"))
+
+    def execute(self, ctx):
+        dataset, version = ctx.dataset, (ctx.params.get("version") or "").strip() or None
+        return _execute(ctx, lambda progress: fo_analysis.model_check_views(dataset, version, progress=progress))
+
+    def resolve_output(self, ctx):
+        return _outputs(ctx, [("test_failures", "Samples that failed a test (field failed_tests)"),
+                              ("tests_failed", "Tests that failed"),
+                              ("regressions", "Tuning tasks it got wrong that the serving version got right "
+                                              "(field regressed_in)"),
+                              ("out_of_distribution", "Imported tasks beyond the training set (field ood_ratio)"),
+                              ("drifted", "Last import drifted"), ("saved_views", "Saved views")], "Model checks")
+
+
+class EditModelTests(foo.Operator):
+    @property
+    def config(self):
+        return _config("edit_model_tests", "labelloop: edit the model tests",
+                       "the project's promotion gates (model tests and costs) as JSON, checked by the backend")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        project = _info(ctx).get("project")
+        current = ""
+        if project is not None:
+            try:
+                stored = _backend(ctx).model_tests(project)
+                current = json.dumps({k: v for k, v in stored.items() if k in ("tests", "costs")}, indent=2)
+            except LabelloopError as exc:
+                inputs.view("unreachable", types.Warning(label="The labelloop backend", description=str(exc)))
+        inputs.str("suite", default=current or '{"tests": []}', required=True, label="Model tests (JSON)",
+                   description='{"tests": [{"name": "stars are stars", "kind": "confidence", "cohort": {"label": '
+                               '"star"}, "min": 0.8}], "costs": {"classes": {"star": 5}}} — see README, Model tests',
+                   view=types.CodeView(language="json"))
+        return types.Property(inputs, view=types.View(label="Promotion gates of this project"))
+
+    def execute(self, ctx):
+        project, text = _info(ctx).get("project"), ctx.params.get("suite") or ""
+
+        def action(progress):
+            if project is None:
+                raise fo_analysis.AnalysisError("this dataset was not synced from Label Studio")
+            try:
+                suite = json.loads(text)
+            except ValueError as exc:
+                raise fo_analysis.AnalysisError(f"the model tests are not valid JSON: {exc}") from None
+            if not isinstance(suite, dict):
+                raise fo_analysis.AnalysisError('the model tests are an object: {"tests": [...]}')
+            progress(0.5, "sending them to the labelloop backend")
+            saved = _backend(ctx).set_model_tests(project, suite)
+            return {"tests": len(saved.get("tests") or []), "costs": bool(saved.get("costs")),
+                    "names": [t["name"] for t in saved.get("tests") or []]}
+
+        return _execute(ctx, action)
+
+    def resolve_output(self, ctx):
+        return _outputs(ctx, [("tests", "Model tests saved"), ("names", "Tests"), ("costs", "Costs set")],
+                        "Model tests")
+
+
 class EvaluateModel(foo.Operator):
     @property
     def config(self):
@@ -553,7 +625,7 @@ class VersionsPanel(foo.Panel):
         info = _info(ctx)
         project = info.get("project")
         state = {"project": project, "versions": [], "jobs": [], "jobs_error": None, "serving": None,
-                 "rollback": None}
+                 "rollback": None, "test_matrix": {}, "test_matrix_rows": []}
         if keep_notice:
             state["notice"] = ctx.panel.state.notice
         if project is not None:
@@ -561,6 +633,8 @@ class VersionsPanel(foo.Panel):
             state["versions"] = [{**r, "serving": "in service" if r["serving"] else ""} for r in rows]
             state["serving"] = next((r["version"] for r in rows if r["serving"]), None)
             state["rollback"] = fo_versions.rollback_target(rows)
+            state["test_matrix"] = fo_versions.test_matrix(project)
+            state["test_matrix_rows"] = state["test_matrix"]["rows"]
             try:
                 state["jobs"] = [{"kind": j.get("kind"), "state": j.get("state"),
                                   "progress": f"{100 * _clamp(j.get('progress')):.0f}%",
@@ -589,7 +663,7 @@ class VersionsPanel(foo.Panel):
             table = types.TableView()
             for key, label in (("version", "Version"), ("created", "Trained"), ("primary", "Primary metric (tuning)"),
                                ("train_images", "Train images"), ("tuning_images", "Tuning images"),
-                               ("serving", "In service")):
+                               ("tests", "Model tests"), ("serving", "In service")):
                 table.add_column(key, label=label)
             panel.list("versions", types.Object(), view=table)
             buttons = types.Object()
@@ -603,8 +677,19 @@ class VersionsPanel(foo.Panel):
                                 on_click=self.promote, params={"version": row["version"]})
             buttons.btn("refresh", label="Refresh", on_click=self.refresh, variant="outlined")
             panel.add_property("actions", types.Property(buttons, view=types.HStackView()))
+        matrix = state.get("test_matrix") or {}
+        if matrix.get("rows"):
+            panel.md("#### Model tests on the tuning split (newest versions side by side)", name="tests_title")
+            tests = types.TableView()
+            tests.add_column("test", label="Test")
+            tests.add_column("bar", label="Bar")
+            for k, version in enumerate(matrix.get("versions") or []):
+                tests.add_column(f"v{k}", label=version)
+            panel.list("test_matrix_rows", types.Object(), view=tests)
         analyses = types.Object()  # the operators' forms, opened from here (prompt=True)
-        for name, label, params in (("evaluate_model", "Error analysis…", None),
+        for name, label, params in (("model_checks", "Test failures and drift…", None),
+                                    ("edit_model_tests", "Edit model tests…", None),
+                                    ("evaluate_model", "Error analysis…", None),
                                     ("compute_mislabel_scores", "Find mislabels…", None),
                                     ("uncertainty_sampling", "Pick what to label next…", None),
                                     ("sync_label_studio", "Sync from Label Studio…", {"project": project})):
@@ -626,5 +711,5 @@ class VersionsPanel(foo.Panel):
 
 def register(p):
     for operator in (SyncLabelStudio, ComputeMislabelScores, UncertaintySampling, ComputeEmbeddings, EvaluateModel,
-                     CompareVersions, SendToLabelStudio, ExplainPredictions, VersionsPanel):
+                     CompareVersions, SendToLabelStudio, ExplainPredictions, ModelChecks, EditModelTests, VersionsPanel):
         p.register(operator)
