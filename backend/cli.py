@@ -772,8 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     tests.add_argument("--set", metavar="FILE", help='replace the suite with FILE ({"tests": [...]}, see README)')
     tests.add_argument("--clear", action="store_true", help="remove every test")
     tests.add_argument("--no-check", action="store_true",
-                       help="with --set: do not read the project's labels from Label Studio (default: checked)")
-    tests.add_argument("--last", type=int, default=4, help="versions shown beside the tests (default 4)")
+                       help="with --set: do not read the project's labels from Label Studio to check the suite")
+    tests.add_argument("--last", type=int, default=4, help="versions shown beside the tests")
     tests.add_argument("--json", action="store_true", help="print the suite and the results as JSON")
     tests.set_defaults(func=cmd_model_tests)
 

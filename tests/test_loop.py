@@ -209,6 +209,12 @@ def test_a_burst_of_100_events_causes_at_most_two_trainings(ls_api, backend, loo
     project, tasks, truth = loop_project["id"], loop_project["tasks"], loop_project["truth"]
     wait_for(lambda: settled(backend.url, project), 300, "the project to be idle")
     known = {j["id"] for j in jobs_of(backend.url, project)}
+    # the project's model tests, set through the backend, run in the workers' trainings (issue 12): one that
+    # any version passes (required) and one that reports only
+    suite = {"tests": [{"name": "anything", "kind": "confidence", "min": 0.0},
+                       {"name": "mirror", "kind": "invariance", "perturbation": "flip_lr", "max_change": 0.0,
+                        "required": False}], "costs": {"classes": {"star": 3}}}
+    assert httpx.put(f"{backend.url}/projects/{project}/model-tests", json=suite).status_code == 200
     ls_api.annotate(tasks[10]["id"], truth[tasks[10]["id"]])  # something new to learn
     body = {"action": "ANNOTATION_UPDATED", "project": {"id": project}, "annotation": {"id": 1}, "task": {"id": 1}}
 
@@ -231,6 +237,11 @@ def test_a_burst_of_100_events_causes_at_most_two_trainings(ls_api, backend, loo
     assert len([j for j in new_trainings if j["state"] == "done"]) <= 3  # burst (≤2) + the late annotation
     newest = Registry(backend.info["model_dir"]).versions(project)[-1]
     assert newest.counts["train"] + newest.counts["val"] == 12  # the last training saw the newest annotation
+    assert [r["name"] for r in newest.model_tests["results"]] == ["anything", "mirror"], newest.model_tests
+    assert newest.model_tests["results"][0]["passed"] and "cost" in newest.metrics
+    assert newest.model_tests["serving"]["version"] == newest.parent  # the version in service, beside it
+    details = httpx.get(f"{backend.url}/versions", params={"project": project}).json()["details"]
+    assert next(d for d in details if d["version"] == newest.version)["model_tests"] == newest.model_tests
 
 
 def test_redis_down_webhook_503_and_predict_keeps_answering(backend_home, label_studio, loop_project, backend):

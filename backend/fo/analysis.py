@@ -49,6 +49,16 @@ def spec_of(dataset) -> ControlSpec:
     return parse_label_config(info["label_config"])
 
 
+def _served(view):
+    """(dataset, control spec, the model in service) for an analysis that needs the served version."""
+    dataset = root_dataset(view)
+    spec = spec_of(dataset)
+    model = serving_model(project_of(dataset), spec)
+    if model is None:
+        raise AnalysisError("no model yet for this project: annotate in Label Studio so one is trained")
+    return dataset, spec, model
+
+
 def project_of(dataset) -> int:
     return int(dataset.info["labelloop"]["project"])
 
@@ -241,11 +251,7 @@ def compute_saliency(view, limit: int = 100, progress: Progress | None = None,
     import fiftyone as fo
 
     say = progress or (lambda fraction, message: None)
-    dataset = root_dataset(view)
-    spec = spec_of(dataset)
-    model = serving_model(project_of(dataset), spec)
-    if model is None:
-        raise AnalysisError("no model yet for this project: annotate in Label Studio so one is trained")
+    dataset, spec, model = _served(view)
     limit = max(1, min(int(limit), MAX_EXPLAINED))
     ids, paths = view.limit(limit).values(["id", "filepath"])
     maps: dict[str, Any] = {}
@@ -324,11 +330,7 @@ def compute_embeddings(view, method: str = "umap", visualize: bool = True, simil
 
 
     say = progress or (lambda fraction, message: None)
-    dataset = root_dataset(view)
-    spec = spec_of(dataset)
-    model = serving_model(project_of(dataset), spec)
-    if model is None:
-        raise AnalysisError("no model yet for this project: annotate in Label Studio so one is trained")
+    dataset, spec, model = _served(view)
     ids, paths = view.values(["id", "filepath"])
     vectors: dict[str, list[float]] = {}
     for start in range(0, len(ids), 64):

@@ -140,8 +140,12 @@ def create_app(env: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(405)
     async def not_allowed(request: Request, exc):
-        # keep Starlette's Allow header (RFC 9110: a 405 lists the methods the path supports)
-        return error(405, f"method {request.method} not allowed on {request.url.path}", getattr(exc, "headers", None))
+        # RFC 9110: a 405 lists every method the path supports. Starlette's header names only the first route
+        # that matched the path, so a path served by two routes (GET and PUT model-tests) is listed whole here.
+        methods = sorted({m for route in app.routes if getattr(route, "path_regex", None) is not None
+                          and route.path_regex.match(request.url.path) for m in (getattr(route, "methods", None) or ())})
+        headers = {**(getattr(exc, "headers", None) or {}), **({"Allow": ", ".join(methods)} if methods else {})}
+        return error(405, f"method {request.method} not allowed on {request.url.path}", headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(_: Request, exc: RequestValidationError):
