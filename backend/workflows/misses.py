@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from labelloop.core.labelconfig import ControlSpec
-from labelloop.core.negatives import miss_score, rough_labels
+from labelloop.core.negatives import RoughLabels, miss_score, rough_labels
 
 MISSES_TAB = "labelloop: model misses"
 MISSES_SIZE = 50
@@ -32,16 +32,18 @@ def rank_misses(tasks: list[dict[str, Any]], results: dict[int, list[dict[str, A
                 spec: ControlSpec) -> list[tuple[int, float, dict[str, Any]]]:
     """(task id, score, what disagrees) for every predicted task with rough labels the prediction contradicts,
     worst first."""
+    return _ranked({int(t["id"]): rough_labels(t.get("data"), spec.labels) for t in tasks}, results, spec)
+
+
+def _ranked(rough: dict[int, RoughLabels], results: dict[int, list[dict[str, Any]]],
+            spec: ControlSpec) -> list[tuple[int, float, dict[str, Any]]]:
     ranked = []
-    for task in tasks:
-        if task["id"] not in results:
+    for task_id, labels in rough.items():
+        if task_id not in results or not labels.given:
             continue
-        rough = rough_labels(task.get("data"), spec.labels)
-        if not rough.given:
-            continue
-        score, details = miss_score(shown_labels(results[task["id"]], spec), rough)
+        score, details = miss_score(shown_labels(results[task_id], spec), labels)
         if score > 0:
-            ranked.append((int(task["id"]), score, details))
+            ranked.append((task_id, score, details))
     return sorted(ranked, key=lambda r: (-r[1], r[0]))
 
 
@@ -49,9 +51,10 @@ def refresh_misses(client, project_id: int | str, spec: ControlSpec, tasks: list
                    results: dict[int, list[dict[str, Any]]]) -> dict[str, int] | None:
     """Rewrite the misses tab from the served version's predictions (``results``: task id → result list);
     None (nothing written) when no task carries rough labels."""
-    if not any(rough_labels(t.get("data"), spec.labels).given for t in tasks):
+    rough = {int(t["id"]): rough_labels(t.get("data"), spec.labels) for t in tasks}  # read once per task
+    given = sum(1 for labels in rough.values() if labels.given)
+    if not given:
         return None
-    ranked = rank_misses(tasks, results, spec)
+    ranked = _ranked(rough, results, spec)
     client.put_tab(project_id, MISSES_TAB, [task_id for task_id, _, _ in ranked[:MISSES_SIZE]])
-    return {"with_rough_labels": sum(1 for t in tasks if rough_labels(t.get("data"), spec.labels).given),
-            "misses": len(ranked)}
+    return {"with_rough_labels": given, "misses": len(ranked)}

@@ -527,27 +527,25 @@ def _promote_if_not_worse(registry: Registry, project, manifest: Manifest, servi
     if "serving_cost" in costs:  # the project said what errors cost: that decides, the plain metric is reported
         mine, theirs, noise = costs["cost"], costs["serving_cost"], costs["tolerance"]
         plain = f"plain {manifest.metrics.get('primary', 0.0):.3f} vs {old:.3f}"
-        if mine <= theirs + noise + 1e-12:
-            reason = (f"{manifest.version} promoted: mean cost {mine:.3f} per tuning task <= {theirs:.3f} of "
-                      f"{serving.version} (+{noise:.3f} noise) on the same tuning split ({plain})")
-            registry.promote(project, manifest.version, reason)
-            return TrainOutcome(manifest, True, reason, serving.version, old_metrics)
-        reason = (f"{manifest.version} kept out of service: mean cost {mine:.3f} per tuning task > {theirs:.3f} of "
-                  f"{serving.version} by more than the {noise:.3f} the split can tell ({plain})"
-                  f"{_describe_changes(manifest.changes)}")
-        return TrainOutcome(manifest, False, reason, serving.version, old_metrics)
-    allowed = gate.tolerance(old, n)
-    if gate.should_promote(new, old, n):
+        promoted = mine <= theirs + noise + 1e-12
+        reason = (f"{manifest.version} promoted: mean cost {mine:.3f} per tuning task <= {theirs:.3f} of "
+                  f"{serving.version} (+{noise:.3f} noise) on the same tuning split ({plain})" if promoted else
+                  f"{manifest.version} kept out of service: mean cost {mine:.3f} per tuning task > {theirs:.3f} of "
+                  f"{serving.version} by more than the {noise:.3f} the split can tell ({plain})")
+    else:
+        allowed = gate.tolerance(old, n)
+        promoted = gate.should_promote(new, old, n)
         relation = ">=" if new >= old else f"within {allowed:.3f} (noise of {n} images) of"
         reason = (f"{manifest.version} promoted: {new:.3f} {relation} {old:.3f} of {serving.version} "
-                  f"on the same tuning split")
+                  f"on the same tuning split" if promoted else
+                  f"{manifest.version} kept out of service: {new:.3f} < {old:.3f} of {serving.version} on the same "
+                  f"tuning split, by more than the {allowed:.3f} a split of {n} images can tell")
+    if promoted:
         registry.promote(project, manifest.version, reason)
-        return TrainOutcome(manifest, True, reason, serving.version, old_metrics)
-    reason = (f"{manifest.version} kept out of service: {new:.3f} < {old:.3f} of {serving.version} on the same "
-              f"tuning split, by more than the {allowed:.3f} a split of {n} images can tell"
-              f"{_describe_changes(manifest.changes)}")
-    log.info("project %s: %s", project, reason)
-    return TrainOutcome(manifest, False, reason, serving.version, old_metrics)
+    else:
+        reason += _describe_changes(manifest.changes)
+        log.info("project %s: %s", project, reason)
+    return TrainOutcome(manifest, promoted, reason, serving.version, old_metrics)
 
 
 def train_from_label_studio(project_id: int | str, progress: Progress | None = None, env: Settings | None = None,
