@@ -401,7 +401,7 @@ def cmd_model_tests(args) -> int:
             tests = modeltests.parse_suite(raw, labels)
             costs = modeltests.parse_costs(raw.get("costs") if isinstance(raw, dict) else None, labels)
             if labels is not None:
-                modeltests.check_kind(spec.kind.whole_image, [*tests, *([costs] if costs else [])])
+                modeltests.check_kind(spec.kind, [*tests, *([costs] if costs else [])])
         else:
             tests, costs = [], None
         path = modeltests.save_suite(folder, tests, costs)

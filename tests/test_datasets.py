@@ -98,3 +98,35 @@ def test_too_few_labels_is_a_clear_error(tmp_path, images):
     tasks = [{"id": 1, "data": {}, "annotations": [{"id": 1, "result": []}]}]
     with pytest.raises(DatasetError, match="need at least 2"):
         build_dataset(labeled_images(tasks, spec), spec, images, tmp_path / "ds")
+
+
+def test_costly_classes_are_repeated_in_training_only(tmp_path, images):
+    """Up-weighting (costs with ``upweight``): a costly label's training images are written that many times,
+    the tuning split once; boxes take their costliest region's repeat."""
+    from labelloop.core import modeltests
+
+    costs = modeltests.parse_costs({"classes": {"dog": 10, "cat": 2}, "confusions": {"cat->dog": 3},
+                                    "upweight": True}, ("cat", "dog", "fox"))
+    assert modeltests.training_repeats(costs, ("cat", "dog", "fox")) == {"cat": 3, "dog": 4}  # 10x capped at 4
+    assert modeltests.training_repeats(modeltests.parse_costs({"classes": {"dog": 10}}), ("cat", "dog")) == {}
+    cls = parse_label_config(label_config("classification", classes=("cat", "dog")))
+    choice = lambda label: {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}
+    tasks = [{"id": i, "data": {}, "annotations": [{"id": i, "result": [choice("cat" if i % 2 else "dog")]}]}
+             for i in images]
+    info = build_dataset(labeled_images(tasks, cls), cls, images, tmp_path / "cls", repeats={"dog": 3})
+    train_dogs = [i for i in info.task_ids["train"] if i % 2 == 0]
+    assert len(list((tmp_path / "cls" / "train" / "dog").iterdir())) == 3 * len(train_dogs)
+    val_dogs = [i for i in info.task_ids["val"] if i % 2 == 0]
+    assert len(list((tmp_path / "cls" / "val" / "dog").iterdir())) == len(val_dogs)
+    assert info.counts["train_files"] == info.counts["train"] + 2 * len(train_dogs)
+    assert info.counts["per_class"] == {"cat": 10, "dog": 10}  # labels counted once
+
+    det = parse_label_config(label_config("detection", classes=("cat", "dog")))
+    tasks = [{"id": i, "data": {}, "annotations": [{"id": i, "result": [rect("cat", 1, 1, 5, 5)] +
+                                                    ([rect("dog", 50, 20, 30, 40)] if i % 2 == 0 else [])}]}
+             for i in images]
+    info = build_dataset(labeled_images(tasks, det), det, images, tmp_path / "det", repeats={"dog": 2})
+    some_dog = next(i for i in info.task_ids["train"] if i % 2 == 0)
+    assert (tmp_path / "det" / "labels" / "train" / f"{some_dog}-r1.txt").read_text() == \
+        (tmp_path / "det" / "labels" / "train" / f"{some_dog}.txt").read_text()
+    assert info.counts["train_files"] == info.counts["train"] + sum(1 for i in info.task_ids["train"] if i % 2 == 0)

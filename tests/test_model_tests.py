@@ -60,7 +60,8 @@ def test_a_suite_of_each_kind_round_trips():
     ([{"name": "a", "kind": "confidence", "min": float("nan")}], r"min must be a number"),
     ([{"name": "a", "kind": "confidence", "min": 0.5, "cohort": {"label": "dog"}}], r"'dog' is not one of"),
     ([{"name": "a", "kind": "confidence", "min": 0.5, "cohort": {"data.x; drop": "1"}}], r"cohort key"),
-    ([{"name": "a", "kind": "confidence", "min": 0.5, "metric": "precision"}], r"label must be one of"),
+    ([{"name": "a", "kind": "confidence", "min": 0.5, "metric": "recall", "label": "dog"}], r"'dog' is not one of"),
+    ([{"name": "a", "kind": "confidence", "min": 0.5, "metric": "f1"}], r"metric must be one of"),
     ([{"name": "a", "kind": "confidence", "min": 0.5, "perturbation": "flip_lr"}], r"unknown key\(s\) \['perturbation'\]"),
     ([{"name": "a", "kind": "invariance", "perturbation": "melt"}], r"perturbation must be one of"),
     ([{"name": "a", "kind": "invariance", "perturbation": "flip_lr", "strength": 2}], r"flip_lr takes no strength"),
@@ -89,12 +90,15 @@ def test_the_suite_file_is_written_whole_and_read_back(tmp_path):
 
 
 @pytest.mark.unit
-def test_only_classification_is_gated_for_now():
+def test_every_trained_kind_is_gated_and_a_served_only_one_is_refused():
+    from labelloop.core.kinds import CLASSIFICATION, DETECTION, KEYPOINTS, SEGMENTATION
+
     tests = parse_suite([{"name": "a", "kind": "confidence", "min": 0.5}], LABELS)
-    modeltests.check_kind(True, tests)
-    modeltests.check_kind(False, [])
-    with pytest.raises(ModelTestError, match="classification versions only"):
-        modeltests.check_kind(False, tests)
+    for kind in (CLASSIFICATION, DETECTION, SEGMENTATION):
+        modeltests.check_kind(kind, tests)
+    modeltests.check_kind(KEYPOINTS, [])
+    with pytest.raises(ModelTestError, match="keypoints is served from your own model, not trained"):
+        modeltests.check_kind(KEYPOINTS, tests)
 
 
 @pytest.mark.unit
@@ -199,6 +203,140 @@ def test_invariance_counts_changed_predictions_and_examples_their_label(tmp_path
     assert bright["passed"] and bright["value"] == 0.0
     assert (examples["passed"], examples["failing"]) == (True, [999]) and "no image" in examples["note"]
     assert examples["value"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+# -- unit: boxes and polygons ----------------------------------------------------------------------------
+
+COLOUR = {"star": (0, 0, 255), "circle": (0, 255, 0)}  # BGR: a red block is a star, a green one a circle
+
+
+def box_items(tmp_path: Path, layouts: list[list[tuple[str, tuple[float, float, float, float]]]]) -> list[TuningItem]:
+    """Tuning tasks whose images hold coloured blocks at the given boxes (fractions), the blocks as truth."""
+    import cv2
+
+    from labelloop.core.truth import TruthRegion
+
+    out = []
+    for k, layout in enumerate(layouts):
+        image = np.zeros((60, 80, 3), np.uint8)
+        for label, (x1, y1, x2, y2) in layout:
+            image[round(y1 * 60):round(y2 * 60), round(x1 * 80):round(x2 * 80)] = COLOUR[label]
+        path = tmp_path / f"boxes-{k}.png"
+        cv2.imwrite(str(path), image)
+        regions = tuple(TruthRegion(label, box) for label, box in layout)
+        out.append(TuningItem(200 + k, None, path, {"camera": str(k % 2)}, {}, regions))
+    return out
+
+
+def block_detector(skip: str | None = None, by_side: bool = False):
+    """Finds the coloured blocks (boxes in fractions); ``skip`` one label (a detector blind to it), or ``by_side``:
+    calls a block on the left half a star whatever its colour (not flip-invariant)."""
+    import cv2
+
+    from labelloop.core.truth import TruthRegion
+
+    def predict(images):
+        answers = []
+        for image in images:
+            array = image if isinstance(image, np.ndarray) else cv2.imread(str(image))
+            h, w = array.shape[:2]
+            found = []
+            for label, colour in COLOUR.items():
+                mask = np.all(np.abs(array.astype(int) - colour) < 60, axis=2).astype(np.uint8)
+                count, _, stats, _ = cv2.connectedComponentsWithStats(mask)
+                for x, y, bw, bh, area in stats[1:count]:
+                    if area < 4:
+                        continue
+                    box = (x / w, y / h, (x + bw) / w, (y + bh) / h)
+                    named = ("star" if (box[0] + box[2]) / 2 < 0.5 else "circle") if by_side else label
+                    if named != skip:
+                        found.append(TruthRegion(named, box))
+            answers.append(tuple(found))
+        return answers
+
+    return predict
+
+
+@pytest.mark.unit
+def test_regions_move_with_the_image():
+    """A block's box after each geometric perturbation is where the perturbed image shows it."""
+    from labelloop.core.truth import TruthRegion
+
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[6:18, 8:32] = 255  # rows 6-17, columns 8-31: box (0.1, 0.1, 0.4, 0.3)
+    region = (TruthRegion("star", (0.1, 0.1, 0.4, 0.3)),)
+    for name, strength in [("flip_lr", None), ("flip_ud", None), ("rotate90", None), ("shift", 0.2), ("blur", None)]:
+        out = perturb(image, name, strength)
+        ys, xs = np.nonzero(out[:, :, 0] > 127)
+        h, w = out.shape[:2]
+        seen = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
+        moved = modeltests.move_regions(region, name, strength, image.shape[:2])
+        assert len(moved) == 1 and moved[0].box == pytest.approx(seen, abs=0.03), (name, moved, seen)
+    gone = modeltests.move_regions((TruthRegion("star", (0.85, 0.1, 1.0, 0.3)),), "shift", 0.1, (60, 80))
+    assert gone == ()  # shifted more than half out of the image: not judged
+
+
+@pytest.mark.unit
+def test_regions_pair_up_by_overlap_and_label():
+    from labelloop.core.truth import TruthRegion
+
+    truth = (TruthRegion("star", (0.1, 0.1, 0.4, 0.4)), TruthRegion("circle", (0.5, 0.5, 0.9, 0.9)))
+    said = (TruthRegion("circle", (0.52, 0.5, 0.9, 0.9)), TruthRegion("circle", (0.1, 0.1, 0.4, 0.38)),
+            TruthRegion("star", (0.0, 0.8, 0.1, 1.0)))
+    found = modeltests.match_regions(truth, said)
+    assert found.pairs == ((0, 1), (1, 0)) and found.missed == () and found.extra == (2,)
+    assert not modeltests.same_answer(truth, said) and modeltests.same_answer(truth, tuple(reversed(truth)))
+    item = TuningItem(1, None, Path("x.png"), regions=truth)
+    assert not modeltests.is_right(item, said) and modeltests.is_right(item, truth)
+    costs = modeltests.parse_costs({"default": 1, "classes": {"circle": 3}, "confusions": {"star->circle": 7},
+                                    "false_positive": 0.5}, LABELS)
+    assert costs.of_answer(item, said) == 7 + 0.5  # the star called a circle, one box matching nothing
+    assert costs.of_answer(item, ()) == 1 + 3 and costs.of_answer(item, truth) == 0
+
+
+@pytest.mark.unit
+def test_box_tests_catch_a_blind_detector_and_one_that_reads_the_side(tmp_path):
+    """On blocks where colour decides the label: the right detector passes every test; one blind to stars fails
+    star recall, accuracy on the star cohort and the examples test, not precision; one that names blocks by the
+    half of the image they are in fails flip invariance (boxes mirrored before comparing), not brightness."""
+    layouts = [[("star", (0.1, 0.1, 0.3, 0.4)), ("circle", (0.6, 0.5, 0.9, 0.9))],
+               [("circle", (0.1, 0.2, 0.4, 0.5))],
+               [("star", (0.55, 0.1, 0.8, 0.3))],
+               [("star", (0.05, 0.6, 0.3, 0.95)), ("star", (0.6, 0.1, 0.95, 0.4))],
+               []]
+    tuning = box_items(tmp_path, layouts)
+    tests = parse_suite([
+        {"name": "stars found", "kind": "confidence", "metric": "recall", "label": "star", "min": 0.9},
+        {"name": "star tasks right", "kind": "confidence", "cohort": {"label": "star"}, "min": 0.9},
+        {"name": "no false boxes", "kind": "confidence", "metric": "precision", "min": 0.9},
+        {"name": "flip", "kind": "invariance", "perturbation": "flip_lr", "max_change": 0.0},
+        {"name": "turn", "kind": "invariance", "perturbation": "rotate90", "max_change": 0.0},
+        {"name": "shift", "kind": "invariance", "perturbation": "shift", "max_change": 0.0},
+        {"name": "bright", "kind": "invariance", "perturbation": "brightness", "strength": 1.1, "max_change": 0.0},
+        {"name": "these show stars", "kind": "examples", "tasks": [200, 202, 203], "label": "star"},
+    ], LABELS)
+    examples = {t.task_id: t.image for t in tuning}
+    right = {r["name"]: r for r in run_suite(tests, tuning, block_detector(), examples)}
+    assert all(r["passed"] for r in right.values()), right
+    assert right["stars found"]["samples"] == 4 and right["star tasks right"]["samples"] == 3
+    assert right["no false boxes"]["samples"] == 6 and right["flip"]["samples"] == 5
+
+    blind = {r["name"]: r for r in run_suite(tests, tuning, block_detector(skip="star"), examples)}
+    assert (blind["stars found"]["passed"], blind["stars found"]["value"]) == (False, 0.0)
+    assert blind["stars found"]["failing"] == [200, 202, 203]
+    assert not blind["star tasks right"]["passed"] and not blind["these show stars"]["passed"]
+    assert blind["no false boxes"]["passed"] and blind["no false boxes"]["value"] == 1.0  # what it shows is right
+    assert blind["flip"]["passed"]
+
+    sided = {r["name"]: r for r in run_suite(tests, tuning, block_detector(by_side=True), examples)}
+    assert not sided["flip"]["passed"] and sided["flip"]["failing"] == [200, 201, 202, 203], sided["flip"]
+    assert sided["bright"]["passed"] and sided["shift"]["passed"]  # the shift keeps every block on its side
+
+    costs = modeltests.parse_costs({"classes": {"star": 10}}, LABELS)
+    priced = modeltests.compare_costs(tuning, block_detector(skip="star")([t.image for t in tuning]),
+                                      block_detector()([t.image for t in tuning]), costs)
+    assert priced["cost"] == pytest.approx(40 / 5) and priced["serving_cost"] == 0.0
+    assert priced["cost"] > priced["tolerance"]
 
 
 # -- the gate, on real trainings -------------------------------------------------------------------------
@@ -323,6 +461,52 @@ def test_costs_keep_out_a_version_whose_errors_cost_more(planted):
     assert registry.serving("77").version == first.manifest.version
 
 
+def test_a_box_version_runs_its_tests_region_by_region_beside_the_serving_one(trained, shapes_train, tmp_path):
+    """A detection project's suite and costs run on a new version's tuning split region by region, and on the
+    version in service beside it; a required star-recall bar that a two-epoch version cannot reach keeps it
+    out with the test named; the regression trace and the costs compare the two on the same tasks."""
+    from labelloop.config import settings
+    from labelloop.core.datasets import split_of
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import label_config, to_label_studio_tasks
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+
+    served = trained("detection")
+    registry = Registry(tmp_path / "models")
+    filled_here = {"version", "project", "created_at", "weights_sha256", "weights", "path"}
+    serving = registry.add_version("88", served.weights, {k: v for k, v in served.manifest.items() if k not in filled_here})
+    registry.promote("88", serving.version)
+    tasks = to_label_studio_tasks(shapes_train, "detection")
+    tuning_ids = [t["id"] for t in tasks if split_of(t["id"]) == "val"]
+    modeltests.save_suite(registry.project_dir("88"), parse_suite([
+        {"name": "stars found", "kind": "confidence", "metric": "recall", "label": "star", "min": 0.99},
+        {"name": "flip", "kind": "invariance", "perturbation": "flip_lr", "max_change": 1.0, "required": False},
+        {"name": "shows a circle", "kind": "examples", "tasks": tuning_ids[:3], "label": "circle", "required": False},
+    ], LABELS), modeltests.parse_costs({"classes": {"star": 5}, "false_positive": 0.5}, LABELS))
+    env = dataclasses.replace(settings(), epochs=2, warm_start_steps=0)
+    outcome = train_new_version(registry, "88", tasks, parse_label_config(label_config("detection")),
+                                LocalFileFetcher(), env=env)
+    tests = outcome.manifest.model_tests
+    mine = {r["name"]: r for r in tests["results"]}
+    beside = {r["name"]: r for r in tests["serving"]["results"]}
+    assert not outcome.promoted and "'stars found'" in outcome.reason, outcome.reason
+    assert registry.serving("88").version == serving.version and tests["serving"]["version"] == serving.version
+    assert set(mine) == set(beside) == {"stars found", "flip", "shows a circle"}
+    truth_stars = sum(1 for t in tasks if t["id"] in tuning_ids for r in t["annotations"][0]["result"]
+                      if r["value"]["rectanglelabels"] == ["star"])
+    assert truth_stars > 0 and mine["stars found"]["samples"] == beside["stars found"]["samples"] == truth_stars
+    assert mine["flip"]["samples"] == tests["tuning_tasks"] == len(tuning_ids) and mine["flip"]["passed"]
+    assert mine["shows a circle"]["samples"] == 3
+    costs = tests["costs"]
+    assert costs["compared_with"] == serving.version and outcome.manifest.metrics["cost"] == costs["cost"]
+    assert costs["costs"]["false_positive"] == 0.5 and costs["cost"] >= 0 and costs["serving_cost"] >= 0
+    changes = outcome.manifest.changes
+    assert changes["compared_with"] == serving.version and changes["tuning_tasks"] == len(tuning_ids)
+    assert changes["regressed_count"] + changes["fixed_count"] <= len(tuning_ids)
+
+
 def side_images(folder: Path, n: int, seed: int, label_by_side: bool) -> list[tuple[Path, str]]:
     """Light discs on a dark ground at random places; labeled by the side they sit on (circle left, square
     right), or all "circle" (what they are: labels a left-right flip does not change)."""
@@ -410,19 +594,20 @@ def test_model_tests_are_set_and_read_over_http(tmp_path):
         assert bad.status_code == 422 and message in bad.json()["error"], bad.text
     assert app.get("/projects/3/model-tests").json() == expected
     assert app.put("/projects/..%2F..%2Fetc/model-tests", json=suite).status_code in (404, 422)
-    # once Label Studio has connected the project, labels are checked against its config; boxes are not gated yet
+    # once Label Studio has connected the project, labels are checked against its config (boxes too)
     assert app.post("/setup", json={"project": "4", "schema": label_config("classification")}).status_code == 200
     unknown = app.put("/projects/4/model-tests", json={"tests": [{**suite["tests"][0], "cohort": {"label": "dog"}}]})
     assert unknown.status_code == 422 and "'dog' is not one of the project's labels" in unknown.json()["error"]
     assert app.post("/setup", json={"project": "5", "schema": label_config("detection")}).status_code == 200
-    boxes = app.put("/projects/5/model-tests", json=suite)
-    assert boxes.status_code == 422 and "classification versions only" in boxes.json()["error"]
-    assert app.put("/projects/5/model-tests", json={"tests": []}).status_code == 200  # an empty suite is fine
+    boxes = app.put("/projects/5/model-tests", json={"tests": [{**suite["tests"][0], "metric": "recall"}]})
+    assert boxes.status_code == 200 and boxes.json()["tests"][0]["metric"] == "recall", boxes.text
     # costs beside the tests: checked like them, read back
     priced = app.put("/projects/4/model-tests", json={"tests": [], "costs": {"classes": {"star": 5}}})
     assert priced.status_code == 200 and app.get("/projects/4/model-tests").json()["costs"] == \
         {"default": 1.0, "classes": {"star": 5.0}, "confusions": {}}
     wrong = app.put("/projects/4/model-tests", json={"tests": [], "costs": {"confusions": {"star->dog": 5}}})
     assert wrong.status_code == 422 and "'dog' is not one of" in wrong.json()["error"]
-    boxes_priced = app.put("/projects/5/model-tests", json={"tests": [], "costs": {"default": 2}})
-    assert boxes_priced.status_code == 422 and "classification versions only" in boxes_priced.json()["error"]
+    boxes_priced = app.put("/projects/5/model-tests", json={"tests": [], "costs": {"default": 2, "false_positive": 0.5}})
+    assert boxes_priced.status_code == 200 and boxes_priced.json()["costs"]["false_positive"] == 0.5
+    negative = app.put("/projects/5/model-tests", json={"tests": [], "costs": {"false_positive": -1}})
+    assert negative.status_code == 422 and "false_positive must be in" in negative.json()["error"]

@@ -112,6 +112,7 @@ def build_dataset(
     image_paths: dict[int, Path],
     out: Path,
     min_train: int = 2,
+    repeats: dict[str, int] | None = None,
 ) -> DatasetInfo:
     """Write an ultralytics dataset for ``spec`` from labeled images whose file is in ``image_paths``.
 
@@ -119,8 +120,11 @@ def build_dataset(
     Every class of the label config is a model class, in config order, so class indices are stable
     across versions even when a class has no example yet. Labels come from outside and never become
     paths as they are: classification folders are named by ``class_dir_names``, files by task id.
+    ``repeats`` (label -> n, cost up-weighting): a training image of that label (boxes: its costliest
+    region's) is written n times, so an epoch shows it n times; the tuning split is never repeated.
     """
     out.mkdir(parents=True, exist_ok=True)
+    repeats = repeats or {}
     classes = list(spec.labels)
     class_index = {label: i for i, label in enumerate(classes)}
     dirs = class_dir_names(classes) if spec.kind.whole_image else {}
@@ -136,21 +140,28 @@ def build_dataset(
         )
 
     per_class: Counter[str] = Counter()
+    files = 0
     for split, items in splits.items():
         for image in items:
             source = image_paths[image.task_id]
-            stem = _file_stem(image.task_id)
-            name = f"{stem}{source.suffix.lower() or '.png'}"
+            labels = [image.label] if spec.kind.whole_image else [r.label for r in image.regions]
+            times = max([repeats.get(str(label), 1) for label in labels] + [1]) if split == "train" else 1
             if spec.kind.whole_image:
                 per_class[image.label] += 1
-                link_or_copy(source, out / split / dirs[image.label] / name)
             else:
-                link_or_copy(source, out / "images" / split / name)
                 lines = yolo_label_lines(image.regions, spec, class_index)
                 per_class.update(classes[int(line.split()[0])] for line in lines)
-                label_file = out / "labels" / split / f"{stem}.txt"
-                label_file.parent.mkdir(parents=True, exist_ok=True)
-                label_file.write_text("\n".join(lines) + ("\n" if lines else ""))
+            for copy in range(times):
+                stem = _file_stem(image.task_id) + (f"-r{copy}" if copy else "")
+                name = f"{stem}{source.suffix.lower() or '.png'}"
+                files += split == "train"
+                if spec.kind.whole_image:
+                    link_or_copy(source, out / split / dirs[image.label] / name)
+                else:
+                    link_or_copy(source, out / "images" / split / name)
+                    label_file = out / "labels" / split / f"{stem}.txt"
+                    label_file.parent.mkdir(parents=True, exist_ok=True)
+                    label_file.write_text("\n".join(lines) + ("\n" if lines else ""))
 
     if spec.kind.whole_image:
         for split in splits:  # ultralytics reads the class list from the folder names of each split
@@ -170,6 +181,7 @@ def build_dataset(
     counts = {
         "train": len(splits["train"]),
         "val": len(splits["val"]),
+        "train_files": files,  # training images with up-weighting's repeats (= train without)
         "missing_images": len(missing),
         "per_class": dict(per_class),
     }

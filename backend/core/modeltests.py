@@ -6,19 +6,24 @@ tuning split (the project's held-out labeled tasks) before promotion, and a fail
 it out of service with the failing tasks named. Three kinds, after the error-analysis seed's
 "confidence tests", "invariance tests" and "data unit tests":
 
-* ``confidence`` — on a cohort of tuning tasks (``{"label": "star"}``, ``{"data.camera": "7"}``,
-  ``{"meta.source": "night"}``; every key must match; none = all), ``accuracy`` (share predicted as the
-  human label) or ``precision`` of a ``label`` (share of the cohort predicted as it that truly is it) is
-  at least ``min``.
-* ``invariance`` — the predicted label stays the same under a perturbation (``flip_lr``, ``flip_ud``,
+* ``confidence`` — on a cohort of tuning tasks (``{"label": "star"}``: tasks whose human label is, or
+  whose regions include, a star; ``{"data.camera": "7"}``, ``{"meta.source": "night"}``; every key must
+  match; none = all), a metric is at least ``min``: ``accuracy`` (share of tasks the version gets right),
+  ``recall`` (share of the human labels, of ``label`` if given, it finds) or ``precision`` (share of what
+  it predicts, as ``label`` if given, that is right).
+* ``invariance`` — the prediction stays the same under a perturbation (``flip_lr``, ``flip_ud``,
   ``rotate90``, ``brightness``, ``contrast``, ``blur``, ``noise``, ``shift``; ``strength`` tunes it) on up to
-  ``sample`` tuning tasks: the share that changes is at most ``max_change``.
-* ``examples`` — the listed tasks (labeled or not) are predicted as ``label`` in at least ``min_pass`` of
-  them ("images like these must be predicted as L").
+  ``sample`` tuning tasks: the share that changes is at most ``max_change``. Boxes and outlines are moved
+  with the image (a box on the left must come back on the right after ``flip_lr``).
+* ``examples`` — the listed tasks (labeled or not) are predicted as ``label`` (boxes and polygons: show at
+  least one ``label`` region) in at least ``min_pass`` of them ("images like these must be predicted as L").
+
+Boxes and polygons are judged region by region: a predicted region is right when it overlaps a human one
+of the same label at IoU >= 0.5 (polygons by their bounding boxes), each human region found at most once;
+a task is right when every human region is found, with its label, and nothing else is predicted.
 
 A test whose cohort has no tuning task passes with a note (a young project's split may hold none): the
-gate cannot judge it, and keeping every version out would stop the loop. Classification versions are
-gated; for boxes and polygons a suite is refused with the reason (not yet).
+gate cannot judge it, and keeping every version out would stop the loop.
 
 Everything here is bounded: a suite comes from outside (HTTP, a file), so sizes, names and numbers are
 checked before a test runs.
@@ -36,10 +41,13 @@ from typing import Any
 
 import numpy as np
 
+from labelloop.core.kinds import TaskKind
+from labelloop.core.scoring import box_iou
+from labelloop.core.truth import TruthRegion
 from labelloop.errors import LabelloopError
 
 KINDS = ("confidence", "invariance", "examples")
-METRICS = ("accuracy", "precision")
+METRICS = ("accuracy", "precision", "recall")
 PERTURBATIONS = ("flip_lr", "flip_ud", "rotate90", "brightness", "contrast", "blur", "noise", "shift")
 # what strength means per perturbation, and its default: a factor, pixels of blur, grey levels of noise,
 # a fraction of the side
@@ -60,6 +68,11 @@ COHORT_KEY_RE = re.compile(r"^(label|(data|meta)\.[A-Za-z0-9_\-]{1,64})$")
 SUITE_FILE = "model-tests.json"
 MAX_COSTS = 1000  # class and confusion entries
 MAX_COST = 1e6
+MAX_REPEAT = 4  # up-weighting: a costly class's training images are seen at most this many times as often
+MATCH_IOU = 0.5  # a predicted region is the human one when their boxes overlap this much
+
+Regions = tuple[TruthRegion, ...]
+Answer = str | None | Regions  # what a version says about one image: a label (None: none), or its regions
 
 
 class ModelTestError(LabelloopError, ValueError):
@@ -75,7 +88,7 @@ class ModelTest:
     required: bool = True
     cohort: dict[str, str] = field(default_factory=dict)  # confidence, invariance: which tuning tasks
     metric: str = "accuracy"  # confidence
-    label: str | None = None  # confidence precision; examples: the expected label
+    label: str | None = None  # confidence precision / recall: of this label (None: all); examples: expected
     min: float = 0.0  # confidence: the bar
     perturbation: str | None = None  # invariance
     strength: float | None = None  # invariance: None = DEFAULT_STRENGTH
@@ -95,13 +108,21 @@ class ModelTest:
 
 @dataclass
 class TuningItem:
-    """One labeled task of the tuning split: its id, human label, image and the task's data and meta."""
+    """One labeled task of the tuning split: its id, human label (classification) or regions (boxes,
+    polygons; ``label`` is then None), image and the task's data and meta."""
 
     task_id: int
-    label: str
+    label: str | None
     image: Path
     data: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    regions: Regions | None = None  # None: a classification task
+
+    def truth(self) -> Answer:
+        return self.label if self.regions is None else self.regions
+
+    def has(self, label: str) -> bool:
+        return self.label == label if self.regions is None else any(r.label == label for r in self.regions)
 
 
 # -- parsing -------------------------------------------------------------------------------------------
@@ -156,7 +177,7 @@ def parse_test(raw: Any, labels: Sequence[str] | None = None) -> ModelTest:
         metric = raw.get("metric", "accuracy")
         if metric not in METRICS:
             raise ModelTestError(f"test {name!r}: metric must be one of {list(METRICS)}, got {metric!r}")
-        label = _label(name, raw.get("label"), labels) if metric == "precision" else None
+        label = _label(name, raw["label"], labels) if metric != "accuracy" and raw.get("label") is not None else None
         if "min" not in raw:
             raise ModelTestError(f"test {name!r}: a confidence test needs min (the bar, 0..1)")
         return ModelTest(name, kind, required, cohort, metric=metric, label=label,
@@ -187,29 +208,76 @@ def parse_test(raw: Any, labels: Sequence[str] | None = None) -> ModelTest:
 class Costs:
     """What an error costs the product (value-aligned metrics): a wrong prediction for a task whose human label
     is T and the model says P costs ``confusions[(T, P)]``, else ``classes[T]``, else ``default``; a right one
-    costs 0. Set, the gate compares versions by their mean cost per tuning task instead of the plain metric."""
+    costs 0. Boxes and polygons add up per region: a human region found with label P costs as the confusion
+    (T, P), one not found as ``classes[T]`` (else ``default``), a predicted region matching nothing
+    ``false_positive`` (else ``default``). Set, the gate compares versions by their mean cost per tuning task
+    instead of the plain metric. ``upweight``: training also sees the images of costly classes more often
+    (``training_repeats``)."""
 
     default: float = 1.0
     classes: dict[str, float] = field(default_factory=dict)
     confusions: dict[tuple[str, str], float] = field(default_factory=dict)
+    false_positive: float | None = None
+    upweight: bool = False
 
-    def of(self, truth: str, predicted: str | None) -> float:
+    def of(self, truth: str | None, predicted: str | None) -> float:
         if predicted == truth:
             return 0.0
+        if truth is None:  # a region that matches nothing a human drew
+            return self.default if self.false_positive is None else self.false_positive
         return self.confusions.get((truth, str(predicted)), self.classes.get(truth, self.default))
 
+    def of_answer(self, item: TuningItem, answer: Answer) -> float:
+        """What a version's answer for one tuning task costs (0 when right)."""
+        if item.regions is None:
+            return self.of(item.label, answer if isinstance(answer, str) or answer is None else None)
+        found = match_regions(item.regions, _regions(answer))
+        return (sum(self.of(item.regions[t].label, _regions(answer)[p].label) for t, p in found.pairs)
+                + sum(self.of(item.regions[t].label, None) for t in found.missed)
+                + sum(self.of(None, "?") for _ in found.extra))
+
+    def values(self) -> list[float]:
+        extra = [] if self.false_positive is None else [self.false_positive]
+        return [self.default, *self.classes.values(), *self.confusions.values(), *extra]
+
     def to_json(self) -> dict[str, Any]:
-        return {"default": self.default, "classes": dict(self.classes),
-                "confusions": {f"{t}->{p}": c for (t, p), c in self.confusions.items()}}
+        out: dict[str, Any] = {"default": self.default, "classes": dict(self.classes),
+                               "confusions": {f"{t}->{p}": c for (t, p), c in self.confusions.items()}}
+        if self.false_positive is not None:
+            out["false_positive"] = self.false_positive
+        if self.upweight:
+            out["upweight"] = True
+        return out
+
+
+def training_repeats(costs: Costs, labels: Sequence[str]) -> dict[str, int]:
+    """How many times a training image of each label is shown when ``costs.upweight``: a label's miss cost (its
+    class cost, or its costliest confusion) over the cheapest label's, rounded, 1..MAX_REPEAT; {} when every
+    label costs the same (or up-weighting is off). Boxes and polygons: an image takes its costliest region's."""
+    if not costs.upweight:
+        return {}
+    miss = {label: max([costs.classes.get(label, costs.default),
+                        *(c for (t, _), c in costs.confusions.items() if t == label)]) for label in labels}
+    cheapest = min((c for c in miss.values() if c > 0), default=0.0)
+    if not cheapest:
+        return {}
+    repeats = {label: int(min(MAX_REPEAT, max(1, round(c / cheapest)))) for label, c in miss.items()}
+    return {label: r for label, r in repeats.items() if r > 1}
 
 
 def parse_costs(raw: Any, labels: Sequence[str] | None = None) -> Costs | None:
-    """``{"default": 1, "classes": {"star": 5}, "confusions": {"star->circle": 20}}`` (None: no costs)."""
+    """``{"default": 1, "classes": {"star": 5}, "confusions": {"star->circle": 20}, "false_positive": 2}``
+    (None: no costs; ``false_positive`` only counts for boxes and polygons)."""
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) - {"default", "classes", "confusions"}:
+    if not isinstance(raw, dict) or set(raw) - {"default", "classes", "confusions", "false_positive", "upweight"}:
         raise ModelTestError('costs are {"default": <cost>, "classes": {label: cost}, "confusions": '
-                             '{"<true label>-><predicted label>": cost}}')
+                             '{"<true label>-><predicted label>": cost}, "false_positive": <cost>, '
+                             '"upweight": true|false}')
+    if not isinstance(raw.get("upweight", False), bool):
+        raise ModelTestError("costs: upweight must be true or false")
+    false_positive = (None if raw.get("false_positive") is None else
+                      _number("costs", "false_positive", raw["false_positive"], 0.0, MAX_COST))
     default = _number("costs", "default", raw.get("default", 1.0), 0.0, MAX_COST)
     classes_raw, confusions_raw = raw.get("classes") or {}, raw.get("confusions") or {}
     if not isinstance(classes_raw, dict) or not isinstance(confusions_raw, dict) or \
@@ -224,21 +292,21 @@ def parse_costs(raw: Any, labels: Sequence[str] | None = None) -> Costs | None:
             raise ModelTestError(f"costs: confusion {key!r} must read '<true label>-><predicted label>'")
         pair = (_label("costs", truth.strip(), labels), _label("costs", predicted.strip(), labels))
         confusions[pair] = _number("costs", f"confusions[{key!r}]", value, 0.0, MAX_COST)
-    return Costs(default, classes, confusions)
+    return Costs(default, classes, confusions, false_positive, bool(raw.get("upweight", False)))
 
 
-def compare_costs(tuning: Sequence[TuningItem], new: Sequence[str | None], old: Sequence[str | None] | None,
+def compare_costs(tuning: Sequence[TuningItem], new: Sequence[Answer], old: Sequence[Answer] | None,
                   costs: Costs) -> dict[str, Any]:
     """Mean cost per tuning task of the new version (and of the one in service on the same tasks), and the
     noise of their difference: one standard error of the paired per-task differences (at least one task's
     smallest non-zero cost / n, so a single differing task is never "significant" on its own)."""
-    mine = np.array([costs.of(i.label, p) for i, p in zip(tuning, new)], dtype=np.float64)
+    mine = np.array([costs.of_answer(i, p) for i, p in zip(tuning, new)], dtype=np.float64)
     out: dict[str, Any] = {"cost": round(float(mine.mean()), 6) if len(mine) else 0.0, "tuning_tasks": len(mine),
                            "costs": costs.to_json()}
     if old is not None and len(mine):
-        theirs = np.array([costs.of(i.label, p) for i, p in zip(tuning, old)], dtype=np.float64)
+        theirs = np.array([costs.of_answer(i, p) for i, p in zip(tuning, old)], dtype=np.float64)
         diff = mine - theirs
-        positive = [c for c in [costs.default, *costs.classes.values(), *costs.confusions.values()] if c > 0]
+        positive = [c for c in costs.values() if c > 0]
         floor = (min(positive) if positive else 0.0) / len(diff)
         se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
         out.update(serving_cost=round(float(theirs.mean()), 6), tolerance=round(max(se, floor), 6))
@@ -263,11 +331,11 @@ def suite_json(tests: Sequence[ModelTest]) -> dict[str, Any]:
     return {"tests": [t.to_json() for t in tests]}
 
 
-def check_kind(whole_image: bool, tests: Sequence[Any]) -> None:
-    """Only classification versions are gated by tests (and costs) for now."""
-    if tests and not whole_image:
-        raise ModelTestError("model tests and costs gate classification versions only, for now (boxes and polygons: "
-                             "not yet)")
+def check_kind(kind: TaskKind, tests: Sequence[Any]) -> None:
+    """Tests (and costs) gate the versions labelloop trains; a served-only kind (keypoints) has none to gate."""
+    if tests and not kind.trained:
+        raise ModelTestError(f"model tests and costs gate the versions labelloop trains; {kind.name} is served from "
+                             "your own model, not trained, so there is no version to gate")
 
 
 def _read(project_dir: Path) -> Any:
@@ -342,18 +410,131 @@ def perturb(image: np.ndarray, perturbation: str, strength: float | None = None)
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+# -- regions: matching and moving with the image -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionMatch:
+    """Human regions against predicted ones: ``pairs`` (human index, predicted index) overlap at MATCH_IOU
+    (same label first, then the larger overlap; each region in one pair at most), ``missed`` human regions
+    no prediction overlaps, ``extra`` predictions that overlap nothing."""
+
+    pairs: tuple[tuple[int, int], ...]
+    missed: tuple[int, ...]
+    extra: tuple[int, ...]
+
+
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    return box_iou((a[0], a[1], a[2] - a[0], a[3] - a[1]), (b[0], b[1], b[2] - b[0], b[3] - b[1]))
+
+
+def match_regions(truth: Regions, predicted: Regions, iou: float = MATCH_IOU) -> RegionMatch:
+    candidates = sorted((truth[t].label != predicted[p].label, -overlap, t, p)
+                        for t in range(len(truth)) for p in range(len(predicted))
+                        if (overlap := _iou(truth[t].box, predicted[p].box)) >= iou)
+    pairs, used_t, used_p = [], set(), set()
+    for _, _, t, p in candidates:
+        if t not in used_t and p not in used_p:
+            pairs.append((t, p))
+            used_t.add(t)
+            used_p.add(p)
+    return RegionMatch(tuple(sorted(pairs)), tuple(t for t in range(len(truth)) if t not in used_t),
+                       tuple(p for p in range(len(predicted)) if p not in used_p))
+
+
+def _regions(answer: Answer) -> Regions:
+    return answer if isinstance(answer, tuple) else ()
+
+
+def answer_of(prediction: Any, whole_image: bool) -> Answer:
+    """An engine ``ImagePrediction`` as an answer: its shown label, or its shown regions in image fractions."""
+    if whole_image:
+        return prediction.regions[0].label if prediction.regions else None
+    w, h = max(1, prediction.width), max(1, prediction.height)
+    return tuple(TruthRegion(r.label, _clip((r.bbox[0] / w, r.bbox[1] / h, (r.bbox[0] + r.bbox[2]) / w,
+                                             (r.bbox[1] + r.bbox[3]) / h)),
+                             tuple((x / w, y / h) for x, y in r.polygon or ()))
+                 for r in prediction.regions if r.bbox is not None)
+
+
+def is_right(item: TuningItem, answer: Answer) -> bool:
+    """The version's answer is the human one: the label, or every region found with its label and no other."""
+    if item.regions is None:
+        return answer == item.label
+    return same_answer(item.regions, answer)
+
+
+def same_answer(a: Answer, b: Answer) -> bool:
+    """Two answers say the same: equal labels, or regions that pair up one to one with equal labels."""
+    if not isinstance(a, tuple) and not isinstance(b, tuple):
+        return a == b
+    ra, rb = _regions(a), _regions(b)
+    found = match_regions(ra, rb)
+    return not found.missed and not found.extra and all(ra[t].label == rb[p].label for t, p in found.pairs)
+
+
+def _clip(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (min(1.0, max(0.0, v)) for v in box)
+    return x1, y1, x2, y2
+
+
+def _area(box: tuple[float, float, float, float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def move_regions(regions: Regions, perturbation: str, strength: float | None, shape: tuple[int, int]) -> Regions:
+    """Where ``regions`` (fractions of an image of ``shape`` = height, width) are after ``perturb``: flips mirror
+    them, ``rotate90`` turns them with the image, ``shift`` moves them (a region that leaves the image by more
+    than half is dropped); the photometric perturbations leave them in place."""
+    def point(x: float, y: float) -> tuple[float, float]:
+        if perturbation == "flip_lr":
+            return 1.0 - x, y
+        if perturbation == "flip_ud":
+            return x, 1.0 - y
+        if perturbation == "rotate90":  # np.rot90: counter-clockwise, the top-right corner goes to the top-left
+            return y, 1.0 - x
+        if perturbation == "shift":
+            return x + dx, y + dy
+        return x, y
+
+    s = float(DEFAULT_STRENGTH.get(perturbation, 0.0) if strength is None else strength)
+    height, width = shape
+    dx, dy = (round(s * width) / width, round(s * height) / height) if perturbation == "shift" else (0.0, 0.0)
+    moved = []
+    for region in regions:
+        corners = [point(x, y) for x, y in ((region.box[0], region.box[1]), (region.box[2], region.box[3]))]
+        box = (min(c[0] for c in corners), min(c[1] for c in corners), max(c[0] for c in corners),
+               max(c[1] for c in corners))
+        clipped = _clip(box)
+        if _area(box) > 0 and _area(clipped) < 0.5 * _area(box):
+            continue
+        polygon = tuple(tuple(min(1.0, max(0.0, v)) for v in point(x, y)) for x, y in region.polygon)
+        moved.append(TruthRegion(region.label, clipped, polygon))  # type: ignore[arg-type]
+    return tuple(moved)
+
+
+def _beside_shift_band(regions: Regions, perturbation: str, strength: float | None, shape: tuple[int, int]) -> Regions:
+    """A shift fills the strip it opens by repeating the edge: regions wholly inside that strip are not judged."""
+    if perturbation != "shift":
+        return regions
+    s = float(DEFAULT_STRENGTH["shift"] if strength is None else strength)
+    fx, fy = round(s * shape[1]) / shape[1], round(s * shape[0]) / shape[0]
+    return tuple(r for r in regions if r.box[2] > fx and r.box[3] > fy)
+
+
 # -- running -------------------------------------------------------------------------------------------
 
-Predict = Callable[[list[Any]], list[str | None]]  # images (paths or BGR arrays) -> predicted labels
+Predict = Callable[[list[Any]], list[Answer]]  # images (paths or BGR arrays) -> what the version says of each
 
 
 def in_cohort(item: TuningItem, cohort: dict[str, str]) -> bool:
     for key, value in cohort.items():
         if key == "label":
-            found: Any = item.label
-        else:
-            source, _, name = key.partition(".")
-            found = (item.data if source == "data" else item.meta).get(name)
+            if not item.has(value):
+                return False
+            continue
+        source, _, name = key.partition(".")
+        found = (item.data if source == "data" else item.meta).get(name)
         if found is None or str(found) != value:
             return False
     return True
@@ -366,28 +547,67 @@ def _result(test: ModelTest, passed: bool, value: float | None, bar: str, sample
             "failing": [int(t) for t in failing[:SHOWN_FAILING]], "failing_count": len(failing), "note": note}
 
 
+def _counts(item: TuningItem, answer: Answer, metric: str, label: str | None) -> tuple[int, int]:
+    """(right, out of) for recall (human labels found) or precision (predictions right), of ``label`` or all."""
+    if item.regions is None:
+        if metric == "recall":  # the human label, when it is the one counted
+            judged = label is None or item.label == label
+            return int(judged and answer == item.label), int(judged)
+        judged = isinstance(answer, str) and (label is None or answer == label)
+        return int(judged and answer == item.label), int(judged)
+    regions = _regions(answer)
+    found = match_regions(item.regions, regions)
+    right_t = {t for t, p in found.pairs if item.regions[t].label == regions[p].label}
+    right_p = {p for t, p in found.pairs if item.regions[t].label == regions[p].label}
+    if metric == "recall":
+        counted = [t for t, r in enumerate(item.regions) if label is None or r.label == label]
+        return sum(1 for t in counted if t in right_t), len(counted)
+    counted = [p for p, r in enumerate(regions) if label is None or r.label == label]
+    return sum(1 for p in counted if p in right_p), len(counted)
+
+
+def _confidence(test: ModelTest, cohort: Sequence[TuningItem], answers: Sequence[Answer]) -> dict[str, Any]:
+    if test.metric == "accuracy":
+        failing = [i.task_id for i, a in zip(cohort, answers) if not is_right(i, a)]
+        value = 1.0 - len(failing) / len(cohort)
+        return _result(test, value >= test.min - 1e-12, value, _bar(test), len(cohort), failing)
+    right = total = 0
+    failing = []
+    for item, answer in zip(cohort, answers):
+        r, n = _counts(item, answer, test.metric, test.label)
+        right, total = right + r, total + n
+        if r < n:
+            failing.append(item.task_id)
+    if not total:
+        what = "human" if test.metric == "recall" else "predicted"
+        return _result(test, True, None, _bar(test), 0,
+                       note=f"nothing {what} as {test.label or 'any label'!r} in the cohort: not judged")
+    value = right / total
+    return _result(test, value >= test.min - 1e-12, value, _bar(test), total, failing)
+
+
 def run_suite(tests: Sequence[ModelTest], tuning: Sequence[TuningItem], predict: Predict,
               examples: dict[int, Path] | None = None) -> list[dict[str, Any]]:
     """Each test's result on ``tuning`` with ``predict`` (the version under test): passed, the value and
-    its bar, the samples it saw and the failing task ids. ``examples``: the images of the tasks examples
-    tests list (a task missing there fails, named)."""
+    its bar, the samples it saw (tasks; for recall and precision, labels or predictions) and the failing task
+    ids. ``examples``: the images of the tasks examples tests list (a task missing there fails, named)."""
     import cv2
 
     results = []
-    cache: dict[int, str | None] = {}
+    cache: dict[int, Answer] = {}
 
-    def predicted(items: Sequence[TuningItem]) -> list[str | None]:
+    def predicted(items: Sequence[TuningItem]) -> list[Answer]:
         todo = [i for i in items if i.task_id not in cache]
-        for item, label in zip(todo, predict([i.image for i in todo]) if todo else []):
-            cache[item.task_id] = label
+        for item, answer in zip(todo, predict([i.image for i in todo]) if todo else []):
+            cache[item.task_id] = answer
         return [cache[i.task_id] for i in items]
 
     for test in tests:
         if test.kind == "examples":
             known = examples or {}
             present = [t for t in test.tasks if t in known]
-            labels = dict(zip(present, predict([known[t] for t in present]) if present else []))
-            failing = [t for t in test.tasks if labels.get(t) != test.label]
+            shown = dict(zip(present, predict([known[t] for t in present]) if present else []))
+            failing = [t for t in test.tasks if not _shows(shown.get(t), test.label or "")]
             rate = 1.0 - len(failing) / len(test.tasks)
             note = f"{len(test.tasks) - len(present)} listed task(s) have no image" if len(present) < len(test.tasks) else ""
             results.append(_result(test, rate >= test.min_pass - 1e-12, rate,
@@ -399,33 +619,32 @@ def run_suite(tests: Sequence[ModelTest], tuning: Sequence[TuningItem], predict:
         if not cohort:
             results.append(_result(test, True, None, _bar(test), 0, note="no tuning task in the cohort: not judged"))
             continue
-        preds = predicted(cohort)
+        answers = predicted(cohort)
         if test.kind == "confidence":
-            if test.metric == "accuracy":
-                failing = [i.task_id for i, p in zip(cohort, preds) if p != i.label]
-                value = 1.0 - len(failing) / len(cohort)
-                samples = len(cohort)
-            else:  # precision of test.label among the cohort's predictions of it
-                chosen = [(i, p) for i, p in zip(cohort, preds) if p == test.label]
-                failing = [i.task_id for i, _ in chosen if i.label != test.label]
-                samples = len(chosen)
-                if not chosen:
-                    results.append(_result(test, True, None, _bar(test), 0,
-                                           note=f"nothing in the cohort predicted as {test.label!r}: not judged"))
-                    continue
-                value = 1.0 - len(failing) / len(chosen)
-            results.append(_result(test, value >= test.min - 1e-12, value, _bar(test), samples, failing))
+            results.append(_confidence(test, cohort, answers))
             continue
-        perturbed: list[Any] = []
+        perturbed, shapes = [], []
         for item in cohort:
             array = cv2.imread(str(item.image), cv2.IMREAD_COLOR)
             if array is None:
                 raise ModelTestError(f"cannot decode the image of task {item.task_id}")
             perturbed.append(perturb(array, test.perturbation or "", test.strength))
-        changed = [i.task_id for i, before, after in zip(cohort, preds, predict(perturbed)) if before != after]
+            shapes.append(array.shape[:2])
+        changed = []
+        for item, before, after, shape in zip(cohort, answers, predict(perturbed), shapes):
+            if isinstance(before, tuple):  # regions move with the image before they are compared
+                how = (test.perturbation or "", test.strength, shape)
+                before = _beside_shift_band(move_regions(before, *how), *how)
+                after = _beside_shift_band(_regions(after), *how)
+            if not same_answer(before, after):
+                changed.append(item.task_id)
         rate = len(changed) / len(cohort)
         results.append(_result(test, rate <= test.max_change + 1e-12, rate, _bar(test), len(cohort), changed))
     return results
+
+
+def _shows(answer: Answer, label: str) -> bool:
+    return any(r.label == label for r in answer) if isinstance(answer, tuple) else answer == label
 
 
 def describe_bar(test: ModelTest) -> str:
@@ -435,7 +654,7 @@ def describe_bar(test: ModelTest) -> str:
 
 def _bar(test: ModelTest) -> str:
     if test.kind == "confidence":
-        what = f"precision of {test.label!r}" if test.metric == "precision" else "accuracy"
+        what = test.metric if test.metric == "accuracy" or not test.label else f"{test.metric} of {test.label!r}"
         return f"{what} >= {test.min:g}"
     if test.kind == "invariance":
         return f"changed by {test.perturbation} <= {test.max_change:g}"

@@ -476,7 +476,7 @@ def create_app(env: Settings | None = None) -> FastAPI:
         tests = modeltests.parse_suite(body, labels)
         costs = modeltests.parse_costs(body.get("costs"), labels)
         if specs and len(specs) == 1:
-            modeltests.check_kind(specs[0].kind.whole_image, [*tests, *([costs] if costs else [])])
+            modeltests.check_kind(specs[0].kind, [*tests, *([costs] if costs else [])])
         await run_in_threadpool(modeltests.save_suite, registry.project_dir(key), tests, costs)
         return {"project": key, **modeltests.suite_json(tests), **({"costs": costs.to_json()} if costs else {})}
 

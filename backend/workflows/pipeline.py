@@ -345,8 +345,11 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         # The first-training minimum counts labeled tasks (checked above, as README promises); the split
         # only needs two training images (BatchNorm), or which tasks the id hash puts in the tuning
         # split would decide whether 10 labels are enough.
-        dataset = build_dataset(images, spec, image_paths, Path(tmp) / "data", min_train=2)
-        chosen = choose_settings(dataset.counts["train"], image_sides(list(image_paths.values())), spec.kind, env)
+        costs = modeltests.load_costs(registry.project_dir(project), spec.labels)
+        repeats = modeltests.training_repeats(costs, spec.labels) if costs is not None else {}
+        dataset = build_dataset(images, spec, image_paths, Path(tmp) / "data", min_train=2, repeats=repeats)
+        # epochs come from optimizer steps over the files training sees: up-weighting costs no extra steps
+        chosen = choose_settings(dataset.counts["train_files"], image_sides(list(image_paths.values())), spec.kind, env)
         same_classes = serving is not None and serving.task == task and sorted(serving.classes) == sorted(dataset.classes)
         # Every round trains afresh from the base (the user's weights or the recipe's architecture),
         # not from the version in service: measured on the demo's loop (40 -> 240 labels), a fine-tune
@@ -365,26 +368,21 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         say(0.92, "evaluating on the tuning split")
         metrics = evaluate(weights, dataset, chosen.imgsz, chosen.device)
         calibration = calibrate_on_tuning_split(weights, dataset, spec) if spec.kind.whole_image else {}
-        model_tests: dict[str, Any] = {}
-        changes: dict[str, Any] = {}
-        if spec.kind.whole_image:  # the tuning split task by task: the project's tests, and what changed
-            tuning = tuning_items(images, image_paths, dataset, tasks)
-            candidate = label_predictor(weights, "candidate", spec)
-            current = ((serving.version, label_predictor(serving.weights, serving.version, spec))
-                       if serving is not None and same_classes else None)
-            model_tests = run_model_tests(registry, project, spec, tuning, candidate, current, image_paths, fetcher,
-                                          url_of, say)
-            changes = trace_changes(tuning, candidate, current, env.label_studio_url, project)
-            costs = modeltests.load_costs(registry.project_dir(project), spec.labels)
-            if costs is not None and tuning:  # value-aligned: what the errors cost, beside the plain metric
-                images_of = [item.image for item in tuning]
-                model_tests["costs"] = modeltests.compare_costs(
-                    tuning, candidate(images_of), current[1](images_of) if current else None, costs)
-                if current:
-                    model_tests["costs"]["compared_with"] = current[0]
-                metrics = {**metrics, "cost": model_tests["costs"]["cost"]}
-        elif modeltests.load_costs(registry.project_dir(project)) is not None:
-            raise modeltests.ModelTestError("costs gate classification versions only, for now")
+        # the tuning split task by task: the project's tests, what changed, and what the errors cost
+        tuning = tuning_items(images, image_paths, dataset, tasks)
+        candidate = answer_predictor(weights, "candidate", spec)
+        current = ((serving.version, answer_predictor(serving.weights, serving.version, spec))
+                   if serving is not None and same_classes else None)
+        model_tests = run_model_tests(registry, project, spec, tuning, candidate, current, image_paths, fetcher,
+                                      url_of, say)
+        changes = trace_changes(tuning, candidate, current, env.label_studio_url, project)
+        if costs is not None and tuning:  # value-aligned: what the errors cost, beside the plain metric
+            images_of = [item.image for item in tuning]
+            model_tests["costs"] = modeltests.compare_costs(
+                tuning, candidate(images_of), current[1](images_of) if current else None, costs)
+            if current:
+                model_tests["costs"]["compared_with"] = current[0]
+            metrics = {**metrics, "cost": model_tests["costs"]["cost"]}
 
         names = dict(import_yolo()(str(weights)).names)
         classes = [names[i] for i in sorted(names)]
@@ -396,7 +394,8 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
             "counts": dataset.counts,
             "metrics": metrics,
             "settings": {**settings_dict(chosen), "recipe": recipe.describe(spec.kind, chosen.imgsz, dataset.counts["train"],
-                                                                            base)},
+                                                                            base),
+                         **({"upweighted": repeats} if repeats else {})},
             "base": base,
             "data_fingerprint": fingerprint,
             "calibration": calibration,
@@ -409,25 +408,33 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
 
 
 def tuning_items(images, image_paths: dict, dataset, tasks: list[dict[str, Any]]) -> list[modeltests.TuningItem]:
-    """The tuning split's labeled tasks (classification): id, human label, image, the task's data and meta."""
+    """The tuning split's labeled tasks: id, human label (classification) or regions (boxes, polygons; an image
+    with none is a negative the version must leave empty), image, the task's data and meta."""
     by_id = {t.get("id"): t for t in tasks}
-    labels = {image.task_id: image.label for image in images}
-    return [modeltests.TuningItem(int(task_id), str(labels[task_id]), image_paths[task_id],
-                                  dict((by_id.get(task_id) or {}).get("data") or {}),
-                                  dict((by_id.get(task_id) or {}).get("meta") or {}))
-            for task_id in dataset.task_ids.get("val", []) if task_id in image_paths and labels.get(task_id)]
+    truth = {image.task_id: image for image in images}
+    out = []
+    for task_id in dataset.task_ids.get("val", []):
+        image = truth.get(task_id)
+        if image is None or task_id not in image_paths:
+            continue
+        task = by_id.get(task_id) or {}
+        out.append(modeltests.TuningItem(int(task_id), image.label, image_paths[task_id], dict(task.get("data") or {}),
+                                          dict(task.get("meta") or {}),
+                                          None if image.label is not None else tuple(image.regions)))
+    return out
 
 
-def label_predictor(weights: Path, version: str, spec: ControlSpec) -> modeltests.Predict:
-    """images → predicted labels with a version's weights; an image file is predicted once (the model tests
-    and the regression trace read the same tuning predictions)."""
+def answer_predictor(weights: Path, version: str, spec: ControlSpec) -> modeltests.Predict:
+    """images → what a version says of each with its weights, as labelers see it (the display threshold): a
+    label, or its regions in image fractions; an image file is predicted once (the model tests, the regression
+    trace and the costs read the same tuning predictions)."""
     model = load_model(weights, version)
-    seen: dict[str, str | None] = {}
+    seen: dict[str, modeltests.Answer] = {}
 
-    def predict(batch: list[Any]) -> list[str | None]:
+    def predict(batch: list[Any]) -> list[modeltests.Answer]:
         todo = [b for b in batch if isinstance(b, np.ndarray) or str(b) not in seen]
         preds = predict_images(model, todo, spec, threshold_for(spec)) if todo else []
-        fresh = [p.regions[0].label if p.regions else None for p in preds]
+        fresh = [modeltests.answer_of(p, spec.kind.whole_image) for p in preds]
         arrays = iter(label for b, label in zip(todo, fresh) if isinstance(b, np.ndarray))
         seen.update({str(b): label for b, label in zip(todo, fresh) if not isinstance(b, np.ndarray)})
         return [next(arrays) if isinstance(b, np.ndarray) else seen[str(b)] for b in batch]
@@ -443,7 +450,7 @@ def run_model_tests(registry: Registry, project, spec: ControlSpec, tuning: list
     tests = modeltests.load_suite(registry.project_dir(project), spec.labels)
     if not tests:
         return {}
-    modeltests.check_kind(spec.kind.whole_image, tests)
+    modeltests.check_kind(spec.kind, tests)
     say(0.94, f"running {len(tests)} model test(s) on the tuning split")
     wanted = sorted({t for test in tests for t in test.tasks if t in url_of and t not in image_paths})
     examples = dict(image_paths)
@@ -466,8 +473,10 @@ def trace_changes(tuning: list[modeltests.TuningItem], candidate: modeltests.Pre
         return {}
     images = [item.image for item in tuning]
     new, old = candidate(images), current[1](images)
-    regressed = [i.task_id for i, a, b in zip(tuning, new, old) if b == i.label and a != i.label]
-    fixed = [i.task_id for i, a, b in zip(tuning, new, old) if a == i.label and b != i.label]
+    right_new = [modeltests.is_right(i, a) for i, a in zip(tuning, new)]
+    right_old = [modeltests.is_right(i, b) for i, b in zip(tuning, old)]
+    regressed = [i.task_id for i, a, b in zip(tuning, right_new, right_old) if b and not a]
+    fixed = [i.task_id for i, a, b in zip(tuning, right_new, right_old) if a and not b]
     shown = modeltests.SHOWN_FAILING
     out: dict[str, Any] = {"compared_with": current[0], "regressed": regressed[:shown], "regressed_count": len(regressed),
                            "fixed": fixed[:shown], "fixed_count": len(fixed), "tuning_tasks": len(tuning)}
