@@ -4,8 +4,8 @@ images more often cut what the errors cost, and what does it cost the plain accu
 Per seed: a pool of the demo's 'simple' shapes (64 px, one per image) whose classes are skewed 10:1 (the
 rarest rotates with the seed, as in ``active_learning.py``), 10 % of the labels wrong; the rarest class is
 also the costly one: a miss of it costs 10, any other miss 1. The engine trains on the first ``--budgets``
-labels of one random order twice, from the same tasks, with its own settings: costs set as today
-(``upweight`` off: the costs only judge) and with ``"upweight": true`` (``core/modeltests.training_repeats``:
+labels of one random order twice, from the same tasks, with its own settings: costs that only judge
+(``"upweight": false``) and costs that also weigh the training (the default, ``core/modeltests.training_repeats``:
 the costly class's training images shown up to 4 times as often, the same optimizer steps). Both are scored
 on the clean, balanced test set (150 images): mean cost per image, accuracy, recall and precision of the
 costly class.

@@ -19,7 +19,8 @@ PREDICT_QUEUE = "labelloop.predict"
 
 def make_app() -> Celery:
     env = settings()
-    app = Celery("labelloop", broker=env.redis_url, backend=env.redis_url, include=["labelloop.tasks.jobs"])
+    app = Celery("labelloop", broker=env.redis_url, backend=env.redis_url,
+                 include=["labelloop.tasks.jobs", "labelloop.tasks.sharding"])
     app.conf.update(
         task_queues=[Queue(TRAIN_QUEUE), Queue(PREDICT_QUEUE)],
         task_default_queue=PREDICT_QUEUE,
@@ -27,6 +28,7 @@ def make_app() -> Celery:
             "labelloop.train_project": {"queue": TRAIN_QUEUE},
             "labelloop.crossval_fold": {"queue": TRAIN_QUEUE},
             "labelloop.predict_project": {"queue": PREDICT_QUEUE},
+            "labelloop.predict_chunks": {"queue": PREDICT_QUEUE},
         },
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -277,8 +277,10 @@ def predict_project(self, job_id: str, project: str, version: str) -> dict[str, 
     from labelloop.workflows.pipeline import NotServed, predict_unlabeled
 
     def work(store: JobStore, job: dict[str, Any], progress) -> dict[str, Any]:
-        try:
-            counts = predict_unlabeled(project, version, progress)
+        from labelloop.tasks.sharding import run_on_workers
+
+        try:  # the backlog's chunks go to every free prediction worker, this one included
+            counts = predict_unlabeled(project, version, progress, runner=run_on_workers(job_id, self.request.hostname or ""))
         except NotServed as exc:  # a base model's backlog overtaken by the first trained version
             raise Skip(str(exc)) from exc
         message = (f"{counts['pushed']} predictions of {version} pushed to Label Studio"

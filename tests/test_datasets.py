@@ -105,10 +105,12 @@ def test_costly_classes_are_repeated_in_training_only(tmp_path, images):
     the tuning split once; boxes take their costliest region's repeat."""
     from labelloop.core import modeltests
 
-    costs = modeltests.parse_costs({"classes": {"dog": 10, "cat": 2}, "confusions": {"cat->dog": 3},
-                                    "upweight": True}, ("cat", "dog", "fox"))
+    costs = modeltests.parse_costs({"classes": {"dog": 10, "cat": 2}, "confusions": {"cat->dog": 3}},
+                                   ("cat", "dog", "fox"))
     assert modeltests.training_repeats(costs, ("cat", "dog", "fox")) == {"cat": 3, "dog": 4}  # 10x capped at 4
-    assert modeltests.training_repeats(modeltests.parse_costs({"classes": {"dog": 10}}), ("cat", "dog")) == {}
+    off = modeltests.parse_costs({"classes": {"dog": 10}, "upweight": False})
+    assert modeltests.training_repeats(off, ("cat", "dog")) == {} and off.to_json()["upweight"] is False
+    assert modeltests.training_repeats(modeltests.parse_costs({"default": 3}), ("cat", "dog")) == {}
     cls = parse_label_config(label_config("classification", classes=("cat", "dog")))
     choice = lambda label: {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}
     tasks = [{"id": i, "data": {}, "annotations": [{"id": i, "result": [choice("cat" if i % 2 else "dog")]}]}

@@ -502,6 +502,7 @@ def test_a_box_version_runs_its_tests_region_by_region_beside_the_serving_one(tr
     costs = tests["costs"]
     assert costs["compared_with"] == serving.version and outcome.manifest.metrics["cost"] == costs["cost"]
     assert costs["costs"]["false_positive"] == 0.5 and costs["cost"] >= 0 and costs["serving_cost"] >= 0
+    assert outcome.manifest.settings["upweighted"] == {"star": 4}  # stars cost 5x: their images seen 4x in training
     changes = outcome.manifest.changes
     assert changes["compared_with"] == serving.version and changes["tuning_tasks"] == len(tuning_ids)
     assert changes["regressed_count"] + changes["fixed_count"] <= len(tuning_ids)

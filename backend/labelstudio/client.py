@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
 SNAPSHOT_ABOVE_TASKS = 2000
 SNAPSHOT_TIMEOUT_S = 600
 PREDICTION_CHUNK = 100  # predictions per bulk import request
+TASK_PAGE = 500  # tasks per page of a paged read (``iter_tasks``)
 WEBHOOK_SECRET_HEADER = "X-Labelloop-Webhook-Secret"  # installed on the project's webhook; checked by /webhook
 
 
@@ -163,6 +165,35 @@ class StudioClient:
                 self._send("DELETE", f"{base}/{int(made['id'])}")
             except (httpx.HTTPError, StudioError):
                 log.warning("project %s: export snapshot %s not deleted", project_id, made.get("id"))
+
+    def iter_tasks(self, project_id: int | str, full: bool = False, filters: list[dict[str, Any]] | None = None,
+                   page_size: int = TASK_PAGE) -> Iterator[dict[str, Any]]:
+        """Every task of the project (matching ``filters``, Data Manager filter items), a page at a time in id
+        order, so memory holds one page whatever the project's size. ``full``: with annotations and
+        predictions (``fields=all``); else the Data Manager's summary — data, meta, ``total_annotations``
+        (not cancelled), ``cancelled_annotations``, ``total_predictions``, ``updated_at`` (which an annotation
+        saved, changed or deleted moves; a prediction does not). Task data comes as stored (no resolved URIs)."""
+        query: dict[str, Any] = {"ordering": ["tasks:id"]}
+        if filters:
+            query["filters"] = {"conjunction": "and", "items": filters}
+        params: dict[str, Any] = {"project": int(project_id), "page_size": int(page_size), "resolve_uri": "false",
+                                  "query": json.dumps(query)}
+        if full:
+            params["fields"] = "all"
+        page, seen = 1, 0
+        while True:
+            try:
+                answer = self.request("GET", "/api/tasks", params={**params, "page": page})
+            except StudioError as exc:
+                if exc.status == 404:  # "Invalid page.": the project shrank while we read
+                    return
+                raise
+            tasks = answer.get("tasks") or []
+            yield from tasks
+            seen += len(tasks)
+            if len(tasks) < page_size or seen >= int(answer.get("total") or 0):
+                return
+            page += 1
 
     def tasks(self, project_id: int | str, ordering: list[str] | None = None, page_size: int = 10_000) -> list[dict[str, Any]]:
         """Tasks as the Data Manager lists them (``ordering`` e.g. ``["tasks:predictions_score"]``)."""

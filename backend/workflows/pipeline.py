@@ -23,7 +23,7 @@ from labelloop.config import settings as current_settings
 from labelloop.core import acquisition, gate, modeltests, pretrain, recipe
 from labelloop.core.calibration import calibration_report
 from labelloop.core.datasets import DatasetError, annotation_fingerprint, build_dataset, first_training_minimum
-from labelloop.core.labelconfig import ControlSpec, LabelConfigError, resolve_model_path, threshold_for
+from labelloop.core.labelconfig import ControlSpec, LabelConfigError, parse_label_config, resolve_model_path, threshold_for
 from labelloop.core.predict import ImagePrediction, LoadedModel, Region, load_model, predict_images
 from labelloop.core.registry import VERSION_RE, Manifest, Registry
 from labelloop.core.training import (
@@ -41,11 +41,10 @@ from labelloop.labelstudio.client import StudioClient, read_project
 from labelloop.labelstudio.media import MediaError, MediaFetcher, task_image_url
 from labelloop.labelstudio.results import (
     first_label,
-    labeled_image,
     labeled_images,
-    latest_human_annotation,
     prediction_result,
 )
+from labelloop.workflows import backlog
 from labelloop.workflows.drift_check import check_incoming
 from labelloop.workflows.misses import MISSES_TAB, refresh_misses
 from labelloop.workflows.suspects import SUSPECTS_TAB, refresh_suspects
@@ -646,14 +645,17 @@ def warm_start_from_label_studio(project_id: int | str, progress: Progress | Non
 
 
 def predict_unlabeled(project_id: int | str, version: str, progress: Progress | None = None,
-                      env: Settings | None = None, chunk: int = 64) -> dict[str, int]:
+                      env: Settings | None = None, runner: backlog.ChunkRunner | None = None) -> dict[str, Any]:
     """Predict every task of the project without a human annotation with ``version`` and push the
     predictions to Label Studio (never touching annotations); then, if ``version`` is still the one
     in service, rewrite the "label next" tab, score every human label with it (``suspects``: the task's
     meta and the "mislabel suspects" tab) and make it the project's model version so the Data Manager
     sorts by its scores.
 
-    Tasks that already hold a prediction of this version are skipped, so running twice is harmless.
+    The project is read page by page and the backlog predicted in chunks (``backlog.py``): ``runner``
+    decides where the chunks run (default: here, one after another; the Celery job lets every prediction
+    worker take chunks). Tasks that already hold a prediction of this version are skipped, so running twice
+    is harmless.
     """
 
     env = env or current_settings()
@@ -661,41 +663,35 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
     registry = Registry(env.model_dir)
     manifest = registry.get(project_id, version) if VERSION_RE.fullmatch(version) else None
     with StudioClient.from_settings(env) as client, MediaFetcher.from_settings(env) as fetcher:
-        project = client.load_project(project_id)
-        spec, tasks = project.spec, project.tasks
+        info = client.project(project_id)
+        spec = parse_label_config(info["label_config"])
         weights = manifest.weights if manifest is not None else base_weights(registry, project_id, spec, version, env)
-        held = [p for p in client.predictions(project_id) if p.get("model_version") == version]
-        existing = {p["task"]: (p.get("score"), first_label(p.get("result"), spec)) for p in held}
-        results = {p["task"]: p.get("result") or [] for p in held}  # what the version shows, per task
-        done = set(existing)
-        todo = [t for t in tasks if latest_human_annotation(t) is None and t["id"] not in done]
-        # every unlabeled task's score by this version, for the "label next" tab
-        scores = {t["id"]: existing[t["id"]] for t in tasks
-                  if latest_human_annotation(t) is None and t["id"] in existing}
-        model = load_model(weights, version)
-        # the human labels the served version disagrees with: scored after the backlog (what labelers wait on)
-        labeled = [(t, truth) for t in tasks if spec.kind.trained and (truth := labeled_image(t, spec)) is not None]
+        say(0.0, "reading the project")
+        read = backlog.read_for_prediction(client, project_id, spec, version)
+        todo = [t for t in read.unlabeled if t["id"] not in read.held]
+        # every unlabeled task's score by this version, for the "label next" tab; what it shows, for misses
+        scores = {task_id: (held["score"], first_label(held["result"], spec)) for task_id, held in read.held.items()}
+        results = {task_id: held["result"] for task_id, held in read.held.items()}
+        labeled = read.labeled  # the human labels the served version disagrees with: scored after the backlog
         share = 0.8 if labeled else 1.0  # of the job's progress
-        counts = {"unlabeled": len(todo) + len([t for t in tasks if t["id"] in done]), "pushed": 0,
-                  "already_there": len(done), "errors": 0}
-        say(0.0, f"predicting {len(todo)} unlabeled task(s) with {version}")
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            # The scores this job pushes order the Data Manager (the loop's uncertainty picks): for
-            # classification, averaged over four label-preserving views — measured (bench/active_learning.py,
-            # 3 seeds, two runs) above random picks from 120 labels and within noise at 80, where single-view
-            # scores fell 3 points below.
-            predictions = predict_tasks(part, spec, model, fetcher, tta=spec.kind.whole_image, env=env)
-            payload = [{"task": t["id"], "result": p.result, "score": p.score, "model_version": version}
-                       for t, p in zip(part, predictions) if p.error is None]
-            counts["errors"] += len(part) - len(payload)
-            if payload:
-                client.import_predictions(project_id, payload)
-                counts["pushed"] += len(payload)
-                scores.update({item["task"]: (item["score"], first_label(item["result"], spec)) for item in payload})
-                results.update({item["task"]: item["result"] for item in payload})
-            say(share * (start + len(part)) / max(1, len(todo)), f"{start + len(part)} of {len(todo)} tasks predicted")
+        counts: dict[str, Any] = {"unlabeled": len(read.unlabeled), "pushed": 0, "already_there": len(read.held),
+                                  "errors": 0}
+        chunks = backlog.chunked(todo)
+        counts["chunks"] = len(chunks)
+        say(0.0, f"predicting {len(todo)} unlabeled task(s) with {version} in {len(chunks)} chunk(s)")
+        context = backlog.ChunkContext(str(project_id), version, str(weights), info["label_config"])
+        run = runner or (lambda c, parts, report: backlog.run_here(c, parts, report, env))
+        for out in run(context, chunks, lambda fraction, message: say(share * fraction, message)):
+            counts["errors"] += int(out["errors"])
+            counts["pushed"] += len(out["pushed"])
+            if out.get("worker"):  # which worker predicted how many chunks (the Celery runner says)
+                by_worker = counts.setdefault("chunks_by_worker", {})
+                by_worker[out["worker"]] = by_worker.get(out["worker"], 0) + 1
+            for task_id, (score, label, result) in out["pushed"].items():
+                scores[int(task_id)] = (score, label)
+                results[int(task_id)] = result
         if serves(registry, project_id, spec, version, env):
+            model = load_model(weights, version)
             try:
                 counts["label_next"], counts["label_next_mode"] = refresh_label_next(
                     client, project_id, scores, manifest, version)
@@ -709,15 +705,15 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                         lambda part: [p.prediction for p in predict_tasks(part, spec, model, fetcher, env=env)]))
                 except LabelloopError as exc:
                     log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
-            unlabeled_tasks = [t for t in tasks if latest_human_annotation(t) is None]
             try:  # rough labels in the task data against what the version shows: its misses, for review
-                misses = refresh_misses(client, project_id, spec, unlabeled_tasks, results)
+                misses = refresh_misses(client, project_id, spec, read.unlabeled, results)
                 if misses is not None:
                     counts["misses"] = misses
             except LabelloopError as exc:
                 log.warning("project %s: the %r tab was not updated: %s", project_id, MISSES_TAB, exc)
             if manifest is not None and spec.kind.trained:
                 # tasks imported after this version was trained, against the labels it learned from
+                tasks = read.unlabeled + [t for t, _ in labeled]
                 try:
                     report = check_incoming(client, registry, project_id, manifest, model, tasks,
                                             {t["id"] for t, _ in labeled}, fetcher.fetch_many,

@@ -1,0 +1,260 @@
+"""Benchmark: how a project's cost grows with its size (issue 13) — the project read, the backlog prediction,
+and the prediction job on 1 vs 2 Celery workers.
+
+Per size (``--sizes``, default 1000,10000): that many generated 'simple' shapes (64 px) become tasks of a real
+Label Studio 1.23.2 (local files it serves; ``--labeled`` of them imported with an annotation), and the engine
+trains a classifier on the labeled ones (3 epochs: the model's quality does not matter here, its cost does).
+Then, each in a fresh process whose peak memory (RSS) is read at its end:
+
+* **read, easy export** — the whole project in one request, as every job read it before (60 s timeout);
+* **read, paged** — ``backlog.read_for_prediction``: pages of 500 tasks, only what a prediction job keeps;
+* **backlog** — the paged read plus every unlabeled task predicted and pushed in chunks of 100 in one process
+  (``backlog.run_here``: images fetched from Label Studio over HTTP, the four-view scores the job pushes);
+* **raw forward pass** — ultralytics on the same images from local files, batch 16, the same four views: the
+  floor the backlog's per-task cost is compared with.
+
+Then a Redis and real ``labelloop worker`` processes: the prediction job (``tasks.jobs.predict_project``, two
+fresh versions with the same weights so each run predicts the whole backlog) with one prediction worker, then
+with two (both on the prediction queue, with their own host names; the job's chunks go to both).
+
+Usage: ``.venv/bin/python bench/scale.py [--sizes 1000,10000,100000]``; appends to bench/figures/scale.md and
+draws bench/figures/scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _measured(phase: str, args: dict, queue) -> None:
+    """Run one phase in this (fresh) process; put (seconds, RSS at start, peak RSS, extra) on ``queue``."""
+    import labelloop.core.predict  # noqa: F401  (torch and ultralytics loaded before the start is read)
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.labelstudio.client import StudioClient
+    from labelloop.workflows import backlog
+
+    start_rss = _rss_mb()
+    start = time.perf_counter()
+    extra: dict = {}
+    with StudioClient(args["url"], args["token"], timeout=600) as client:
+        spec = parse_label_config(args["label_config"])
+        if phase == "export":
+            extra["tasks"] = len(client.export_tasks(args["project"]))
+        elif phase == "paged":
+            read = backlog.read_for_prediction(client, args["project"], spec, args["version"])
+            extra["tasks"] = len(read.unlabeled) + len(read.labeled_ids)
+        elif phase == "backlog":
+            read = backlog.read_for_prediction(client, args["project"], spec, args["version"])
+            extra["read_s"] = time.perf_counter() - start
+            todo = [t for t in read.unlabeled if t["id"] not in read.held]
+            context = backlog.ChunkContext(str(args["project"]), args["version"], args["weights"], args["label_config"])
+            outs = backlog.run_here(context, backlog.chunked(todo), lambda f, m: None)
+            extra["predicted"] = sum(len(o["pushed"]) for o in outs)
+            extra["errors"] = sum(o["errors"] for o in outs)
+        elif phase == "raw":
+            from labelloop.core.predict import load_model, predict_images
+
+            model = load_model(args["weights"], "raw")
+            paths = [Path(p) for p in args["paths"]]
+            predict_images(model, paths[:16], spec, 0.5, tta=True)  # warm
+            start = time.perf_counter()
+            predict_images(model, paths, spec, 0.5, batch=16, tta=True)
+            extra["images"] = len(paths)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"seconds": seconds, "rss_start_mb": start_rss, "rss_peak_mb": peak, **extra})
+
+
+def measure(phase: str, args: dict) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_measured, args=(phase, args, queue))
+    process.start()
+    result = queue.get(timeout=4 * 3600)
+    process.join()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--labeled", type=int, default=200)
+    parser.add_argument("--no-workers", action="store_true", help="skip the Celery runs")
+    parser.add_argument("--figures", type=Path, default=HERE / "figures")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    work = Path(tempfile.mkdtemp(prefix="labelloop-bench-scale-"))
+    os.environ.setdefault("LABELLOOP_HOME", str(work / "home"))
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
+    os.environ["LABELLOOP_EPOCHS"] = "3"
+
+    from labelloop.dev.localstack import start_label_studio, start_redis, start_worker
+
+    files = work / "files"
+    studio = start_label_studio(work / "label-studio", files_root=files)
+    redis = start_redis(work / "redis")
+    os.environ.update({"REDIS_URL": redis.url, "LABEL_STUDIO_URL": studio.url,
+                       "LABEL_STUDIO_API_KEY": studio.info["token"]})
+    rows = []
+    started = time.perf_counter()
+    try:
+        for size in sizes:
+            rows.append(run_size(size, args, work, files, studio, start_worker))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        redis.stop()
+        studio.stop()
+    report(args, rows, time.perf_counter() - started)
+    return 0
+
+
+def run_size(size: int, args, work: Path, files: Path, studio, start_worker) -> dict:
+    from labelloop.config import settings
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.core.registry import Registry
+    from labelloop.dev.labeler import LabelerClient
+    from labelloop.dev.shapes import generate_shapes, label_config, to_label_studio_result, to_label_studio_tasks
+    from labelloop.labelstudio.media import LocalFileFetcher
+    from labelloop.workflows.pipeline import train_new_version
+
+    t0 = time.perf_counter()
+    data = generate_shapes(files / f"s{size}", n=size, seed=size, size=64, max_objects=1, style="simple")
+    generated = time.perf_counter() - t0
+    config = label_config("classification")
+    spec = parse_label_config(config)
+    with LabelerClient(studio.url, studio.info["token"], timeout=1800) as api:
+        project = api.create_project(f"scale {size}", config)["id"]
+        tasks = []
+        for k, image in enumerate(data.images):
+            task = {"data": {"image": f"/data/local-files/?d=s{size}/images/{image.file}"}}
+            if k < args.labeled:
+                task["annotations"] = [{"result": to_label_studio_result(image, "classification")}]
+            tasks.append(task)
+        t0 = time.perf_counter()
+        for start in range(0, len(tasks), 5000):
+            api.request("POST", f"/api/projects/{project}/import", json=tasks[start : start + 5000])
+        imported = time.perf_counter() - t0
+    registry = Registry(settings().model_dir)
+    local = to_label_studio_tasks(data, "classification", indices=range(args.labeled), start_id=10**9)
+    t0 = time.perf_counter()
+    first = train_new_version(registry, project, local, spec, LocalFileFetcher()).manifest
+    trained = time.perf_counter() - t0
+    fields = {k: v for k, v in first.to_json().items()
+              if k not in {"version", "project", "created_at", "weights_sha256", "weights", "path"}}
+    versions = [registry.add_version(project, first.weights, fields).version for _ in range(2)]
+    common = {"url": studio.url, "token": studio.info["token"], "project": project, "label_config": config,
+              "weights": str(first.weights)}
+    row: dict = {"tasks": size, "unlabeled": size - args.labeled, "generate_s": generated, "import_s": imported,
+                 "train_s": trained}
+    try:
+        row["export"] = measure("export", {**common, "version": first.version})
+    except Exception as exc:  # the easy export has a timeout: at size it may not answer
+        row["export"] = {"error": str(exc)[:200]}
+    row["paged"] = measure("paged", {**common, "version": first.version})
+    row["backlog"] = measure("backlog", {**common, "version": first.version})
+    paths = [str(data.images_dir / im.file) for im in data.images[args.labeled :]]
+    row["raw"] = measure("raw", {**common, "paths": paths})
+    if not args.no_workers:
+        row["workers"] = {}
+        for count, version in zip((1, 2), versions):
+            row["workers"][count] = celery_run(project, version, count, work, start_worker)
+    return row
+
+
+def celery_run(project: int, version: str, count: int, work: Path, start_worker) -> dict:
+    from labelloop.tasks.jobs import request_prediction_job
+    from labelloop.tasks.jobstore import JobStore
+
+    workers = [start_worker(work / "home", queues="predict", name=f"predict{k + 1}-{version}")
+               for k in range(count)]
+    try:
+        job, _ = request_prediction_job(str(project), version, "bench/scale.py", countdown=0)
+        store = JobStore()
+        while (record := store.get(job["id"]))["state"] not in ("done", "failed", "skipped"):
+            time.sleep(0.5)
+    finally:
+        for worker in workers:
+            worker.stop()
+    counts = record.get("counts") or {}
+    return {"state": record["state"], "seconds": record["finished_at"] - record["started_at"],
+            "pushed": counts.get("pushed"), "chunks_by_worker": counts.get("chunks_by_worker"),
+            "reason": record.get("reason")}
+
+
+def report(args, rows: list[dict], seconds: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"\n## {dt.date.today()} — {platform.machine()}, {os.cpu_count()} CPU cores, {seconds / 60:.1f} min",
+             "", f"{args.labeled} labeled tasks per project; peak RSS above the process's start (torch loaded) in MB.",
+             "", "| tasks | read: easy export s / MB | read: paged s / MB | backlog: s, ms per task / MB "
+                 "| raw forward pass ms per image | backlog / raw | job, 1 worker s | job, 2 workers s (chunks per worker) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        export, paged, backlog, raw = row["export"], row["paged"], row["backlog"], row["raw"]
+        grow = lambda m: m["rss_peak_mb"] - m["rss_start_mb"]
+        per_task = 1000 * backlog["seconds"] / max(1, backlog["predicted"])
+        per_raw = 1000 * raw["seconds"] / max(1, raw["images"])
+        workers = row.get("workers") or {}
+        one, two = workers.get(1) or {}, workers.get(2) or {}
+        export_cell = (f"{export['seconds']:.1f} / {grow(export):.0f}" if "seconds" in export
+                       else f"failed: {export['error'][:60]}")
+        lines.append(f"| {row['tasks']} | {export_cell} | {paged['seconds']:.1f} / {grow(paged):.0f} | "
+                     f"{backlog['seconds']:.1f}, {per_task:.1f} / {grow(backlog):.0f} | {per_raw:.2f} | "
+                     f"{per_task / per_raw:.1f}× | {one.get('seconds', float('nan')):.1f} | "
+                     f"{two.get('seconds', float('nan')):.1f} ({two.get('chunks_by_worker')}) |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.figures.mkdir(parents=True, exist_ok=True)
+    path = args.figures / "scale.md"
+    if not path.exists():
+        path.write_text("# Scale (`bench/scale.py`)\n", encoding="utf-8")
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(text)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, name in (("export", "read, easy export"), ("paged", "read, paged"), ("backlog", "backlog, one process")):
+        points = [(r["tasks"], r[key]["seconds"]) for r in rows if "seconds" in r[key]]
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        right.plot([r["tasks"] for r in rows if "seconds" in r[key]],
+                   [r[key]["rss_peak_mb"] - r[key]["rss_start_mb"] for r in rows if "seconds" in r[key]],
+                   marker="o", label=name)
+    for count in (1, 2):
+        points = [(r["tasks"], r["workers"][count]["seconds"]) for r in rows if r.get("workers")]
+        if points:
+            left.plot([p[0] for p in points], [p[1] for p in points], marker="s", linestyle="--",
+                      label=f"prediction job, {count} worker{'s' if count > 1 else ''}")
+    for axis, title in ((left, "seconds"), (right, "peak memory above start, MB")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("tasks in the project")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(args.figures / "scale.png", dpi=110)
+    print(f"wrote {args.figures / 'scale.png'} and {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

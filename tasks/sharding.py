@@ -1,0 +1,173 @@
+"""A prediction job's chunks spread over every prediction worker: work-stealing through Redis.
+
+The job's worker (it holds the project's prediction lock) writes the chunks under the job's keys, puts their
+indices on a Redis list, queues ``HELPERS`` helper tasks on the prediction queue and takes chunks itself;
+a helper, on whichever worker picks it up, takes chunks until the list is empty. One worker alone finishes
+the job (its helpers start afterwards and find nothing); N workers on N machines share it.
+
+* a chunk is **leased** while it runs: when its worker dies (the lease runs out) it goes back on the list;
+* a chunk that **fails** is retried alone, up to ``CHUNK_ATTEMPTS`` times, then its tasks count as errors
+  with the reason (the rest of the job goes on);
+* results are written under the chunk's index, and a redelivered job keeps the chunks already done, so no
+  chunk is pushed twice by a second delivery;
+* progress is the share of chunks done, whoever did them.
+
+Workers on other machines need what every prediction worker needs: the model volume (MODEL_DIR, the
+version's weights) and Label Studio's media (over HTTP, or the shared media folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from labelloop.errors import reason_of
+from labelloop.tasks.celery_app import PREDICT_QUEUE, app
+from labelloop.tasks.jobstore import PREFIX, RECORD_TTL, JobStore
+
+log = logging.getLogger(__name__)
+
+HELPERS = 16  # helper tasks asked per job (more than there are workers is harmless: the spare ones find nothing)
+LEASE_S = 600  # a chunk not finished this long after it was taken goes back on the list (its worker died)
+CHUNK_ATTEMPTS = 3
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    todo: str  # list of chunk indices waiting
+    chunks: str  # hash: index -> the chunk's tasks (JSON)
+    context: str  # the ChunkContext (JSON)
+    results: str  # hash: index -> what predict_chunk returned (JSON)
+    leases: str  # hash: index -> when its lease runs out (epoch seconds)
+    attempts: str  # hash: index -> failed attempts
+
+    @classmethod
+    def of(cls, job_id: str) -> ShardKeys:
+        base = f"{PREFIX}:shard:{job_id}"
+        return cls(*(f"{base}:{name}" for name in ("todo", "chunks", "context", "results", "leases", "attempts")))
+
+    def all(self) -> list[str]:
+        return [self.todo, self.chunks, self.context, self.results, self.leases, self.attempts]
+
+
+def _take_and_run(store: JobStore, keys: ShardKeys, context, client, fetcher, worker: str) -> bool:
+    """Take one chunk off the list and run it; False when the list was empty."""
+    from labelloop.workflows.backlog import predict_chunk
+
+    r = store.r
+    raw = r.lpop(keys.todo)
+    if raw is None:
+        return False
+    index = int(raw)
+    if r.hexists(keys.results, index):  # put back after its lease ran out, but its worker finished after all
+        return True
+    r.hset(keys.leases, index, time.time() + LEASE_S)
+    tasks = json.loads(r.hget(keys.chunks, index) or "[]")
+    try:
+        out = predict_chunk(context, tasks, client=client, fetcher=fetcher)
+    except Exception as exc:
+        attempts = int(r.hincrby(keys.attempts, index, 1))
+        log.warning("chunk %s of %s failed (attempt %d): %s", index, keys.todo, attempts, exc)
+        if attempts < CHUNK_ATTEMPTS:
+            r.rpush(keys.todo, index)
+        else:
+            r.hset(keys.results, index, json.dumps({"pushed": {}, "errors": len(tasks),
+                                                    "failed": f"{attempts} attempts: {reason_of(exc)}"}))
+        r.hdel(keys.leases, index)
+        return True
+    pipe = r.pipeline()
+    pipe.hset(keys.results, index, json.dumps({**out, "worker": worker}))
+    pipe.hdel(keys.leases, index)
+    pipe.execute()
+    return True
+
+
+def _requeue_expired(store: JobStore, keys: ShardKeys) -> int:
+    """Chunks whose lease ran out (their worker died) go back on the list; how many."""
+    r, now, back = store.r, time.time(), 0
+    for raw_index, raw_until in r.hgetall(keys.leases).items():
+        index = int(raw_index)
+        if float(raw_until) < now and r.hdel(keys.leases, index) and not r.hexists(keys.results, index):
+            log.warning("chunk %s of %s: its worker died; back on the list", index, keys.todo)
+            r.hincrby(keys.attempts, index, 1)
+            r.rpush(keys.todo, index)
+            back += 1
+    return back
+
+
+def _clients():
+    from labelloop.labelstudio.client import StudioClient
+    from labelloop.labelstudio.media import MediaFetcher
+
+    return StudioClient.from_settings(), MediaFetcher.from_settings()
+
+
+def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store: JobStore | None = None):
+    """A ``backlog.ChunkRunner`` for the prediction job ``job_id`` running on ``worker``: it and any free
+    prediction worker take the chunks (each chunk's result names who did it)."""
+    worker = worker or socket.gethostname()
+
+    def runner(context, chunks: list[list[dict[str, Any]]], progress) -> list[dict[str, Any]]:
+        shards = store or JobStore()
+        r, keys = shards.r, ShardKeys.of(job_id)
+        done = {int(i) for i in r.hkeys(keys.results)}  # a second delivery keeps what the first finished
+        pending = [i for i in range(len(chunks)) if i not in done]
+        pipe = r.pipeline()
+        pipe.delete(keys.todo, keys.leases)
+        pipe.set(keys.context, json.dumps(context.to_json()))
+        if chunks:
+            pipe.hset(keys.chunks, mapping={str(i): json.dumps(c) for i, c in enumerate(chunks)})
+        if pending:
+            pipe.rpush(keys.todo, *pending)
+        for key in keys.all():
+            pipe.expire(key, RECORD_TTL)
+        pipe.execute()
+        for _ in range(min(helpers, max(0, len(pending) - 1))):
+            predict_chunks.apply_async(args=[job_id], queue=PREDICT_QUEUE, retry=False)
+        client, fetcher = _clients()
+        try:
+            with client, fetcher:
+                while True:
+                    took = _take_and_run(shards, keys, context, client, fetcher, worker)
+                    finished = int(r.hlen(keys.results))
+                    progress(finished / max(1, len(chunks)), f"{finished} of {len(chunks)} chunks predicted")
+                    if finished >= len(chunks):
+                        break
+                    if not took:  # the rest are running elsewhere: wait, and take back a dead worker's
+                        _requeue_expired(shards, keys)
+                        time.sleep(POLL_S)
+            raw = r.hgetall(keys.results)
+            out = [json.loads(raw[str(i)]) for i in range(len(chunks))]
+            failed = [o["failed"] for o in out if o.get("failed")]
+            if failed:
+                log.error("job %s: %d chunk(s) failed for good, e.g. %s", job_id, len(failed), failed[0])
+            return out
+        finally:
+            r.delete(keys.todo)  # helpers still queued find nothing; the rest expires with the job's record
+
+    return runner
+
+
+@app.task(name="labelloop.predict_chunks", bind=True, acks_late=True, reject_on_worker_lost=True)
+def predict_chunks(self, job_id: str) -> dict[str, Any]:
+    """A helper of prediction job ``job_id``: take its chunks until none are left."""
+    from labelloop.workflows.backlog import ChunkContext
+
+    store = JobStore()
+    keys = ShardKeys.of(job_id)
+    raw = store.r.get(keys.context)
+    if raw is None or not store.r.llen(keys.todo):
+        return {"took": 0}
+    context = ChunkContext.from_json(json.loads(raw))
+    took, worker = 0, self.request.hostname or socket.gethostname()
+    client, fetcher = _clients()
+    with client, fetcher:
+        while _take_and_run(store, keys, context, client, fetcher, worker):
+            took += 1
+    log.info("helper on %s took %d chunk(s) of job %s", worker, took, job_id)
+    return {"took": took, "worker": worker}

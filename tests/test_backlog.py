@@ -1,0 +1,153 @@
+"""A prediction job at any size (issue 13): the project read page by page, the backlog cut into chunks that any
+prediction worker takes (work-stealing through Redis), a failed chunk retried alone, a dead worker's chunk taken
+back, a second delivery keeping the chunks already done.
+
+The chunk logic runs on a real Redis with the chunk's work replaced by a recorder (what a chunk does is the
+engine's ``predict_chunk``, run for real by the loop tests' Celery workers); the read runs against a real
+Label Studio 1.23.2 with pages of three tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import pytest
+
+
+class Recorder:
+    """Stands in for ``predict_chunk``: records who ran which chunk, fails chosen chunks a number of times."""
+
+    def __init__(self, fail: dict[int, int] | None = None, pause: float = 0.0):
+        self.calls: list[tuple[str, int]] = []
+        self.fail = dict(fail or {})
+        self.pause = pause
+        self.lock = threading.Lock()
+
+    def __call__(self, context, tasks, client=None, fetcher=None, env=None):
+        first = tasks[0]["id"]
+        with self.lock:
+            self.calls.append((threading.current_thread().name, first))
+            if self.fail.get(first, 0) > 0:
+                self.fail[first] -= 1
+                raise RuntimeError(f"image server hiccup at task {first}")
+        time.sleep(self.pause)
+        return {"pushed": {str(t["id"]): [0.5, "star", []] for t in tasks}, "errors": 0}
+
+
+@pytest.fixture
+def shards(redis_server, monkeypatch):
+    from labelloop.tasks import sharding
+    from labelloop.tasks.jobstore import JobStore
+    from labelloop.workflows import backlog
+
+    monkeypatch.setattr(sharding, "_clients", lambda: (contextlib.nullcontext(), contextlib.nullcontext()))
+    store = JobStore()
+
+    def install(recorder: Recorder):
+        monkeypatch.setattr(backlog, "predict_chunk", recorder)
+        return recorder
+
+    context = backlog.ChunkContext("7", "p7-v1", "/models/p7-v1/weights.pt", "<View/>")
+    return sharding, store, install, context
+
+
+def chunks_of(n_tasks: int, size: int = 10) -> list[list[dict]]:
+    from labelloop.workflows.backlog import chunked
+
+    return chunked([{"id": i, "data": {"image": f"/x/{i}.png"}} for i in range(n_tasks)], size)
+
+
+def test_two_workers_share_the_chunks_and_a_failed_chunk_is_retried_alone(shards):
+    """The job's worker and a helper (another worker) both take chunks; the chunk that fails once is run again,
+    alone; every chunk's result comes back in order with who did it; progress reaches 1."""
+    sharding, store, install, context = shards
+    recorder = install(Recorder(fail={30: 1}, pause=0.05))
+    chunks = chunks_of(100)
+    job = f"job-{time.time_ns()}"
+    seen: list[float] = []
+
+    def helper():  # what labelloop.predict_chunks does on another worker, once the job has queued the chunks
+        keys = sharding.ShardKeys.of(job)
+        deadline = time.time() + 10
+        while not store.r.exists(keys.context) and time.time() < deadline:
+            time.sleep(0.01)
+        while sharding._take_and_run(store, keys, context, None, None, "worker-b"):
+            pass
+
+    thread = threading.Thread(target=helper, name="worker-b")
+    thread.start()
+    out = sharding.run_on_workers(job, "worker-a", helpers=0, store=store)(context, chunks,
+                                                                          lambda f, m: seen.append(f))
+    thread.join(timeout=30)
+    assert [sorted(int(k) for k in o["pushed"]) for o in out] == [[t["id"] for t in c] for c in chunks]
+    workers = {o["worker"] for o in out}
+    assert workers == {"worker-a", "worker-b"}, out
+    runs = [first for _, first in recorder.calls]
+    assert runs.count(30) == 2 and all(runs.count(c[0]["id"]) == 1 for c in chunks if c[0]["id"] != 30)
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    assert not store.r.exists(sharding.ShardKeys.of(job).todo)
+
+
+def test_a_chunk_that_keeps_failing_counts_its_tasks_as_errors_and_the_job_goes_on(shards):
+    sharding, store, install, context = shards
+    install(Recorder(fail={10: 99}))
+    out = sharding.run_on_workers(f"job-{time.time_ns()}", "a", helpers=0, store=store)(
+        context, chunks_of(30), lambda f, m: None)
+    assert out[1]["errors"] == 10 and out[1]["pushed"] == {} and "3 attempts" in out[1]["failed"]
+    assert "image server hiccup at task 10" in out[1]["failed"]
+    assert len(out[0]["pushed"]) == len(out[2]["pushed"]) == 10
+
+
+def test_a_dead_workers_chunk_is_taken_back_and_a_second_delivery_keeps_what_was_done(shards):
+    sharding, store, install, context = shards
+    recorder = install(Recorder())
+    job = f"job-{time.time_ns()}"
+    keys = sharding.ShardKeys.of(job)
+    chunks = chunks_of(40)
+    # a first delivery finished chunks 0 and 2, then its worker died holding chunk 1 (lease long gone)
+    store.r.hset(keys.results, mapping={"0": '{"pushed": {"0": [0.1, "star", []]}, "errors": 0, "worker": "dead"}',
+                                        "2": '{"pushed": {"20": [0.2, "star", []]}, "errors": 0, "worker": "dead"}'})
+    store.r.hset(keys.leases, 1, time.time() - 1)
+    out = sharding.run_on_workers(job, "again", helpers=0, store=store)(context, chunks, lambda f, m: None)
+    assert sorted(first for _, first in recorder.calls) == [10, 30]  # only the chunks not done before
+    assert [o["worker"] for o in out] == ["dead", "again", "dead", "again"]
+    # the lease check on its own: an expired lease goes back on the list, a live one stays
+    store.r.hset(keys.leases, mapping={"5": time.time() - 1, "6": time.time() + 60})
+    assert sharding._requeue_expired(store, keys) == 1 and store.r.lrange(keys.todo, 0, -1) == ["5"]
+
+
+def test_the_project_is_read_page_by_page_with_only_what_the_job_needs(ls_api, monkeypatch):
+    """Against a real Label Studio with pages of 3: unlabeled tasks (a cancelled annotation does not count) in
+    compact form, the labeled ones with their truth, and this version's predictions picked out of tasks that
+    hold several versions."""
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.dev.shapes import label_config
+    from labelloop.workflows import backlog
+
+    monkeypatch.setattr(backlog, "PAGE", 3)
+    config = label_config("classification")
+    project = ls_api.create_project("backlog paging", config)["id"]
+    ls_api.request("POST", f"/api/projects/{project}/import",
+                   json=[{"data": {"image": f"/data/upload/9/{i}.png", "n": i}} for i in range(8)])
+    ids = [t["id"] for t in ls_api.iter_tasks(project)]
+    assert len(ids) == 8
+    choice = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["star"]}}]
+    for task_id in ids[:2]:
+        ls_api.annotate(task_id, choice)
+    ls_api.request("POST", f"/api/tasks/{ids[2]}/annotations", json={"result": [], "was_cancelled": True})
+    ls_api.import_predictions(project, [
+        {"task": ids[3], "result": choice, "score": 0.25, "model_version": "p9-v1"},
+        {"task": ids[4], "result": [], "score": 0.5, "model_version": "p9-v2"},
+        {"task": ids[4], "result": choice, "score": 0.75, "model_version": "p9-v1"},
+        {"task": ids[5], "result": [], "score": 0.5, "model_version": "p9-v12"},
+        {"task": ids[0], "result": [], "score": 0.5, "model_version": "p9-v1"},  # labeled: not a backlog task
+    ])
+    read = backlog.read_for_prediction(ls_api, project, parse_label_config(config), "p9-v1")
+    assert [t["id"] for t in read.unlabeled] == ids[2:]
+    assert set(read.unlabeled[0]) == {"id", "data", "meta", "created_at"} and read.unlabeled[1]["data"]["n"] == 3
+    assert [(t["id"], truth.label) for t, truth in read.labeled] == [(ids[0], "star"), (ids[1], "star")]
+    assert read.labeled_ids == set(ids[:2])
+    assert {k: v["score"] for k, v in read.held.items()} == {ids[3]: 0.25, ids[4]: 0.75}
+    assert read.held[ids[4]]["result"][0]["value"]["choices"] == ["star"]
