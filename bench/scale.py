@@ -1,9 +1,12 @@
 """Benchmark: how a project's cost grows with its size (issue 13) — the project read, the backlog prediction,
 and the prediction job on 1 vs 2 Celery workers.
 
-Per size (``--sizes``, default 1000,10000): that many generated 'simple' shapes (64 px) become tasks of a real
-Label Studio 1.23.2 (local files it serves; ``--labeled`` of them imported with an annotation), and the engine
-trains a classifier on the labeled ones (3 epochs: the model's quality does not matter here, its cost does).
+Per size (``--sizes``, default 1000,10000): that many generated 'simple' shapes (64 px) are uploaded to a real
+Label Studio 1.23.2 as tasks (``--labeled`` of them then annotated through the API), and the engine trains a
+classifier on the labeled ones (3 epochs: the model's quality does not matter here, its cost does). Images reach
+the engine as in the Compose stack: Label Studio's media folder shared (``LABELLOOP_LS_MEDIA_DIR``);
+``--over-http`` fetches them from Label Studio instead (~24 ms an image on 2 cores: Label Studio serving files
+is then the bottleneck).
 Then, each in a fresh process whose peak memory (RSS) is read at its end:
 
 * **read, easy export** — the whole project in one request, as every job read it before (60 s timeout);
@@ -29,7 +32,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -37,22 +39,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MB (VmHWM starts afresh at exec, unlike ru_maxrss)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
 
 def _measured(phase: str, args: dict, queue) -> None:
     """Run one phase in this (fresh) process; put (seconds, RSS at start, peak RSS, extra) on ``queue``."""
-    import labelloop.core.predict  # noqa: F401  (torch and ultralytics loaded before the start is read)
     from labelloop.core.labelconfig import parse_label_config
+    from labelloop.core.yolo_env import import_yolo
     from labelloop.labelstudio.client import StudioClient
     from labelloop.workflows import backlog
 
-    start_rss = _rss_mb()
+    import_yolo()  # torch and ultralytics loaded before the start is read: the phase's own memory is what grows
+    start_rss = _status_mb("VmRSS")
     start = time.perf_counter()
     extra: dict = {}
     with StudioClient(args["url"], args["token"], timeout=600) as client:
@@ -80,7 +84,7 @@ def _measured(phase: str, args: dict, queue) -> None:
             predict_images(model, paths, spec, 0.5, batch=16, tta=True)
             extra["images"] = len(paths)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     queue.put({"seconds": seconds, "rss_start_mb": start_rss, "rss_peak_mb": peak, **extra})
 
 
@@ -99,6 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--labeled", type=int, default=200)
     parser.add_argument("--no-workers", action="store_true", help="skip the Celery runs")
+    parser.add_argument("--over-http", action="store_true", help="images over HTTP, not the shared media folder")
     parser.add_argument("--figures", type=Path, default=HERE / "figures")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -110,10 +115,12 @@ def main(argv=None) -> int:
     from labelloop.dev.localstack import start_label_studio, start_redis, start_worker
 
     files = work / "files"
-    studio = start_label_studio(work / "label-studio", files_root=files)
+    studio = start_label_studio(work / "label-studio")
     redis = start_redis(work / "redis")
     os.environ.update({"REDIS_URL": redis.url, "LABEL_STUDIO_URL": studio.url,
                        "LABEL_STUDIO_API_KEY": studio.info["token"]})
+    if not args.over_http:  # every process started from here on (phases, workers) reads uploads in place
+        os.environ["LABELLOOP_LS_MEDIA_DIR"] = str(work / "label-studio" / "media")
     rows = []
     started = time.perf_counter()
     try:
@@ -143,16 +150,15 @@ def run_size(size: int, args, work: Path, files: Path, studio, start_worker) -> 
     spec = parse_label_config(config)
     with LabelerClient(studio.url, studio.info["token"], timeout=1800) as api:
         project = api.create_project(f"scale {size}", config)["id"]
-        tasks = []
-        for k, image in enumerate(data.images):
-            task = {"data": {"image": f"/data/local-files/?d=s{size}/images/{image.file}"}}
-            if k < args.labeled:
-                task["annotations"] = [{"result": to_label_studio_result(image, "classification")}]
-            tasks.append(task)
         t0 = time.perf_counter()
-        for start in range(0, len(tasks), 5000):
-            api.request("POST", f"/api/projects/{project}/import", json=tasks[start : start + 5000])
+        for start in range(0, len(data.images), 100):  # as the import dialog uploads files (Django: <= 100 a request)
+            part = data.images[start : start + 100]
+            api.request("POST", f"/api/projects/{project}/import", files=[
+                (f"file{i}", (im.file, (data.images_dir / im.file).read_bytes(), "image/png")) for i, im in enumerate(part)])
         imported = time.perf_counter() - t0
+        by_file = {t["data"]["image"].rsplit("-", 1)[-1]: t["id"] for t in api.iter_tasks(project)}
+        for image in data.images[: args.labeled]:
+            api.annotate(by_file[image.file.rsplit("-", 1)[-1]], to_label_studio_result(image, "classification"))
     registry = Registry(settings().model_dir)
     local = to_label_studio_tasks(data, "classification", indices=range(args.labeled), start_id=10**9)
     t0 = time.perf_counter()
@@ -208,20 +214,21 @@ def report(args, rows: list[dict], seconds: float) -> None:
 
     lines = [f"\n## {dt.date.today()} — {platform.machine()}, {os.cpu_count()} CPU cores, {seconds / 60:.1f} min",
              "", f"{args.labeled} labeled tasks per project; peak RSS above the process's start (torch loaded) in MB.",
-             "", "| tasks | read: easy export s / MB | read: paged s / MB | backlog: s, ms per task / MB "
+             "", "| tasks | read: easy export s / MB | read: paged s / MB | backlog: s (of which read), ms per task / MB "
                  "| raw forward pass ms per image | backlog / raw | job, 1 worker s | job, 2 workers s (chunks per worker) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         export, paged, backlog, raw = row["export"], row["paged"], row["backlog"], row["raw"]
         grow = lambda m: m["rss_peak_mb"] - m["rss_start_mb"]
-        per_task = 1000 * backlog["seconds"] / max(1, backlog["predicted"])
+        per_task = 1000 * (backlog["seconds"] - backlog["read_s"]) / max(1, backlog["predicted"])
         per_raw = 1000 * raw["seconds"] / max(1, raw["images"])
         workers = row.get("workers") or {}
         one, two = workers.get(1) or {}, workers.get(2) or {}
         export_cell = (f"{export['seconds']:.1f} / {grow(export):.0f}" if "seconds" in export
                        else f"failed: {export['error'][:60]}")
         lines.append(f"| {row['tasks']} | {export_cell} | {paged['seconds']:.1f} / {grow(paged):.0f} | "
-                     f"{backlog['seconds']:.1f}, {per_task:.1f} / {grow(backlog):.0f} | {per_raw:.2f} | "
+                     f"{backlog['seconds']:.1f} ({backlog['read_s']:.1f}), {per_task:.1f} / {grow(backlog):.0f} | "
+                     f"{per_raw:.2f} | "
                      f"{per_task / per_raw:.1f}× | {one.get('seconds', float('nan')):.1f} | "
                      f"{two.get('seconds', float('nan')):.1f} ({two.get('chunks_by_worker')}) |")
     text = "\n".join(lines) + "\n"

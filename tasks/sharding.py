@@ -116,9 +116,14 @@ def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store:
         shards = store or JobStore()
         r, keys = shards.r, ShardKeys.of(job_id)
         done = {int(i) for i in r.hkeys(keys.results)}  # a second delivery keeps what the first finished
-        pending = [i for i in range(len(chunks)) if i not in done]
+        now = time.time()  # and leaves a live helper's chunk to it (taken back here if its lease runs out)
+        running = {int(i) for i, until in r.hgetall(keys.leases).items() if float(until) >= now}
+        pending = [i for i in range(len(chunks)) if i not in done and i not in running]
         pipe = r.pipeline()
-        pipe.delete(keys.todo, keys.leases)
+        pipe.delete(keys.todo)
+        stale = [i for i in r.hkeys(keys.leases) if int(i) not in running]
+        if stale:
+            pipe.hdel(keys.leases, *stale)
         pipe.set(keys.context, json.dumps(context.to_json()))
         if chunks:
             pipe.hset(keys.chunks, mapping={str(i): json.dumps(c) for i, c in enumerate(chunks)})

@@ -105,14 +105,22 @@ def test_a_dead_workers_chunk_is_taken_back_and_a_second_delivery_keeps_what_was
     recorder = install(Recorder())
     job = f"job-{time.time_ns()}"
     keys = sharding.ShardKeys.of(job)
-    chunks = chunks_of(40)
-    # a first delivery finished chunks 0 and 2, then its worker died holding chunk 1 (lease long gone)
+    # a first delivery finished chunks 0 and 2, then its worker died holding chunk 1 (lease long gone) while a
+    # helper on another worker still runs chunk 4 (its lease is live): it finishes that one itself
     store.r.hset(keys.results, mapping={"0": '{"pushed": {"0": [0.1, "star", []]}, "errors": 0, "worker": "dead"}',
                                         "2": '{"pushed": {"20": [0.2, "star", []]}, "errors": 0, "worker": "dead"}'})
-    store.r.hset(keys.leases, 1, time.time() - 1)
+    store.r.hset(keys.leases, mapping={"1": time.time() - 1, "4": time.time() + 60})
+    chunks = chunks_of(50)
+
+    def live_helper():
+        time.sleep(0.5)
+        store.r.hset(keys.results, "4", '{"pushed": {"40": [0.3, "star", []]}, "errors": 0, "worker": "helper"}')
+        store.r.hdel(keys.leases, "4")
+
+    threading.Thread(target=live_helper).start()
     out = sharding.run_on_workers(job, "again", helpers=0, store=store)(context, chunks, lambda f, m: None)
-    assert sorted(first for _, first in recorder.calls) == [10, 30]  # only the chunks not done before
-    assert [o["worker"] for o in out] == ["dead", "again", "dead", "again"]
+    assert sorted(first for _, first in recorder.calls) == [10, 30]  # only the chunks nobody did or does
+    assert [o["worker"] for o in out] == ["dead", "again", "dead", "again", "helper"]
     # the lease check on its own: an expired lease goes back on the list, a live one stays
     store.r.hset(keys.leases, mapping={"5": time.time() - 1, "6": time.time() + 60})
     assert sharding._requeue_expired(store, keys) == 1 and store.r.lrange(keys.todo, 0, -1) == ["5"]

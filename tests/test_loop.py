@@ -36,7 +36,10 @@ def settled(backend_url: str, project: int) -> list[dict] | None:
 @pytest.fixture(scope="module")
 def worker_env(label_studio):
     return {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.info["token"],
-            "YOLO_CONFIG_DIR": os.environ["YOLO_CONFIG_DIR"], "LABELLOOP_EPOCHS": "3"}
+            "YOLO_CONFIG_DIR": os.environ["YOLO_CONFIG_DIR"], "LABELLOOP_EPOCHS": "3",
+            # warm starts (queued on every import) are not what these tests check: short, so a job queued
+            # behind one does not wait minutes on 2 cores (300 steps on the 160 px loop images: ~6 min)
+            "LABELLOOP_WARM_START_STEPS": "20"}
 
 
 @pytest.fixture(scope="module")
