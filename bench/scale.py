@@ -73,6 +73,8 @@ def _measured(phase: str, args: dict, queue) -> None:
             context = backlog.ChunkContext(str(args["project"]), args["version"], args["weights"], args["label_config"])
             outs = backlog.run_here(context, backlog.chunked(todo), lambda f, m: None)
             extra["predicted"] = sum(len(o["pushed"]) for o in outs)
+            extra["predict_s"] = sum(o["seconds"]["predict"] for o in outs)
+            extra["push_s"] = sum(o["seconds"]["push"] for o in outs)
             extra["errors"] = sum(o["errors"] for o in outs)
         elif phase == "raw":
             from labelloop.core.predict import load_model, predict_images
@@ -214,22 +216,24 @@ def report(args, rows: list[dict], seconds: float) -> None:
 
     lines = [f"\n## {dt.date.today()} — {platform.machine()}, {os.cpu_count()} CPU cores, {seconds / 60:.1f} min",
              "", f"{args.labeled} labeled tasks per project; peak RSS above the process's start (torch loaded) in MB.",
-             "", "| tasks | read: easy export s / MB | read: paged s / MB | backlog: s (of which read), ms per task / MB "
-                 "| raw forward pass ms per image | backlog / raw | job, 1 worker s | job, 2 workers s (chunks per worker) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| tasks | read: easy export s / MB | read: paged s / MB | backlog: s (of which read) / MB "
+                 "| backlog ms per task: predict (fetch + infer), push to Label Studio | raw forward pass ms per image "
+                 "| predict / raw | job, 1 worker s | job, 2 workers s (chunks per worker) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         export, paged, backlog, raw = row["export"], row["paged"], row["backlog"], row["raw"]
         grow = lambda m: m["rss_peak_mb"] - m["rss_start_mb"]
-        per_task = 1000 * (backlog["seconds"] - backlog["read_s"]) / max(1, backlog["predicted"])
+        per_task = 1000 * backlog["predict_s"] / max(1, backlog["predicted"])
+        per_push = 1000 * backlog["push_s"] / max(1, backlog["predicted"])
         per_raw = 1000 * raw["seconds"] / max(1, raw["images"])
         workers = row.get("workers") or {}
         one, two = workers.get(1) or {}, workers.get(2) or {}
         export_cell = (f"{export['seconds']:.1f} / {grow(export):.0f}" if "seconds" in export
                        else f"failed: {export['error'][:60]}")
         lines.append(f"| {row['tasks']} | {export_cell} | {paged['seconds']:.1f} / {grow(paged):.0f} | "
-                     f"{backlog['seconds']:.1f} ({backlog['read_s']:.1f}), {per_task:.1f} / {grow(backlog):.0f} | "
-                     f"{per_raw:.2f} | "
-                     f"{per_task / per_raw:.1f}× | {one.get('seconds', float('nan')):.1f} | "
+                     f"{backlog['seconds']:.1f} ({backlog['read_s']:.1f}) / {grow(backlog):.0f} | "
+                     f"{per_task:.1f}, {per_push:.1f} | {per_raw:.2f} | "
+                     f"{per_task / per_raw:.2f}× | {one.get('seconds', float('nan')):.1f} | "
                      f"{two.get('seconds', float('nan')):.1f} ({two.get('chunks_by_worker')}) |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -210,6 +210,11 @@ class StudioClient:
         task's meta with their own key changed, so the user's keys survive."""
         self.request("PATCH", f"/api/tasks/{int(task_id)}", json={"meta": meta})
 
+    def model_version_counts(self, project_id: int | str) -> dict[str, int]:
+        """How many predictions each model version has in the project (one request, whatever its size)."""
+        answer = self.request("GET", f"/api/projects/{int(project_id)}/model-versions/")
+        return {str(k): int(v) for k, v in (answer or {}).items()} if isinstance(answer, dict) else {}
+
     def predictions(self, project_id: int | str) -> list[dict[str, Any]]:
         return self.request("GET", "/api/predictions", params={"project": int(project_id)})
 

@@ -16,6 +16,7 @@ nor predict it in one worker while others sit idle. So:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,8 @@ class ProjectRead:
 
 def read_for_prediction(client: StudioClient, project_id: int | str, spec: ControlSpec, version: str) -> ProjectRead:
     """Three paged reads: every task's summary (unlabeled tasks kept compact), the labeled tasks in full (their
-    truth kept), and the unlabeled tasks that hold predictions (this version's kept: score and result)."""
+    truth kept), and — only when Label Studio counts predictions of this version — the unlabeled tasks that hold
+    predictions (this version's kept: score and result)."""
     read = ProjectRead()
     predicted = 0
     for task in client.iter_tasks(project_id, page_size=PAGE):
@@ -71,7 +73,7 @@ def read_for_prediction(client: StudioClient, project_id: int | str, spec: Contr
             truth = labeled_image(task, spec)
             if truth is not None:
                 read.labeled.append((compact(task), truth))
-    if predicted:
+    if predicted and client.model_version_counts(project_id).get(version, 0) > 0:
         # Label Studio's model-version filter misses tasks holding several versions; the prediction count
         # does not, so the candidates come from it and this version is picked out of each.
         holding = {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 0}
@@ -103,7 +105,8 @@ class ChunkContext:
 def predict_chunk(context: ChunkContext, tasks: list[dict[str, Any]], env: Settings | None = None,
                   client: StudioClient | None = None, fetcher=None) -> dict[str, Any]:
     """Predict one chunk of unlabeled tasks with the context's version and push the predictions in one request.
-    Returns ``{"pushed": {task id: [score, first label, result]}, "errors": n}`` (task ids as strings: JSON)."""
+    Returns ``{"pushed": {task id: [score, first label, result]}, "errors": n, "seconds": {"predict": s, "push":
+    s}}`` (task ids as strings: JSON; ``predict`` includes fetching the images)."""
     from labelloop.workflows.pipeline import predict_tasks  # the one prediction path (pipeline imports us)
 
     env = env or current_settings()
@@ -117,14 +120,17 @@ def predict_chunk(context: ChunkContext, tasks: list[dict[str, Any]], env: Setti
         # The scores this job pushes order the Data Manager (the loop's uncertainty picks): for classification,
         # averaged over four label-preserving views — measured (bench/active_learning.py, 3 seeds, two runs)
         # above random picks from 120 labels and within noise at 80, where single-view scores fell below.
+        started = time.perf_counter()
         predictions = predict_tasks(tasks, spec, model, fetcher, tta=spec.kind.whole_image, env=env)
         payload = [{"task": t["id"], "result": p.result, "score": p.score, "model_version": context.version}
                    for t, p in zip(tasks, predictions) if p.error is None]
+        predicted = time.perf_counter()
         if payload:
             client.import_predictions(context.project, payload)
         return {"pushed": {str(item["task"]): [item["score"], first_label(item["result"], spec), item["result"]]
                            for item in payload},
-                "errors": len(tasks) - len(payload)}
+                "errors": len(tasks) - len(payload),
+                "seconds": {"predict": round(predicted - started, 4), "push": round(time.perf_counter() - predicted, 4)}}
     finally:
         if own_fetcher:
             fetcher.close()
