@@ -104,6 +104,8 @@ def _cell(values: list[float]) -> str:
 
 
 def report(args, seeds, budgets, rows, seconds) -> None:
+    from figures_log import append_run
+
     lines = [f"\n## {dt.date.today()} — {platform.machine()}, {os.cpu_count()} CPU cores, {seconds / 60:.1f} min",
              "", f"Seeds {','.join(map(str, seeds))}; pool {args.pool} 'simple' shapes at 64 px, classes skewed "
              f"{args.imbalance:g}:1, {args.noise:.0%} wrong labels; the rarest class costs {args.cost:g} per miss, "
@@ -120,14 +122,8 @@ def report(args, seeds, budgets, rows, seconds) -> None:
     lines.append("Per seed (costly class, its labels among the budget, repeats): " + "; ".join(
         f"{r['seed']}/{r['budget']}: {r['costly']} ({r['costly_labels']}) {r['repeats']}"
         for r in rows if r["arm"] == "upweight"))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.figures.mkdir(parents=True, exist_ok=True)
-    path = args.figures / "cost_weighted.md"
-    if not path.exists():
-        path.write_text("# Cost up-weighting in training (`bench/cost_weighted.py`)\n", encoding="utf-8")
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(text)
+    append_run(args.figures, "cost_weighted.md", "Cost up-weighting in training (`bench/cost_weighted.py`)",
+               "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

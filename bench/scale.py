@@ -210,6 +210,7 @@ def celery_run(project: int, version: str, count: int, work: Path, start_worker)
 
 def report(args, rows: list[dict], seconds: float) -> None:
     import matplotlib
+    from figures_log import append_run
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -235,14 +236,7 @@ def report(args, rows: list[dict], seconds: float) -> None:
                      f"{per_task:.1f}, {per_push:.1f} | {per_raw:.2f} | "
                      f"{per_task / per_raw:.2f}× | {one.get('seconds', float('nan')):.1f} | "
                      f"{two.get('seconds', float('nan')):.1f} ({two.get('chunks_by_worker')}) |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.figures.mkdir(parents=True, exist_ok=True)
-    path = args.figures / "scale.md"
-    if not path.exists():
-        path.write_text("# Scale (`bench/scale.py`)\n", encoding="utf-8")
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(text)
+    path = append_run(args.figures, "scale.md", "Scale (`bench/scale.py`)", "\n".join(lines) + "\n")
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for key, name in (("export", "read, easy export"), ("paged", "read, paged"), ("backlog", "backlog, one process")):
         points = [(r["tasks"], r[key]["seconds"]) for r in rows if "seconds" in r[key]]
