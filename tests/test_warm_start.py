@@ -6,6 +6,8 @@ do what they say, and a training of the project starts from the warm start once 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from labelloop.core import pretrain
@@ -73,3 +75,13 @@ def test_no_warm_start_where_it_does_not_apply(tmp_path, run_home, monkeypatch):
     tasks = to_label_studio_tasks(pool, "classification")
     assert "user's" in build_warm_start(registry, "c", tasks, spec, LocalFileFetcher(), steps=2)["skipped"]
     assert registry.warm_start("c", "labelloop-cls-small.yaml") is None
+
+
+def test_any_step_count_pretrains(tmp_path, run_home):
+    """A warm start of 20 steps (a smoke-test setting) divided by zero in its learning-rate schedule: a 5 %
+    warm-up of exactly one step. Every small count works now."""
+    pool = generate_shapes(tmp_path / "pool", n=8, seed=6, size=64, max_objects=1, style="simple")
+    paths = [pool.images_dir / im.file for im in pool.images]
+    for steps in (3, 20):
+        out = pretrain.pretrain_classifier(paths, 64, tmp_path / f"warm-{steps}.pt", steps=steps)
+        assert Path(out).is_file()

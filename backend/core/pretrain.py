@@ -157,7 +157,11 @@ def _pretrain(images: list[Path], imgsz: int, out: Path, steps: int, seed: int,
 
     parameters = [*model.parameters(), *projector.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    if steps >= 10:  # a 5 % warm-up of at least two steps (one step would divide by zero in OneCycleLR)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps,
+                                                       pct_start=max(0.05, 2.0 / steps))
+    else:  # a handful of steps (tests, smoke runs): no schedule
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batch = min(BATCH, len(data))
     model.train()
     projector.train()
