@@ -118,8 +118,10 @@ def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, b
         assert [scores[t] for t in listed] == sorted(scores[t] for t in listed)
     ls_api.put_tab(project, LABEL_NEXT_TAB, listed[:3])  # rewritten in place, the user's tab untouched
     views = {v["id"]: v for v in ls_api.request("GET", "/api/dm/views", params={"project": project})}
-    assert [t["id"] for t in ls_api.tab_tasks(project, [i for i, v in views.items()
-                                                        if v["data"].get("title") == LABEL_NEXT_TAB][0])] == listed[:3]
+    rewritten = [t["id"] for t in ls_api.tab_tasks(project, [i for i, v in views.items()
+                                                             if v["data"].get("title") == LABEL_NEXT_TAB][0])]
+    # the same three tasks; Label Studio orders tasks of equal score by id, so only the set is compared
+    assert sorted(rewritten) == sorted(listed[:3])
     assert views[user_tab["id"]]["data"] == {"title": "mine"}
     # every human label scored by the served version in the task's meta (the user's keys kept), and the
     # "mislabel suspects" tab lists exactly the labeled tasks marked as suspects there
