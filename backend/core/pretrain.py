@@ -157,6 +157,7 @@ def _pretrain(images: list[Path], imgsz: int, out: Path, steps: int, seed: int,
 
     parameters = [*model.parameters(), *projector.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=2e-3, weight_decay=1e-4)
+    schedule: torch.optim.lr_scheduler.LRScheduler
     if steps >= 10:  # a 5 % warm-up of at least two steps (one step would divide by zero in OneCycleLR)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps,
                                                        pct_start=max(0.05, 2.0 / steps))
