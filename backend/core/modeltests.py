@@ -484,6 +484,12 @@ def _area(box: tuple[float, float, float, float]) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
 
+def _shift_fractions(strength: float | None, shape: tuple[int, int]) -> tuple[float, float]:
+    """How far ``perturb``'s shift moves an image of ``shape`` (height, width), as fractions of its sides."""
+    s = float(DEFAULT_STRENGTH["shift"] if strength is None else strength)
+    return round(s * shape[1]) / shape[1], round(s * shape[0]) / shape[0]
+
+
 def move_regions(regions: Regions, perturbation: str, strength: float | None, shape: tuple[int, int]) -> Regions:
     """Where ``regions`` (fractions of an image of ``shape`` = height, width) are after ``perturb``: flips mirror
     them, ``rotate90`` turns them with the image, ``shift`` moves them (a region that leaves the image by more
@@ -499,9 +505,7 @@ def move_regions(regions: Regions, perturbation: str, strength: float | None, sh
             return x + dx, y + dy
         return x, y
 
-    s = float(DEFAULT_STRENGTH.get(perturbation, 0.0) if strength is None else strength)
-    height, width = shape
-    dx, dy = (round(s * width) / width, round(s * height) / height) if perturbation == "shift" else (0.0, 0.0)
+    dx, dy = _shift_fractions(strength, shape) if perturbation == "shift" else (0.0, 0.0)
     moved = []
     for region in regions:
         corners = [point(x, y) for x, y in ((region.box[0], region.box[1]), (region.box[2], region.box[3]))]
@@ -519,8 +523,7 @@ def _beside_shift_band(regions: Regions, perturbation: str, strength: float | No
     """A shift fills the strip it opens by repeating the edge: regions wholly inside that strip are not judged."""
     if perturbation != "shift":
         return regions
-    s = float(DEFAULT_STRENGTH["shift"] if strength is None else strength)
-    fx, fy = round(s * shape[1]) / shape[1], round(s * shape[0]) / shape[0]
+    fx, fy = _shift_fractions(strength, shape)
     return tuple(r for r in regions if r.box[2] > fx and r.box[3] > fy)
 
 

@@ -15,6 +15,7 @@ nor predict it in one worker while others sit idle. So:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -94,8 +95,7 @@ class ChunkContext:
     label_config: str
 
     def to_json(self) -> dict[str, str]:
-        return {"project": self.project, "version": self.version, "weights": self.weights,
-                "label_config": self.label_config}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ChunkContext:
