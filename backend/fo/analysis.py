@@ -19,7 +19,7 @@ from labelloop.core.registry import VERSION_RE
 from labelloop.core.saliency import saliency_maps
 from labelloop.errors import LabelloopError
 from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
-from labelloop.fo.sync import model_for_version, predict_samples, prediction_labels, serving_model
+from labelloop.fo.sync import WRITE_BATCH, model_for_version, predict_samples, prediction_labels, serving_model, write_values
 from labelloop.labelstudio.client import StudioClient, read_project
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.workflows.pipeline import cross_val_predictions
@@ -134,7 +134,7 @@ def compute_mislabel_scores(view, mode: str = "in_sample", folds: int = 5, progr
         score, flags = mislabel_scores_for(record, spec)
         scores[record["id"]] = score
         flags_by_id[record["id"]] = flags
-    dataset.set_values(score_field, scores, key_field="id")
+    write_values(dataset, score_field, scores)
     if not spec.kind.whole_image:
         _write_object_flags(dataset, flags_by_id, mode)
     cutoff = _suspect_cutoff(spec)
@@ -215,7 +215,7 @@ def uncertainty_sampling(view, k: int = 20, method: str = "least_confidence", di
     rows = list(zip(*pool.values(fields)))
     ids = [r[0] for r in rows]
     scores = [uncertainty_of(dict(zip(fields, r)), spec, method) for r in rows]
-    dataset.set_values("uncertainty", dict(zip(ids, scores)), key_field="id")
+    write_values(dataset, "uncertainty", dict(zip(ids, scores)))
     say(0.4, f"scored {len(ids)} samples ({method})")
     if diversity:
         if not pool.has_field("embeddings") or len(pool.exists("embeddings")) < len(pool):
@@ -328,21 +328,26 @@ def compute_embeddings(view, method: str = "umap", visualize: bool = True, simil
     import_fiftyone()  # FiftyOne configured for labelloop before its first use
     from pathlib import Path
 
-
     say = progress or (lambda fraction, message: None)
     dataset, spec, model = _served(view)
     ids, paths = view.values(["id", "filepath"])
     vectors: dict[str, list[float]] = {}
+    embedded = 0
     for start in range(0, len(ids), 64):
         chunk = embed_images(model, [Path(p) for p in paths[start : start + 64]])
         vectors.update({i: v.tolist() for i, v in zip(ids[start : start + 64], chunk)})
-        say(0.6 * min(1.0, (start + 64) / max(1, len(ids))), f"embedded {min(len(ids), start + 64)} of {len(ids)}")
-    dataset.set_values("embeddings", vectors, key_field="id")
-    out: dict[str, Any] = {"embedded": len(vectors), "model_version": model.version}
+        embedded += len(chunk)
+        if len(vectors) >= WRITE_BATCH:  # written as they come: memory holds a batch, not every vector
+            write_values(dataset, "embeddings", vectors)
+            vectors.clear()
+        say(0.6 * min(1.0, embedded / max(1, len(ids))), f"embedded {embedded} of {len(ids)}")
+    write_values(dataset, "embeddings", vectors)
+    out: dict[str, Any] = {"embedded": embedded, "model_version": model.version}
     if visualize or similarity:
         import fiftyone.brain as fob
 
-        view = dataset.select(ids)
+        # the whole dataset as itself: selecting 100k ids makes a query document of megabytes
+        view = dataset if len(ids) == len(dataset) else dataset.select(ids)
         if visualize:
             key = f"{brain_key}_{method}"
             if key in dataset.list_brain_runs():
@@ -357,7 +362,7 @@ def compute_embeddings(view, method: str = "umap", visualize: bool = True, simil
                 dataset.delete_brain_run(key)
             fob.compute_similarity(view, embeddings="embeddings", backend="sklearn", brain_key=key)
             out["similarity"] = key
-    say(1.0, f"embeddings of {len(vectors)} samples from {model.version}")
+    say(1.0, f"embeddings of {embedded} samples from {model.version}")
     return out
 
 

@@ -7,6 +7,7 @@ is never touched, and samples of tasks deleted in Label Studio are tagged ``ls:d
 ``ls_task_id``           Label Studio task id (unique index)
 ``ls_project``           Label Studio project id
 ``ls_annotation``        "<annotation id>@<updated_at>" of the latest human annotation, or None
+``ls_updated_at``        the task's ``updated_at`` when last synced (a later one: re-read its annotation)
 ``tuning_split``         "train" or "val" (the held-out tuning split training uses)
 ``ground_truth``         the latest human annotation (Classification or Detections)
 ``ground_truth_polygons`` segmentation projects: the human polygons (Polylines)
@@ -38,7 +39,7 @@ from typing import Any
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
 from labelloop.core.datasets import link_or_copy, split_of
-from labelloop.core.labelconfig import ControlSpec, LabelConfigError, threshold_for
+from labelloop.core.labelconfig import ControlSpec, LabelConfigError, parse_label_config, threshold_for
 from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
 from labelloop.core.registry import Registry
 from labelloop.fo.env import import_fiftyone, root_dataset
@@ -50,6 +51,8 @@ from labelloop.workflows.pipeline import image_url_of, resolve_model
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 DELETED_TAG = "ls:deleted"
+IMAGE_CHANGED_TAG = "ls:image-changed"  # the task now shows another image (its data edited, or an id reused)
+PREDICTION_FIELDS = ("predictions", "candidates", "class_probs", "ls_score", "prediction_version")
 
 
 def dataset_name_for(project_id: int | str) -> str:
@@ -134,6 +137,7 @@ class SyncReport:
     updated_ground_truth: int = 0
     predicted: int = 0
     marked_deleted: int = 0
+    images_changed: int = 0
     missing_images: int = 0
     version: str | None = None
     errors: list[str] = field(default_factory=list)
@@ -149,18 +153,43 @@ def load_or_create(name: str):
     return dataset
 
 
+SYNC_BATCH = 500  # new tasks whose images are fetched and samples added at a time (memory: one batch)
+WRITE_BATCH = 1000  # samples per bulk field write
+READ_ONE_BY_ONE = 200  # changed labeled tasks read one by one up to this many; above, one paged pass
+
+
+@dataclass
+class _Known:
+    """What the dataset holds of one task: its sample, the Label Studio ``updated_at`` it was synced at, and
+    the annotation it shows."""
+
+    sample_id: str
+    updated_at: str | None
+    annotation: str | None
+    image_url: str | None
+
+
 def sync_project(project_id: int | str, dataset_name: str | None = None, predict: bool = True,
                  progress: Progress | None = None, env: Settings | None = None, client=None) -> SyncReport:
-    """Create or update the FiftyOne dataset of a Label Studio project; only what changed is written."""
+    """Create or update the FiftyOne dataset of a Label Studio project; only what changed is read and written.
 
+    Label Studio is read page by page (``StudioClient.iter_tasks``): first every task's summary, whose
+    ``updated_at`` moves when an annotation is saved, changed or deleted; then, in full, only the labeled tasks
+    that are new or whose ``updated_at`` moved since the last sync. New samples are added a batch at a time and
+    changed fields written in bulk, so memory holds a batch plus a few values per task, whatever the size.
+    """
     env = env or current_settings()
-    say = progress or (lambda fraction, message: None)
     if client is None:
         with StudioClient.from_settings(env) as own:
-            loaded = own.load_project(project_id)
-    else:
-        loaded = client.load_project(project_id)
-    project, spec, tasks = loaded.info, loaded.spec, loaded.tasks
+            return _sync(own, project_id, dataset_name, predict, progress, env)
+    return _sync(client, project_id, dataset_name, predict, progress, env)
+
+
+def _sync(client: StudioClient, project_id: int | str, dataset_name: str | None, predict: bool,
+          progress: Progress | None, env: Settings) -> SyncReport:
+    say = progress or (lambda fraction, message: None)
+    project = client.project(project_id)
+    spec = parse_label_config(project["label_config"])
     if not spec.kind.trained:
         raise LabelConfigError(f"<{spec.result_type_tag} name=\"{spec.from_name}\">: {spec.kind.name} are served in "
                                "Label Studio but not synced to FiftyOne yet (only classification, boxes and polygons)")
@@ -172,34 +201,47 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     dataset.save()
     report = SyncReport(dataset=name)
 
-    known = dict(zip(*dataset.values(["ls_task_id", "id"]))) if len(dataset) else {}
-    by_id = {int(t["id"]): t for t in tasks}
-    new_tasks = [t for tid, t in by_id.items() if tid not in known]
-    say(0.05, f"{len(new_tasks)} new task(s); fetching images")
-    media = media_dir_for(project_id, env)
-    urls = [image_url_of(t, spec.value_key) for t in new_tasks]  # cloud-storage URIs through Label Studio
-    with MediaFetcher.from_settings(env) as fetcher:
-        report.added = _add_samples(dataset, new_tasks, fetcher.fetch_many(urls), spec, project_id, media, report)
-        _own_cached_images(dataset, fetcher, env, media, report)
-    say(0.3, f"added {report.added} sample(s); updating changed annotations")
-
-    for sample in dataset.select_fields(["ls_task_id", "ls_annotation", "ground_truth", "tags"]).iter_samples(
-            autosave=True):
-        task = by_id.get(sample.ls_task_id)
-        if task is None:
-            if DELETED_TAG not in sample.tags:
-                sample.tags.append(DELETED_TAG)
-                report.marked_deleted += 1
+    known: dict[int, _Known] = {}
+    if len(dataset):
+        known = {int(t): _Known(i, u, a, m) for t, i, u, a, m in
+                 zip(*dataset.values(["ls_task_id", "id", "ls_updated_at", "ls_annotation", "ls_image_url"]))}
+    say(0.02, f"reading the tasks of project {int(project_id)} from Label Studio")
+    new: list[dict[str, Any]] = []  # compact: id, data, updated_at
+    changed: dict[int, str | None] = {}  # known task -> its updated_at now
+    new_image: list[dict[str, Any]] = []  # known tasks that show another image now (compact)
+    to_read: set[int] = set()  # labeled tasks, new or changed: their annotations are read
+    seen: set[int] = set()
+    for task in client.iter_tasks(project_id):
+        task_id = int(task["id"])
+        seen.add(task_id)
+        labeled = int(task.get("total_annotations") or 0) > 0
+        mine = known.get(task_id)
+        if mine is None:
+            new.append({"id": task_id, "data": task.get("data") or {}, "updated_at": task.get("updated_at")})
+        elif mine.updated_at != task.get("updated_at"):
+            changed[task_id] = task.get("updated_at")
+            if (task.get("data") or {}).get(spec.value_key) != mine.image_url:
+                new_image.append({"id": task_id, "data": task.get("data") or {}})
+        else:
             continue
-        key = annotation_key(task)
-        if key != sample.ls_annotation and sample.ls_task_id not in {int(t["id"]) for t in new_tasks}:
-            sample.ls_annotation = key
-            for field_name, value in ground_truth_labels(task, spec).items():
-                if field_name in sample.field_names:
-                    sample[field_name] = value
-            report.updated_ground_truth += 1
-    if spec.kind.polygons and report.updated_ground_truth:
-        _refresh_polygons(dataset, by_id, spec)
+        if labeled:
+            to_read.add(task_id)
+    truth = _read_truth(client, project_id, spec, to_read, lambda f, m: say(0.05 + 0.1 * f, m))
+
+    report.marked_deleted = _mark_deleted(dataset, [k.sample_id for t, k in known.items() if t not in seen])
+    report.updated_ground_truth = _update_changed(dataset, spec, known, changed, truth)
+    say(0.15, f"{len(new)} new task(s); fetching images")
+    media = media_dir_for(project_id, env)
+    with MediaFetcher.from_settings(env) as fetcher:
+        for start in range(0, len(new), SYNC_BATCH):
+            batch = new[start : start + SYNC_BATCH]
+            urls = [image_url_of(t, spec.value_key) for t in batch]  # cloud-storage URIs through Label Studio
+            report.added += _add_samples(dataset, batch, fetcher.fetch_many(urls), truth, spec, project_id, media,
+                                         report)
+            say(0.15 + 0.2 * min(1.0, (start + len(batch)) / len(new)),
+                f"added {report.added} of {len(new)} new sample(s)")
+        _own_cached_images(dataset, fetcher, env, media, report)
+        _replace_images(dataset, new_image, known, fetcher, spec, media, report)
 
     if predict:
         model = serving_model(project_id, spec, env)
@@ -211,11 +253,100 @@ def sync_project(project_id: int | str, dataset_name: str | None = None, predict
     return report
 
 
+def _read_truth(client: StudioClient, project_id: int | str, spec: ControlSpec, task_ids: set[int],
+                progress: Progress) -> dict[int, tuple[str | None, dict[str, Any]]]:
+    """Task id -> (annotation key, ground-truth fields) of the labeled tasks ``task_ids``: one by one when they
+    are few (an analyst re-syncing after a review), else in one paged pass over the labeled tasks."""
+    out: dict[int, tuple[str | None, dict[str, Any]]] = {}
+    if not task_ids:
+        return out
+    if len(task_ids) <= READ_ONE_BY_ONE:
+        tasks: Any = (client.task(task_id) for task_id in sorted(task_ids))
+    else:
+        labeled = {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
+        tasks = client.iter_tasks(project_id, full=True, filters=[labeled])
+    for task in tasks:
+        if int(task["id"]) in task_ids:
+            out[int(task["id"])] = (annotation_key(task), ground_truth_labels(task, spec))
+            if len(out) % 500 == 0:
+                progress(len(out) / len(task_ids), f"read {len(out)} of {len(task_ids)} annotated task(s)")
+    return out
+
+
+def _mark_deleted(dataset, sample_ids: list[str]) -> int:
+    """Tag the samples of tasks deleted in Label Studio (never delete them: they may hold the analyst's work)."""
+    if not sample_ids:
+        return 0
+    fresh = dataset.select(sample_ids).match_tags(DELETED_TAG, bool=False)
+    count = len(fresh)
+    fresh.tag_samples(DELETED_TAG)
+    return count
+
+
+def _replace_images(dataset, tasks: list[dict[str, Any]], known: dict[int, _Known], fetcher, spec: ControlSpec,
+                    media: Path, report: SyncReport) -> None:
+    """Samples whose task shows another image now (its data edited in Label Studio, or — SQLite reuses the
+    highest id — a deleted task's id given to a new one): the new image, no predictions (they were of the old
+    one: the next prediction pass makes them), and the tag ``ls:image-changed`` so the analyst sees that notes
+    and tags on the sample were made on the old image. Nothing of theirs is removed."""
+    if not tasks:
+        return
+    paths: dict[str, str] = {}
+    urls: dict[str, Any] = {}
+    for task, image in zip(tasks, fetcher.fetch_many([image_url_of(t, spec.value_key) for t in tasks])):
+        try:
+            if isinstance(image, Exception):
+                raise image
+            sample_id = known[int(task["id"])].sample_id
+            paths[sample_id] = str(own_copy(image, media))
+            urls[sample_id] = task["data"].get(spec.value_key)
+        except Exception as exc:  # the sample keeps its old image; the report says why
+            report.missing_images += 1
+            report.errors.append(f"task {task['id']}: its new image was not fetched: {exc}")
+    if not paths:
+        return
+    write_values(dataset, "filepath", paths)
+    write_values(dataset, "ls_image_url", urls)
+    for field_name in PREDICTION_FIELDS:
+        if dataset.has_field(field_name):
+            write_values(dataset, field_name, dict.fromkeys(paths))
+    dataset.select(list(paths)).tag_samples(IMAGE_CHANGED_TAG)
+    report.images_changed = len(paths)
+
+
+def _update_changed(dataset, spec: ControlSpec, known: dict[int, _Known], changed: dict[int, str | None],
+                    truth: dict[int, tuple[str | None, dict[str, Any]]]) -> int:
+    """Write the new ``updated_at`` of every changed task and, where its annotation changed, its ground truth
+    (in bulk); returns how many ground truths changed. A task left with no annotation shows none."""
+    empty = ground_truth_labels({"annotations": []}, spec)
+    columns: dict[str, dict[str, Any]] = {"ls_updated_at": {}}
+    updated = 0
+    for task_id, updated_at in changed.items():
+        mine = known[task_id]
+        columns["ls_updated_at"][mine.sample_id] = updated_at
+        key, fields = truth.get(task_id, (None, empty))
+        if key != mine.annotation:
+            columns.setdefault("ls_annotation", {})[mine.sample_id] = key
+            for field_name, value in fields.items():
+                columns.setdefault(field_name, {})[mine.sample_id] = value
+            updated += 1
+    for field_name, values in columns.items():
+        write_values(dataset, field_name, values)
+    return updated
+
+
+def write_values(dataset, field_name: str, values: dict[str, Any]) -> None:
+    """``values`` (sample id -> value) into ``field_name``, ``WRITE_BATCH`` samples per bulk write."""
+    items = list(values.items())
+    for start in range(0, len(items), WRITE_BATCH):
+        dataset.set_values(field_name, dict(items[start : start + WRITE_BATCH]), key_field="id")
+
+
 def _declare_fields(dataset, spec: ControlSpec) -> None:
     """Declare the fields the update pass selects: a project synced before anything is labeled has
     only None values in them, which declare nothing, and selecting an undeclared field fails."""
     fo = import_fiftyone()
-    kinds = {"ls_annotation": (fo.StringField, {}),
+    kinds = {"ls_annotation": (fo.StringField, {}), "ls_updated_at": (fo.StringField, {}),
              "ground_truth": (fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Classification
                                                          if spec.kind.whole_image else fo.Detections})}
     if spec.kind.polygons:
@@ -225,10 +356,13 @@ def _declare_fields(dataset, spec: ControlSpec) -> None:
             dataset.add_sample_field(field_name, kind, **kwargs)
 
 
-def _add_samples(dataset, tasks: list[dict[str, Any]], fetched: list, spec: ControlSpec, project_id: int | str,
+def _add_samples(dataset, tasks: list[dict[str, Any]], fetched: list,
+                 truth: dict[int, tuple[str | None, dict[str, Any]]], spec: ControlSpec, project_id: int | str,
                  media: Path, report: SyncReport) -> int:
-    """One sample per task whose image arrived (copied into the project's media folder); returns how many."""
+    """One sample per task whose image arrived (copied into the project's media folder), with its ground truth
+    from ``truth`` (none there: unlabeled); returns how many."""
     fo = import_fiftyone()
+    empty = ground_truth_labels({"annotations": []}, spec)
     samples = []
     for task, image in zip(tasks, fetched):
         try:
@@ -239,14 +373,15 @@ def _add_samples(dataset, tasks: list[dict[str, Any]], fetched: list, spec: Cont
             report.missing_images += 1
             report.errors.append(f"task {task['id']}: {exc}")
             continue
+        key, fields = truth.get(int(task["id"]), (None, empty))
         sample = fo.Sample(filepath=str(filepath), ls_task_id=int(task["id"]), ls_project=int(project_id),
                            ls_image_url=(task.get("data") or {}).get(spec.value_key),
-                           ls_annotation=annotation_key(task), tuning_split=split_of(task["id"]))
-        for key, value in ground_truth_labels(task, spec).items():
-            sample[key] = value
+                           ls_annotation=key, ls_updated_at=task.get("updated_at"), tuning_split=split_of(task["id"]))
+        for field_name, value in fields.items():
+            sample[field_name] = value
         samples.append(sample)
     if samples:
-        dataset.add_samples(samples)
+        dataset.add_samples(samples, progress=False)
     return len(samples)
 
 
@@ -270,13 +405,6 @@ def _own_cached_images(dataset, fetcher, env: Settings, media: Path, report: Syn
             report.errors.append(f"sample {sample_id}: image not moved off the media cache: {exc}")
     if moved:
         dataset.set_values("filepath", moved, key_field="id")
-
-
-def _refresh_polygons(dataset, by_id, spec) -> None:
-    for sample in dataset.select_fields(["ls_task_id", "ground_truth_polygons"]).iter_samples(autosave=True):
-        task = by_id.get(sample.ls_task_id)
-        if task is not None:
-            sample["ground_truth_polygons"] = ground_truth_labels(task, spec)["ground_truth_polygons"]
 
 
 def serving_model(project_id, spec: ControlSpec, env: Settings | None = None) -> LoadedModel | None:
@@ -306,15 +434,22 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
     threshold = threshold_for(spec)
     dataset = root_dataset(view)
     done = 0
+    columns: dict[str, dict[str, Any]] = {}
+
+    def flush() -> None:  # one bulk write per field per WRITE_BATCH samples, not per batch of 64
+        for key, values in columns.items():
+            dataset.set_values(key, values, key_field="id")
+        columns.clear()
+
     for start in range(0, len(wanted), batch):
         chunk = wanted[start : start + batch]
         preds = predict_images(model, [Path(p) for _, p in chunk], spec, threshold)
-        columns: dict[str, dict[str, Any]] = {}
         for (sample_id, _), pred in zip(chunk, preds):
             for key, value in prediction_labels(pred, spec, model.version).items():
                 columns.setdefault(f"{fields_prefix}{key}", {})[sample_id] = value
-        for key, values in columns.items():
-            dataset.set_values(key, values, key_field="id")
         done += len(chunk)
+        if len(next(iter(columns.values()), {})) >= WRITE_BATCH:
+            flush()
         say(done / max(1, len(wanted)), f"{done} of {len(wanted)} samples predicted with {model.version}")
+    flush()
     return done
