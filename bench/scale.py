@@ -85,9 +85,57 @@ def _measured(phase: str, args: dict, queue) -> None:
             start = time.perf_counter()
             predict_images(model, paths, spec, 0.5, batch=16, tta=True)
             extra["images"] = len(paths)
+        elif phase.startswith("fo_"):
+            start, extra = _fiftyone_phase(phase, args, spec)
     seconds = time.perf_counter() - start
     peak = _status_mb("VmHWM")
     queue.put({"seconds": seconds, "rss_start_mb": start_rss, "rss_peak_mb": peak, **extra})
+
+
+def _fiftyone_phase(phase: str, args: dict, spec) -> tuple[float, dict]:
+    """One FiftyOne phase on the project's dataset; returns (its start time, figures)."""
+    from labelloop.core.predict import embed_images, load_model, predict_images
+    from labelloop.fo import analysis
+    from labelloop.fo.env import import_fiftyone
+    from labelloop.fo.sync import predict_samples, sync_project
+
+    fo = import_fiftyone()
+    model = load_model(args["weights"], args["version"])
+    dataset = fo.load_dataset(args["dataset"]) if fo.dataset_exists(args["dataset"]) else None
+    paths = [Path(p) for p in dataset.values("filepath")] if dataset is not None else []
+    if phase in ("fo_score", "fo_raw", "fo_embed", "fo_raw_embed"):  # warm, as the raw pass is
+        predict_images(model, paths[:64], spec, 0.5, batch=64)
+        embed_images(model, paths[:16])
+    extra: dict = {}
+    start = time.perf_counter()
+    if phase in ("fo_sync", "fo_resync"):
+        report = sync_project(args["project"], args["dataset"], predict=False)
+        extra.update(added=report.added, updated=report.updated_ground_truth, errors=len(report.errors))
+    elif phase == "fo_score":  # the engine's predictions and scores into every sample (as the sync writes them)
+        extra["samples"] = predict_samples(dataset, spec, model, force=True)
+    elif phase == "fo_raw":  # ultralytics' own predict on the files, at the batch size the scoring uses
+        files = [str(p) for p in paths]
+        for at in range(0, len(files), 64):
+            model.yolo.predict(files[at : at + 64], verbose=False, batch=len(files[at : at + 64]))
+        extra["samples"] = len(paths)
+    elif phase == "fo_analysis":
+        analysis.compute_mislabel_scores(dataset)
+        extra["mislabels_s"] = time.perf_counter() - start
+        analysis.uncertainty_sampling(dataset, k=100)
+        extra["uncertainty_s"] = time.perf_counter() - start - extra["mislabels_s"]
+    elif phase == "fo_embed":
+        extra["samples"] = analysis.compute_embeddings(dataset, visualize=False, similarity=False)["embedded"]
+    elif phase == "fo_raw_embed":  # ultralytics' own embed on the files, 16 at a time as the engine does
+        files = [str(p) for p in paths]
+        for at in range(0, len(files), 16):
+            model.yolo.embed(files[at : at + 16], verbose=False)
+        extra["samples"] = len(paths)
+    elif phase == "fo_map":  # FiftyOne Brain's own cost on our vectors
+        import fiftyone.brain as fob
+
+        fob.compute_visualization(dataset, embeddings="embeddings", method="umap", brain_key="bench_umap",
+                                  num_dims=2, seed=0, verbose=False)
+    return start, extra
 
 
 def measure(phase: str, args: dict) -> dict:
@@ -106,6 +154,13 @@ def main(argv=None) -> int:
     parser.add_argument("--labeled", type=int, default=200)
     parser.add_argument("--no-workers", action="store_true", help="skip the Celery runs")
     parser.add_argument("--over-http", action="store_true", help="images over HTTP, not the shared media folder")
+    parser.add_argument("--upload-up-to", type=int, default=3000,
+                        help="larger projects: images placed in Label Studio's upload folder, tasks imported as JSON")
+    parser.add_argument("--backlog-up-to", type=int, default=3000,
+                        help="larger projects skip the backlog and Celery runs (pushes to Label Studio on SQLite grow "
+                             "with the project: measured 6.9 ms a task at 1k, 20.4 at 3k)")
+    parser.add_argument("--export-up-to", type=int, default=10000, help="larger projects skip the easy export")
+    parser.add_argument("--map-up-to", type=int, default=10000, help="larger datasets skip the UMAP map")
     parser.add_argument("--figures", type=Path, default=HERE / "figures")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -114,13 +169,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
     os.environ["LABELLOOP_EPOCHS"] = "3"
 
-    from labelloop.dev.localstack import start_label_studio, start_redis, start_worker
+    from labelloop.dev.localstack import start_label_studio, start_mongod, start_redis, start_worker
 
     files = work / "files"
     studio = start_label_studio(work / "label-studio")
     redis = start_redis(work / "redis")
+    mongod = start_mongod(work / "mongod")
     os.environ.update({"REDIS_URL": redis.url, "LABEL_STUDIO_URL": studio.url,
-                       "LABEL_STUDIO_API_KEY": studio.info["token"]})
+                       "LABEL_STUDIO_API_KEY": studio.info["token"], "FIFTYONE_DATABASE_URI": mongod.url})
     if not args.over_http:  # every process started from here on (phases, workers) reads uploads in place
         os.environ["LABELLOOP_LS_MEDIA_DIR"] = str(work / "label-studio" / "media")
     rows = []
@@ -132,6 +188,7 @@ def main(argv=None) -> int:
     finally:
         redis.stop()
         studio.stop()
+        mongod.stop()
     report(args, rows, time.perf_counter() - started)
     return 0
 
@@ -153,14 +210,27 @@ def run_size(size: int, args, work: Path, files: Path, studio, start_worker) -> 
     with LabelerClient(studio.url, studio.info["token"], timeout=1800) as api:
         project = api.create_project(f"scale {size}", config)["id"]
         t0 = time.perf_counter()
-        for start in range(0, len(data.images), 100):  # as the import dialog uploads files (Django: <= 100 a request)
-            part = data.images[start : start + 100]
-            api.request("POST", f"/api/projects/{project}/import", files=[
-                (f"file{i}", (im.file, (data.images_dir / im.file).read_bytes(), "image/png")) for i, im in enumerate(part)])
+        if size <= args.upload_up_to:
+            for start in range(0, len(data.images), 100):  # as the import dialog uploads files (Django: <= 100 a request)
+                part = data.images[start : start + 100]
+                api.request("POST", f"/api/projects/{project}/import", files=[
+                    (f"file{i}", (im.file, (data.images_dir / im.file).read_bytes(), "image/png")) for i, im in enumerate(part)])
+        else:  # uploads at this size take hours on SQLite: the files go where uploads land, the tasks as JSON
+            upload = work / "label-studio" / "media" / "upload" / str(project)
+            upload.mkdir(parents=True, exist_ok=True)
+            for image in data.images:
+                os.link(data.images_dir / image.file, upload / image.file)
+            for start in range(0, len(data.images), 10_000):
+                api.request("POST", f"/api/projects/{project}/import", json=[
+                    {"image": f"/data/upload/{project}/{im.file}"} for im in data.images[start : start + 10_000]])
         imported = time.perf_counter() - t0
-        by_file = {t["data"]["image"].rsplit("-", 1)[-1]: t["id"] for t in api.iter_tasks(project)}
+        by_file = {}
+        for task in api.iter_tasks(project):
+            by_file[task["data"]["image"].rsplit("/", 1)[-1].rsplit("-", 1)[-1]] = task["id"]
+            if len(by_file) >= args.labeled + 1000:  # ids come in order; the labeled images are the first ones
+                break
         for image in data.images[: args.labeled]:
-            api.annotate(by_file[image.file.rsplit("-", 1)[-1]], to_label_studio_result(image, "classification"))
+            api.annotate(by_file[image.file], to_label_studio_result(image, "classification"))
     registry = Registry(settings().model_dir)
     local = to_label_studio_tasks(data, "classification", indices=range(args.labeled), start_id=10**9)
     t0 = time.perf_counter()
@@ -173,18 +243,25 @@ def run_size(size: int, args, work: Path, files: Path, studio, start_worker) -> 
               "weights": str(first.weights)}
     row: dict = {"tasks": size, "unlabeled": size - args.labeled, "generate_s": generated, "import_s": imported,
                  "train_s": trained}
-    try:
-        row["export"] = measure("export", {**common, "version": first.version})
-    except Exception as exc:  # the easy export has a timeout: at size it may not answer
-        row["export"] = {"error": str(exc)[:200]}
+    if size <= args.export_up_to:
+        try:
+            row["export"] = measure("export", {**common, "version": first.version})
+        except Exception as exc:  # the easy export has a timeout: at size it may not answer
+            row["export"] = {"error": str(exc)[:200]}
     row["paged"] = measure("paged", {**common, "version": first.version})
-    row["backlog"] = measure("backlog", {**common, "version": first.version})
-    paths = [str(data.images_dir / im.file) for im in data.images[args.labeled :]]
-    row["raw"] = measure("raw", {**common, "paths": paths})
-    if not args.no_workers:
-        row["workers"] = {}
-        for count, version in zip((1, 2), versions):
-            row["workers"][count] = celery_run(project, version, count, work, start_worker)
+    if size <= args.backlog_up_to:
+        row["backlog"] = measure("backlog", {**common, "version": first.version})
+        paths = [str(data.images_dir / im.file) for im in data.images[args.labeled :]]
+        row["raw"] = measure("raw", {**common, "paths": paths})
+        if not args.no_workers:
+            row["workers"] = {}
+            for count, version in zip((1, 2), versions):
+                row["workers"][count] = celery_run(project, version, count, work, start_worker)
+    fo_args = {**common, "version": first.version, "dataset": f"scale-{size}-{project}"}
+    phases = ["fo_sync", "fo_resync", "fo_score", "fo_raw", "fo_analysis", "fo_embed", "fo_raw_embed"]
+    for phase in phases + (["fo_map"] if size <= args.map_up_to else []):
+        row[phase] = measure(phase, fo_args)
+        print(phase, json.dumps(row[phase]), flush=True)
     return row
 
 
@@ -208,6 +285,14 @@ def celery_run(project: int, version: str, count: int, work: Path, start_worker)
             "reason": record.get("reason")}
 
 
+def _grow(m: dict) -> float:
+    return m["rss_peak_mb"] - m["rss_start_mb"]
+
+
+def _per_item_ms(m: dict, key: str = "samples") -> float:
+    return 1000 * m["seconds"] / max(1, m.get(key) or 0)
+
+
 def report(args, rows: list[dict], seconds: float) -> None:
     import matplotlib
     from figures_log import append_run
@@ -215,35 +300,62 @@ def report(args, rows: list[dict], seconds: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    nan = float("nan")
     lines = [f"\n## {dt.date.today()} — {platform.machine()}, {os.cpu_count()} CPU cores, {seconds / 60:.1f} min",
-             "", f"{args.labeled} labeled tasks per project; peak RSS above the process's start (torch loaded) in MB.",
-             "", "| tasks | read: easy export s / MB | read: paged s / MB | backlog: s (of which read) / MB "
-                 "| backlog ms per task: predict (fetch + infer), push to Label Studio | raw forward pass ms per image "
-                 "| predict / raw | job, 1 worker s | job, 2 workers s (chunks per worker) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", f"{args.labeled} labeled tasks per project; peak RSS above the process's start (torch loaded) in MB; "
+                 f"projects above {args.upload_up_to} tasks imported as JSON tasks over files placed in Label Studio's "
+                 f"upload folder; backlog and Celery runs up to {args.backlog_up_to} tasks.",
+             "", "**Label Studio side**", "",
+             "| tasks | import s | read: easy export s / MB | read: paged s / MB | backlog: s (of which read) / MB "
+             "| backlog ms per task: predict (fetch + infer), push to Label Studio | raw forward pass ms per image "
+             "| predict / raw | job, 1 worker s | job, 2 workers s (chunks per worker) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        export, paged, backlog, raw = row["export"], row["paged"], row["backlog"], row["raw"]
-        grow = lambda m: m["rss_peak_mb"] - m["rss_start_mb"]
-        per_task = 1000 * backlog["predict_s"] / max(1, backlog["predicted"])
-        per_push = 1000 * backlog["push_s"] / max(1, backlog["predicted"])
-        per_raw = 1000 * raw["seconds"] / max(1, raw["images"])
-        workers = row.get("workers") or {}
-        one, two = workers.get(1) or {}, workers.get(2) or {}
-        export_cell = (f"{export['seconds']:.1f} / {grow(export):.0f}" if "seconds" in export
-                       else f"failed: {export['error'][:60]}")
-        lines.append(f"| {row['tasks']} | {export_cell} | {paged['seconds']:.1f} / {grow(paged):.0f} | "
-                     f"{backlog['seconds']:.1f} ({backlog['read_s']:.1f}) / {grow(backlog):.0f} | "
-                     f"{per_task:.1f}, {per_push:.1f} | {per_raw:.2f} | "
-                     f"{per_task / per_raw:.2f}× | {one.get('seconds', float('nan')):.1f} | "
-                     f"{two.get('seconds', float('nan')):.1f} ({two.get('chunks_by_worker')}) |")
+        export, paged = row.get("export") or {}, row["paged"]
+        export_cell = (f"{export['seconds']:.1f} / {_grow(export):.0f}" if "seconds" in export
+                       else f"failed: {export['error'][:60]}" if export else "—")
+        cells = [str(row["tasks"]), f"{row['import_s']:.0f}", export_cell, f"{paged['seconds']:.1f} / {_grow(paged):.0f}"]
+        backlog, raw = row.get("backlog"), row.get("raw")
+        if backlog and raw:
+            per_task = 1000 * backlog["predict_s"] / max(1, backlog["predicted"])
+            per_push = 1000 * backlog["push_s"] / max(1, backlog["predicted"])
+            per_raw = _per_item_ms(raw, "images")
+            workers = row.get("workers") or {}
+            one, two = workers.get(1) or {}, workers.get(2) or {}
+            cells += [f"{backlog['seconds']:.1f} ({backlog['read_s']:.1f}) / {_grow(backlog):.0f}",
+                      f"{per_task:.1f}, {per_push:.1f}", f"{per_raw:.2f}", f"{per_task / per_raw:.2f}×",
+                      f"{one.get('seconds', nan):.1f}", f"{two.get('seconds', nan):.1f} ({two.get('chunks_by_worker')})"]
+        else:
+            cells += ["—"] * 6
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "**FiftyOne side** (one sample per task; scoring = the engine's prediction, score and class "
+                  "probabilities written into every sample; raw = the same forward passes on the same files, nothing "
+                  "written)", "",
+              "| samples | sync s / MB | re-sync, nothing changed s / MB | scoring ms per sample / MB | raw ms per image "
+              "| scoring / raw | mislabels s | uncertainty s | embeddings ms per sample | raw embed ms per image "
+              "| embed / raw | UMAP map s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        sync, resync, score, raw = row["fo_sync"], row["fo_resync"], row["fo_score"], row["fo_raw"]
+        embed, raw_embed, analysis = row["fo_embed"], row["fo_raw_embed"], row["fo_analysis"]
+        umap = row.get("fo_map")
+        umap_cell = f"{umap['seconds']:.0f}" if umap else "—"
+        lines.append(
+            f"| {row['tasks']} | {sync['seconds']:.1f} / {_grow(sync):.0f} | {resync['seconds']:.1f} / {_grow(resync):.0f} "
+            f"| {_per_item_ms(score):.2f} / {_grow(score):.0f} | {_per_item_ms(raw):.2f} "
+            f"| {_per_item_ms(score) / _per_item_ms(raw):.2f}× | {analysis['mislabels_s']:.1f} "
+            f"| {analysis['uncertainty_s']:.1f} | {_per_item_ms(embed):.2f} | {_per_item_ms(raw_embed):.2f} "
+            f"| {_per_item_ms(embed) / _per_item_ms(raw_embed):.2f}× | {umap_cell} |")
     path = append_run(args.figures, "scale.md", "Scale (`bench/scale.py`)", "\n".join(lines) + "\n")
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, name in (("export", "read, easy export"), ("paged", "read, paged"), ("backlog", "backlog, one process")):
-        points = [(r["tasks"], r[key]["seconds"]) for r in rows if "seconds" in r[key]]
-        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-        right.plot([r["tasks"] for r in rows if "seconds" in r[key]],
-                   [r[key]["rss_peak_mb"] - r[key]["rss_start_mb"] for r in rows if "seconds" in r[key]],
-                   marker="o", label=name)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    series = (("export", "read, easy export"), ("paged", "read, paged"), ("backlog", "backlog, one process"),
+              ("fo_sync", "FiftyOne sync"), ("fo_resync", "FiftyOne re-sync, nothing changed"),
+              ("fo_score", "FiftyOne scoring"), ("fo_embed", "FiftyOne embeddings"))
+    for key, name in series:
+        done = [r for r in rows if "seconds" in (r.get(key) or {})]
+        if done:
+            left.plot([r["tasks"] for r in done], [r[key]["seconds"] for r in done], marker="o", label=name)
+            right.plot([r["tasks"] for r in done], [_grow(r[key]) for r in done], marker="o", label=name)
     for count in (1, 2):
         points = [(r["tasks"], r["workers"][count]["seconds"]) for r in rows if r.get("workers")]
         if points:
@@ -255,7 +367,7 @@ def report(args, rows: list[dict], seconds: float) -> None:
         axis.set_xlabel("tasks in the project")
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8)
+    left.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(args.figures / "scale.png", dpi=110)
     print(f"wrote {args.figures / 'scale.png'} and {path}")

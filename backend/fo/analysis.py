@@ -19,7 +19,8 @@ from labelloop.core.registry import VERSION_RE
 from labelloop.core.saliency import saliency_maps
 from labelloop.errors import LabelloopError
 from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
-from labelloop.fo.sync import WRITE_BATCH, model_for_version, predict_samples, prediction_labels, serving_model, write_values
+from labelloop.fo.sync import model_for_version, predict_samples, prediction_labels, serving_model
+from labelloop.fo.writes import WRITE_BATCH, write_values
 from labelloop.labelstudio.client import StudioClient, read_project
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.workflows.pipeline import cross_val_predictions

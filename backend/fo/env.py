@@ -60,6 +60,13 @@ def plugin_source() -> Path:
 
 
 def import_fiftyone():
+    """``fiftyone``, imported after ``prepare()`` (which runs once: FiftyOne reads its environment at import;
+    callers on hot paths — a label per sample — call this too)."""
+    import sys
+
+    module = sys.modules.get("fiftyone")
+    if module is not None and hasattr(module, "Dataset"):  # imported whole, so prepared before
+        return module
     prepare()
     import fiftyone
 
