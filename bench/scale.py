@@ -56,6 +56,10 @@ def _measured(phase: str, args: dict, queue) -> None:
     from labelloop.workflows import backlog
 
     import_yolo()  # torch and ultralytics loaded before the start is read: the phase's own memory is what grows
+    if phase.startswith("fo_"):  # and FiftyOne (3 s to import, once per process)
+        from labelloop.fo.env import import_fiftyone
+
+        import_fiftyone()
     start_rss = _status_mb("VmRSS")
     start = time.perf_counter()
     extra: dict = {}
