@@ -1,5 +1,5 @@
 # The two commands of README.md. Both do all set-up first (idempotent; minutes the first time).
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo test test-all test-fast lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -7,8 +7,13 @@ setup:
 demo: setup
 	.venv/bin/labelloop demo
 
+# CI (.ci/run): everything but the `slow` tier, inside 30 min on 2 cores
 test: setup lint
-	.venv/bin/python -m pytest -q --durations=12
+	.venv/bin/python -m pytest -q -m "not slow" --durations=15
+
+# everything: adds the `slow` tier (the --quick demo, quality against baselines over seeds; ~12 more minutes)
+test-all: setup lint
+	.venv/bin/python -m pytest -q --durations=15
 
 # daily work: lint + the unit tier (pure logic, no servers), well under a minute
 test-fast: setup lint

@@ -326,12 +326,12 @@ def _count_fold_attempt(task) -> None:
 @app.task(name="labelloop.crossval_fold", bind=True, acks_late=True, reject_on_worker_lost=True)
 def crossval_fold(self, project: str, folds: int, fold: int) -> dict[str, Any]:
     """One fold of out-of-sample scoring: train without the fold, predict the fold (train queue)."""
-    from labelloop.labelstudio.client import read_project
+    from labelloop.labelstudio.client import read_labeled
     from labelloop.labelstudio.media import MediaFetcher
     from labelloop.workflows.pipeline import train_fold_and_predict
 
     _count_fold_attempt(self)
-    data = read_project(project)
+    data = read_labeled(project)  # a fold trains and predicts labeled tasks only: no export of the whole project
 
     def report(fraction: float, message: str) -> None:
         self.update_state(state="PROGRESS", meta={"progress": fraction, "message": f"fold {fold}: {message}"})

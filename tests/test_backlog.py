@@ -159,3 +159,10 @@ def test_the_project_is_read_page_by_page_with_only_what_the_job_needs(ls_api, m
     assert read.labeled_ids == set(ids[:2])
     assert {k: v["score"] for k, v in read.held.items()} == {ids[3]: 0.25, ids[4]: 0.75}
     assert read.held[ids[4]]["result"][0]["value"]["choices"] == ["star"]
+
+    # what out-of-sample folds read (the labeled tasks, in full) and what the warm start reads (every image)
+    labeled = ls_api.load_labeled(project)
+    assert [t["id"] for t in labeled.tasks] == ids[:2] and labeled.spec.from_name == "label"
+    assert all(t["annotations"] for t in labeled.tasks)
+    images = ls_api.image_tasks(project)
+    assert [t["id"] for t in images] == ids and images[5] == {"id": ids[5], "data": {"image": "/data/upload/9/5.png", "n": 5}}

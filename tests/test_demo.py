@@ -15,6 +15,7 @@ from labelloop.dev.localstack import free_port
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_the_whole_loop_and_writes_the_report(tmp_path, run_home):
     home = tmp_path / "home"
     env = {**os.environ, "LABELLOOP_HOME": str(home), "LABELLOOP_LS_PORT": str(free_port()),

@@ -40,6 +40,7 @@ def spec():
     return parse_label_config(label_config("classification"))
 
 
+@pytest.mark.slow
 def test_out_of_sample_loss_finds_flipped_labels(spec, tmp_path, run_home, monkeypatch):
     # the demo's data (64 px) with the engine's own settings: what the analyst's ranking runs on
     monkeypatch.delenv("LABELLOOP_IMGSZ")

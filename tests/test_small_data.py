@@ -29,6 +29,7 @@ def spec():
     return parse_label_config(label_config("classification"))
 
 
+@pytest.mark.slow
 def test_engine_beats_plain_baselines_on_few_noisy_labels(spec, tmp_path, run_home):
     test = generate_shapes(tmp_path / "test", n=100, seed=909, size=64, max_objects=1, style="simple")
     test_paths, test_labels = [test.images_dir / im.file for im in test.images], [im.label for im in test.images]

@@ -117,3 +117,12 @@ def test_sync_reads_only_changed_tasks_and_keeps_the_analysts_work(fo, ls_api, l
         legacy = sync.sync_project(project, name, predict=False, env=env, client=client)
         assert legacy.updated_ground_truth == 0 and client.full_pages == 1
         assert None not in dataset.match_tags(sync.DELETED_TAG, bool=False).values("ls_updated_at")
+
+        # a task whose new image cannot be fetched keeps its old one, and is tried again at the next sync
+        kept = dataset.match({"ls_task_id": tasks[4]["id"]}).first().filepath
+        ls_api.request("PATCH", f"/api/tasks/{tasks[4]['id']}", json={"data": {"image": f"/data/upload/{project}/gone.png"}})
+        for attempt in range(2):
+            failed = sync.sync_project(project, name, predict=False, env=env, client=client)
+            assert failed.images_changed == 0 and failed.missing_images == 1, attempt
+            assert f"task {tasks[4]['id']}: its new image was not fetched" in failed.errors[0]
+            assert dataset.match({"ls_task_id": tasks[4]["id"]}).first().filepath == kept

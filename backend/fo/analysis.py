@@ -21,7 +21,7 @@ from labelloop.errors import LabelloopError
 from labelloop.fo.env import dataset_name, import_fiftyone, root_dataset
 from labelloop.fo.sync import model_for_version, predict_samples, prediction_labels, serving_model
 from labelloop.fo.writes import WRITE_BATCH, write_values
-from labelloop.labelstudio.client import StudioClient, read_project
+from labelloop.labelstudio.client import StudioClient, read_labeled
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.workflows.pipeline import cross_val_predictions
 
@@ -174,7 +174,7 @@ FoldRunner = Callable[[int, int, Progress], dict[int, Any]]
 
 def run_folds_here(project: int, folds: int, progress: Progress) -> dict[int, Any]:
     """The folds one after another in this process (no worker needed; slower)."""
-    project_data = read_project(project)
+    project_data = read_labeled(project)  # folds train and predict the labeled tasks only
     with MediaFetcher.from_settings() as fetcher:
         return cross_val_predictions(project_data.tasks, project_data.spec, fetcher, folds, progress)
 

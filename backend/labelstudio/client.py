@@ -35,6 +35,9 @@ SNAPSHOT_ABOVE_TASKS = 2000
 SNAPSHOT_TIMEOUT_S = 600
 PREDICTION_CHUNK = 100  # predictions per bulk import request
 TASK_PAGE = 500  # tasks per page of a paged read (``iter_tasks``)
+# Data Manager filter items (``iter_tasks``): tasks with / without an annotation that is not cancelled
+LABELED = {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
+UNLABELED = {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}
 WEBHOOK_SECRET_HEADER = "X-Labelloop-Webhook-Secret"  # installed on the project's webhook; checked by /webhook
 
 
@@ -62,6 +65,12 @@ def read_project(project_id: int | str, env: Settings | None = None) -> StudioPr
     """``StudioClient.load_project`` with a client opened and closed for it."""
     with StudioClient.from_settings(env) as client:
         return client.load_project(project_id)
+
+
+def read_labeled(project_id: int | str, env: Settings | None = None) -> StudioProject:
+    """``StudioClient.load_labeled`` with a client opened and closed for it."""
+    with StudioClient.from_settings(env) as client:
+        return client.load_labeled(project_id)
 
 
 class StudioClient:
@@ -135,6 +144,17 @@ class StudioClient:
         spec = parse_label_config(info["label_config"])
         snapshot = int(info.get("task_number") or 0) > SNAPSHOT_ABOVE_TASKS
         return StudioProject(int(project_id), info, spec, self.export_tasks(project_id, snapshot=snapshot))
+
+    def load_labeled(self, project_id: int | str) -> StudioProject:
+        """The project with only its annotated tasks (annotations and predictions included), read page by page:
+        what out-of-sample folds need, without exporting every unlabeled task of a large project."""
+        info = self.project(project_id)
+        tasks = list(self.iter_tasks(project_id, full=True, filters=[LABELED]))
+        return StudioProject(int(project_id), info, parse_label_config(info["label_config"]), tasks)
+
+    def image_tasks(self, project_id: int | str) -> list[dict[str, Any]]:
+        """Every task's id and data (no annotations or predictions), read page by page: what needs only the images."""
+        return [{"id": task["id"], "data": task.get("data") or {}} for task in self.iter_tasks(project_id)]
 
     def export_tasks(self, project_id: int | str, snapshot: bool = False) -> list[dict[str, Any]]:
         """Every task of the project with its annotations (Label Studio's JSON export).

@@ -27,7 +27,7 @@ from labelloop.config import settings as current_settings
 from labelloop.core.labelconfig import ControlSpec, parse_label_config
 from labelloop.core.predict import load_model
 from labelloop.core.truth import LabeledImage
-from labelloop.labelstudio.client import PREDICTION_CHUNK, TASK_PAGE, StudioClient
+from labelloop.labelstudio.client import LABELED, PREDICTION_CHUNK, TASK_PAGE, UNLABELED, StudioClient
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import first_label, labeled_image
 
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 CHUNK = PREDICTION_CHUNK  # tasks per chunk: one bulk import request, so a chunk is pushed whole or not at all
 PAGE = TASK_PAGE  # tasks per page read
 COMPACT_KEYS = ("id", "data", "meta", "created_at")
-LABELED = {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
-UNLABELED = {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}
 
 Progress = Callable[[float, str], None]
 

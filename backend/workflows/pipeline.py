@@ -639,9 +639,11 @@ def warm_start_from_label_studio(project_id: int | str, progress: Progress | Non
     """``build_warm_start`` for a Label Studio project, reading its tasks from the API."""
 
     env = env or current_settings()
-    project = read_project(project_id, env)
+    with StudioClient.from_settings(env) as client:  # only the images matter: ids and data, page by page
+        spec = parse_label_config(client.project(project_id)["label_config"])
+        tasks = client.image_tasks(project_id)
     with MediaFetcher.from_settings(env) as fetcher:
-        return build_warm_start(Registry(env.model_dir), project_id, project.tasks, project.spec, fetcher, progress, env)
+        return build_warm_start(Registry(env.model_dir), project_id, tasks, spec, fetcher, progress, env)
 
 
 def predict_unlabeled(project_id: int | str, version: str, progress: Progress | None = None,
