@@ -393,10 +393,11 @@ def cmd_model_tests(args) -> int:
             except (OSError, ValueError) as exc:
                 raise modeltests.ModelTestError(f"cannot read {args.set}: {exc}") from None
             if not args.no_check:  # the project's labels and kind, from Label Studio
+                from labelloop.core.labelconfig import parse_label_config
                 from labelloop.labelstudio.client import StudioClient
 
-                with StudioClient.from_settings() as client:
-                    spec = client.load_project(args.project).spec
+                with StudioClient.from_settings() as client:  # the label config only, not the tasks
+                    spec = parse_label_config(client.project(args.project)["label_config"])
                 labels = spec.labels
             tests = modeltests.parse_suite(raw, labels)
             costs = modeltests.parse_costs(raw.get("costs") if isinstance(raw, dict) else None, labels)

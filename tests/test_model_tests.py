@@ -612,3 +612,35 @@ def test_model_tests_are_set_and_read_over_http(tmp_path):
     assert boxes_priced.status_code == 200 and boxes_priced.json()["costs"]["false_positive"] == 0.5
     negative = app.put("/projects/5/model-tests", json={"tests": [], "costs": {"false_positive": -1}})
     assert negative.status_code == 422 and "false_positive must be in" in negative.json()["error"]
+
+
+@pytest.mark.unit
+def test_training_reads_the_unlabeled_tasks_its_tests_name_one_by_one(tmp_path):
+    """Training reads only the labeled tasks; an examples test may name tasks nobody labeled, and those (only
+    those) are read one by one — a deleted one is skipped, the test then reports its example missing."""
+    from labelloop.core.labelconfig import parse_label_config
+    from labelloop.core.registry import Registry
+    from labelloop.dev.shapes import label_config
+    from labelloop.labelstudio.client import StudioError, StudioProject
+    from labelloop.workflows.pipeline import _tasks_named_by_tests
+
+    spec = parse_label_config(label_config("classification"))
+    registry = Registry(tmp_path)
+    labeled = [{"id": 1, "data": {"image": "a"}}, {"id": 2, "data": {"image": "b"}}]
+    project = StudioProject(7, {}, spec, labeled)
+
+    class Client:
+        read: list[int] = []
+
+        def task(self, task_id):
+            self.read.append(task_id)
+            if task_id == 9:
+                raise StudioError("no such task", 404)
+            return {"id": task_id, "data": {"image": f"img{task_id}"}}
+
+    client = Client()
+    assert _tasks_named_by_tests(client, registry, 7, project) == [] and client.read == []  # no suite
+    modeltests.save_suite(registry.project_dir(7), modeltests.parse_suite(
+        [{"name": "stars", "kind": "examples", "tasks": [2, 5, 9, 5], "label": "star"}], spec.labels))
+    assert _tasks_named_by_tests(client, registry, 7, project) == [{"id": 5, "data": {"image": "img5"}}]
+    assert client.read == [5, 9]

@@ -61,12 +61,6 @@ class StudioProject:
     tasks: list[dict[str, Any]]
 
 
-def read_project(project_id: int | str, env: Settings | None = None) -> StudioProject:
-    """``StudioClient.load_project`` with a client opened and closed for it."""
-    with StudioClient.from_settings(env) as client:
-        return client.load_project(project_id)
-
-
 def read_labeled(project_id: int | str, env: Settings | None = None) -> StudioProject:
     """``StudioClient.load_labeled`` with a client opened and closed for it."""
     with StudioClient.from_settings(env) as client:

@@ -37,7 +37,7 @@ from labelloop.core.training import (
 )
 from labelloop.core.yolo_env import import_yolo
 from labelloop.errors import LabelloopError
-from labelloop.labelstudio.client import StudioClient, read_project
+from labelloop.labelstudio.client import StudioClient, StudioError
 from labelloop.labelstudio.media import MediaError, MediaFetcher, task_image_url
 from labelloop.labelstudio.results import (
     first_label,
@@ -566,14 +566,33 @@ def train_from_label_studio(project_id: int | str, progress: Progress | None = N
     """
 
     env = env or current_settings()
-    project = read_project(project_id, env)
     registry = Registry(env.model_dir)
     registry.remove_stale_temp()
+    with StudioClient.from_settings(env) as client:
+        project = client.load_labeled(project_id)  # page by page: training uses only the labeled tasks
+        tasks = project.tasks + _tasks_named_by_tests(client, registry, project_id, project)
     first = registry.serving(project_id) is None
     min_train = 2 if force or not first else first_training_minimum(project.spec)
     with MediaFetcher.from_settings(env) as fetcher:
-        return train_new_version(registry, project_id, project.tasks, project.spec, fetcher, progress,
+        return train_new_version(registry, project_id, tasks, project.spec, fetcher, progress,
                                  min_train=min_train, skip_if_unchanged=not force, env=env)
+
+
+def _tasks_named_by_tests(client: StudioClient, registry: Registry, project_id: int | str, project) -> list[dict[str, Any]]:
+    """Tasks the project's model tests name as examples that nobody labeled (their images are checked too), read
+    one by one; a suite that does not load is left to the training, which says why."""
+    try:
+        suite = modeltests.load_suite(registry.project_dir(project_id), project.spec.labels)
+    except Exception:  # train_new_version loads it again and reports the reason
+        return []
+    labeled = {int(task["id"]) for task in project.tasks}
+    out = []
+    for task_id in sorted({int(t) for test in suite for t in test.tasks} - labeled):
+        try:
+            out.append(client.task(task_id))
+        except StudioError as exc:  # a deleted task: the test reports its example as missing
+            log.warning("project %s: model-test example task %s not read: %s", project_id, task_id, exc)
+    return out
 
 
 WARM_START_MIN_IMAGES = 32  # fewer images than this teach a contrastive pretraining nothing useful
