@@ -44,7 +44,7 @@ from labelloop.core.labelconfig import ControlSpec, LabelConfigError, parse_labe
 from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
 from labelloop.core.registry import Registry
 from labelloop.fo.env import import_fiftyone, root_dataset
-from labelloop.fo.writes import WRITE_BATCH, write_columns
+from labelloop.fo.writes import WRITE_BATCH, write_columns, write_values
 from labelloop.labelstudio.client import LABELED, StudioClient
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import annotation_key, labeled_image
@@ -417,7 +417,7 @@ def _own_cached_images(dataset, fetcher, env: Settings, media: Path, report: Syn
         except Exception as exc:  # the sample keeps its old path; the report says why
             report.errors.append(f"sample {sample_id}: image not moved off the media cache: {exc}")
     if moved:
-        dataset.set_values("filepath", moved, key_field="id")
+        write_values(dataset, "filepath", moved)
 
 
 def serving_model(project_id, spec: ControlSpec, env: Settings | None = None) -> LoadedModel | None:
