@@ -17,7 +17,7 @@ def test_batch_never_leaves_a_last_batch_of_one(n_train):
 
 def test_settings_follow_the_data():
     small = choose_settings(24, [150, 160, 170], "classify", settings())
-    large = choose_settings(2000, [640, 900], "detect", settings())
+    large = choose_settings(60_000, [640, 900], "detect", settings())
     assert small.imgsz == 160 and large.imgsz == 640  # median side, multiple of 32, capped at 640
     assert small.epochs == recipe.MAX_EPOCHS and large.epochs == recipe.MIN_EPOCHS  # by optimizer steps
     assert small.patience == small.epochs  # no early stop while small data is still near chance
@@ -25,10 +25,16 @@ def test_settings_follow_the_data():
 
 
 def test_epochs_follow_optimizer_steps_not_images():
-    # 120 labels and 400 labels get about the same number of optimizer steps (fewer passes over more data)
-    for n_train, batch in ((96, 16), (192, 16), (320, 16)):
-        steps = recipe.epochs_for(n_train, batch) * -(-n_train // batch)
-        assert recipe.TARGET_STEPS <= steps < recipe.TARGET_STEPS + 2 * -(-n_train // batch)
+    def steps(n_train, batch=16):
+        return recipe.epochs_for(n_train, batch) * -(-n_train // batch)
+
+    # a few dozen labels get the floor of updates (many passes over few images) ...
+    for n_train in (96, 120):
+        assert recipe.MIN_STEPS <= steps(n_train) < recipe.MIN_STEPS + 2 * -(-n_train // 16)
+    # ... more labels get more updates, in proportion, up to the ceiling
+    assert steps(320) >= recipe.STEPS_PER_IMAGE * 320 > recipe.MIN_STEPS
+    assert steps(640) >= 2 * recipe.STEPS_PER_IMAGE * 320 - 16
+    assert recipe.MAX_STEPS <= steps(5000) < recipe.MAX_STEPS + 2 * -(-5000 // 16)
     assert recipe.epochs_for(8, 8) == recipe.MAX_EPOCHS and recipe.epochs_for(100_000, 16) == recipe.MIN_EPOCHS
 
 
@@ -64,3 +70,9 @@ def test_environment_overrides_win(monkeypatch):
     monkeypatch.setenv("LABELLOOP_TRAIN_ARGS", '{"lr0": 0.01}')
     chosen = choose_settings(50, [160], "detect", settings())
     assert (chosen.epochs, chosen.imgsz, chosen.extra["lr0"]) == (7, 96, 0.01)
+
+
+def test_up_weighted_files_make_epochs_longer_not_the_training():
+    # 320 images of which some are repeated to 640 files: the steps of 320 images, in fewer epochs
+    plain, repeated = recipe.epochs_for(320, 16), recipe.epochs_for(640, 16, n_images=320)
+    assert abs(repeated * 40 - plain * 20) <= 40 and repeated < plain

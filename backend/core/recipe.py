@@ -9,8 +9,10 @@ version learned what it learned.
 * **Architecture**: images of at most ``SMALL_IMAGE`` px get labelloop's own ultralytics yaml with
   fewer stride-2 stages (``model_configs/``), so a 64 px image keeps a 4×4 feature map; larger
   images keep the standard yolov8n configs.
-* **Schedule**: epochs follow optimizer *steps* (``TARGET_STEPS``), not images, so 40 labels get
-  as many updates as 400; AdamW with a cosine decay, a short warm-up, EMA (ultralytics' own).
+* **Schedule**: epochs follow optimizer *steps* (``steps_for``), not images: at least ``MIN_STEPS``,
+  so 40 labels get as many updates as 120, and ``STEPS_PER_IMAGE`` per training image above that, so
+  harder data with more labels gets the updates it needs to leave chance; AdamW with a cosine decay,
+  a short warm-up, EMA (ultralytics' own).
 * **Augmentation that keeps labels valid**: classification gets flips, 90° turns, a small shift
   and mild colour jitter — never crops that can cut the object out; detection/segmentation keep
   ultralytics' box-aware augmentation, with mosaic off for small data.
@@ -31,10 +33,15 @@ from labelloop.core.kinds import TaskKind, kind_of
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 SMALL_IMAGE = 96
-# Optimizer steps one training should take: enough for a small model to converge from scratch on
-# a few hundred images, few enough for <= 60 s per round on 2 CPU cores at 64 px.
-TARGET_STEPS = 500
-MIN_EPOCHS, MAX_EPOCHS = 10, 150
+# Optimizer steps of one training. The floor is enough for a small model to learn easy images from
+# scratch on a few dozen labels (the demo's shapes: 0.99 after 500 steps). Harder images need steps
+# in proportion to the labels: textured shapes with 800 noisy labels stayed at chance with 500 steps
+# (0.30-0.50 over 3 seeds) and reached 0.82-0.93 with 2,400 (bench/figures/active_learning.md).
+# The ceiling keeps a CPU training within minutes; large projects still see every image a few times.
+MIN_STEPS = 500
+STEPS_PER_IMAGE = 4
+MAX_STEPS = 3000
+MIN_EPOCHS, MAX_EPOCHS = 3, 150
 LABEL_SMOOTHING = 0.1
 # Below this many training images: no mosaic (it shrinks the few objects there are), AdamW at a
 # higher rate, a one-epoch warm-up.
@@ -56,10 +63,21 @@ def model_config(kind: TaskKind | str, imgsz: int) -> str:
     return kind.standard_config
 
 
-def epochs_for(n_train: int, batch: int) -> int:
-    """Epochs that give about TARGET_STEPS optimizer steps, clamped to [MIN_EPOCHS, MAX_EPOCHS]."""
+def steps_for(n_train: int) -> int:
+    """Optimizer steps one training on ``n_train`` images should take (see MIN_STEPS / STEPS_PER_IMAGE)."""
+    return int(min(MAX_STEPS, max(MIN_STEPS, STEPS_PER_IMAGE * n_train)))
+
+
+def epochs_for(n_train: int, batch: int, n_images: int | None = None) -> int:
+    """Epochs that give about ``steps_for(n_images)`` optimizer steps, clamped to [MIN_EPOCHS, MAX_EPOCHS].
+
+    ``n_train`` counts the files one epoch sees; ``n_images`` the distinct images among them (default:
+    the same). They differ when a class is up-weighted by repeating its files: the repeats make each
+    epoch longer, not the training.
+    """
     steps_per_epoch = max(1, math.ceil(n_train / max(1, batch)))
-    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
+    steps = steps_for(n_train if n_images is None else n_images)
+    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(steps / steps_per_epoch))))
 
 
 def extra_args(kind: TaskKind | str, n_train: int) -> dict[str, Any]:
@@ -85,7 +103,8 @@ def describe(kind: TaskKind | str, imgsz: int, n_train: int, base: str) -> dict[
                                 if architecture == kind.small_image_config else "standard"),
         "start": ("self-supervised warm start on the project's images" if warm
                   else "user weights" if Path(base).suffix == ".pt" else "from scratch"),
-        "schedule": f"~{TARGET_STEPS} optimizer steps, cosine decay, EMA",
+        "schedule": f"~{steps_for(n_train)} optimizer steps ({STEPS_PER_IMAGE} per image, {MIN_STEPS}-{MAX_STEPS}), "
+                    "cosine decay, EMA",
         "weights": "best epoch on the tuning split" if n_train >= SELECT_BEST_EPOCH_FROM else "last epoch",
         "augmentation": ("flips, 90-degree turns, small shifts, mild colour jitter (no crops)" if kind.whole_image
                          else "ultralytics box-aware augmentation" + (", no mosaic" if n_train < SMALL_DATA else "")),

@@ -54,14 +54,17 @@ class TrainSettings:
 
 
 def choose_settings(n_train: int, image_sides: list[int], task: TaskKind | str,
-                    env: Settings | None = None) -> TrainSettings:
-    """Settings from the data (``recipe``); each one overridable through the environment."""
+                    env: Settings | None = None, n_images: int | None = None) -> TrainSettings:
+    """Settings from the data (``recipe``); each one overridable through the environment.
+
+    ``n_train``: training files per epoch; ``n_images``: distinct images among them (see ``recipe.epochs_for``).
+    """
     env = env or current_settings()
     side = statistics.median(image_sides) if image_sides else 320
     imgsz = int(min(640, max(32, math.ceil(side / 32) * 32)))
     batch = env.batch or _batch_without_single_remainder(n_train)
     settings = TrainSettings(
-        epochs=env.epochs or recipe.epochs_for(n_train, batch),
+        epochs=env.epochs or recipe.epochs_for(n_train, batch, n_images),
         imgsz=env.imgsz or imgsz,
         batch=batch,
         patience=0,

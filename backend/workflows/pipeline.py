@@ -348,7 +348,8 @@ def train_new_version(registry: Registry, project: str | int, tasks: list[dict[s
         repeats = modeltests.training_repeats(costs, spec.labels) if costs is not None else {}
         dataset = build_dataset(images, spec, image_paths, Path(tmp) / "data", min_train=2, repeats=repeats)
         # epochs come from optimizer steps over the files training sees: up-weighting costs no extra steps
-        chosen = choose_settings(dataset.counts["train_files"], image_sides(list(image_paths.values())), spec.kind, env)
+        chosen = choose_settings(dataset.counts["train_files"], image_sides(list(image_paths.values())), spec.kind, env,
+                                 n_images=dataset.counts["train"])
         same_classes = serving is not None and serving.task == task and sorted(serving.classes) == sorted(dataset.classes)
         # Every round trains afresh from the base (the user's weights or the recipe's architecture),
         # not from the version in service: measured on the demo's loop (40 -> 240 labels), a fine-tune
