@@ -10,7 +10,9 @@ the job (its helpers start afterwards and find nothing); N workers on N machines
   with the reason (the rest of the job goes on);
 * results are written under the chunk's index, and a redelivered job keeps the chunks already done, so no
   chunk is pushed twice by a second delivery;
-* progress is the share of chunks done, whoever did them.
+* progress is the share of chunks done, whoever did them;
+* a job's second kind of work (its scores of the human labels, ``backlog.SCORE``) runs the same way under keys
+  of its own (``<job id>:score``).
 
 Workers on other machines need what every prediction worker needs: the model volume (MODEL_DIR, the
 version's weights) and Label Studio's media (over HTTP, or the shared media folder).
@@ -42,7 +44,7 @@ class ShardKeys:
     todo: str  # list of chunk indices waiting
     chunks: str  # hash: index -> the chunk's tasks (JSON)
     context: str  # the ChunkContext (JSON)
-    results: str  # hash: index -> what predict_chunk returned (JSON)
+    results: str  # hash: index -> what the chunk returned (backlog.run_chunk, JSON)
     leases: str  # hash: index -> when its lease runs out (epoch seconds)
     attempts: str  # hash: index -> failed attempts
 
@@ -57,7 +59,7 @@ class ShardKeys:
 
 def _take_and_run(store: JobStore, keys: ShardKeys, context, client, fetcher, worker: str) -> bool:
     """Take one chunk off the list and run it; False when the list was empty."""
-    from labelloop.workflows.backlog import predict_chunk
+    from labelloop.workflows.backlog import run_chunk
 
     r = store.r
     raw = r.lpop(keys.todo)
@@ -69,7 +71,7 @@ def _take_and_run(store: JobStore, keys: ShardKeys, context, client, fetcher, wo
     r.hset(keys.leases, index, time.time() + LEASE_S)
     tasks = json.loads(r.hget(keys.chunks, index) or "[]")
     try:
-        out = predict_chunk(context, tasks, client=client, fetcher=fetcher)
+        out = run_chunk(context, tasks, client=client, fetcher=fetcher)
     except Exception as exc:
         attempts = int(r.hincrby(keys.attempts, index, 1))
         log.warning("chunk %s of %s failed (attempt %d): %s", index, keys.todo, attempts, exc)
@@ -113,8 +115,12 @@ def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store:
     worker = worker or socket.gethostname()
 
     def runner(context, chunks: list[list[dict[str, Any]]], progress) -> list[dict[str, Any]]:
+        from labelloop.workflows.backlog import PREDICT
+
         shards = store or JobStore()
-        r, keys = shards.r, ShardKeys.of(job_id)
+        # each kind of work of the job (its predictions, then its scores of the human labels) has its own keys
+        shard = job_id if context.work == PREDICT else f"{job_id}:{context.work}"
+        r, keys = shards.r, ShardKeys.of(shard)
         done = {int(i) for i in r.hkeys(keys.results)}  # a second delivery keeps what the first finished
         now = time.time()  # and leaves a live helper's chunk to it (taken back here if its lease runs out)
         running = {int(i) for i, until in r.hgetall(keys.leases).items() if float(until) >= now}
@@ -133,7 +139,7 @@ def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store:
             pipe.expire(key, RECORD_TTL)
         pipe.execute()
         for _ in range(min(helpers, max(0, len(pending) - 1))):
-            predict_chunks.apply_async(args=[job_id], queue=PREDICT_QUEUE, retry=False)
+            predict_chunks.apply_async(args=[shard], queue=PREDICT_QUEUE, retry=False)
         client, fetcher = _clients()
         try:
             with client, fetcher:
@@ -159,12 +165,13 @@ def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store:
 
 
 @app.task(name="labelloop.predict_chunks", bind=True, acks_late=True, reject_on_worker_lost=True)
-def predict_chunks(self, job_id: str) -> dict[str, Any]:
-    """A helper of prediction job ``job_id``: take its chunks until none are left."""
+def predict_chunks(self, shard: str) -> dict[str, Any]:
+    """A helper of a prediction job: take the chunks of ``shard`` (the job's id, or ``<job id>:score`` for its
+    scores of the human labels) until none are left."""
     from labelloop.workflows.backlog import ChunkContext
 
     store = JobStore()
-    keys = ShardKeys.of(job_id)
+    keys = ShardKeys.of(shard)
     raw = store.r.get(keys.context)
     if raw is None or not store.r.llen(keys.todo):
         return {"took": 0}
@@ -174,5 +181,5 @@ def predict_chunks(self, job_id: str) -> dict[str, Any]:
     with client, fetcher:
         while _take_and_run(store, keys, context, client, fetcher, worker):
             took += 1
-    log.info("helper on %s took %d chunk(s) of job %s", worker, took, job_id)
+    log.info("helper on %s took %d chunk(s) of %s", worker, took, shard)
     return {"took": took, "worker": worker}

@@ -166,3 +166,41 @@ def test_the_project_is_read_page_by_page_with_only_what_the_job_needs(ls_api, m
     assert all(t["annotations"] for t in labeled.tasks)
     images = ls_api.image_tasks(project)
     assert [t["id"] for t in images] == ids and images[5] == {"id": ids[5], "data": {"image": "/data/upload/9/5.png", "n": 5}}
+
+
+def test_the_scores_of_human_labels_are_chunks_of_their_own_under_the_same_job(shards, monkeypatch):
+    """After its predictions a job scores its human labels in chunks too: they run through ``score_chunk`` (not
+    ``predict_chunk``), under keys of their own, so the predictions' results (kept for a second delivery) are
+    not taken for the scores', and a helper queued for them is told which."""
+    import dataclasses
+    import json
+
+    from labelloop.workflows import backlog
+
+    sharding, store, install, context = shards
+    install(Recorder())
+    scored: list[int] = []
+
+    def fake_score(ctx, items, env=None, client=None, fetcher=None):
+        assert ctx.work == backlog.SCORE and all("truth" in item for item in items)
+        scored.extend(item["id"] for item in items)
+        return {"scores": {str(item["id"]): 0.1 * item["id"] for item in items}, "pushed": {}, "errors": 0}
+
+    monkeypatch.setattr(backlog, "score_chunk", fake_score)
+    queued: list[list] = []
+    monkeypatch.setattr(sharding.predict_chunks, "apply_async", lambda args, **kw: queued.append(args))
+    job = f"job-{time.time_ns()}"
+    run = sharding.run_on_workers(job, "a", helpers=4, store=store)
+    predicted = run(context, chunks_of(20), lambda f, m: None)
+    items = [{"id": 100 + i, "data": {}, "truth": {"task_id": 100 + i, "annotation": "a", "label": "star"}}
+             for i in range(25)]
+    out = run(dataclasses.replace(context, work=backlog.SCORE), backlog.chunked(items, 10), lambda f, m: None)
+    assert sum(len(o["pushed"]) for o in predicted) == 20
+    assert sorted(scored) == list(range(100, 125)) and [len(o["scores"]) for o in out] == [10, 10, 5]
+    assert queued[0] == [job] and queued[-1] == [f"{job}:score"]
+    assert store.r.hlen(sharding.ShardKeys.of(job).results) == 2  # the predictions' results, untouched
+    # a worker on another machine rebuilds the context from Redis: the work survives the trip
+    raw = store.r.get(sharding.ShardKeys.of(f"{job}:score").context)
+    assert backlog.ChunkContext.from_json(json.loads(raw)).work == backlog.SCORE
+    with pytest.raises(ValueError, match="unknown chunk work"):
+        backlog.ChunkContext.from_json({**context.to_json(), "work": "rm -rf"})

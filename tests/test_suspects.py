@@ -58,3 +58,27 @@ def test_meta_keeps_the_users_keys_and_is_written_only_when_it_changes():
     assert task_meta({"id": 3, "meta": "not a dict"}, "v", 0.0, False) == {META_KEY: {"mislabel_score": 0.0,
                                                                                       "mislabel_suspect": False,
                                                                                       "version": "v"}}
+
+
+def test_a_human_label_survives_the_trip_to_another_worker():
+    """Score chunks carry each task's truth as JSON to whichever worker takes them: it must come back equal."""
+    import json
+
+    from labelloop.core.truth import truth_from_json, truth_to_json
+
+    region = TruthRegion("star", (0.1, 0.2, 0.3, 0.4), ((0.1, 0.2), (0.3, 0.2), (0.2, 0.4)))
+    for truth in (LabeledImage(7, "11:2026-12-07T10:00:00Z", label="circle"),
+                  LabeledImage(8, "12:2026-12-07T10:00:00Z", regions=(region, TruthRegion("square", (0.5, 0.5, 0.9, 0.9)))),
+                  LabeledImage(9, "13:x", regions=())):
+        assert truth_from_json(json.loads(json.dumps(truth_to_json(truth)))) == truth
+
+
+def test_scores_leave_out_tasks_that_could_not_be_predicted():
+    from labelloop.workflows.suspects import score_labeled
+
+    spec = parse_label_config(label_config("classification"))
+    probs = {"circle": 0.9, "square": 0.05, "triangle": 0.03, "star": 0.02}
+    labeled = [({"id": i}, LabeledImage(i, "a", label=label)) for i, label in ((1, "circle"), (2, "star"), (3, "circle"))]
+    scores = score_labeled(labeled, [ImagePrediction(class_probs=probs), ImagePrediction(class_probs=probs),
+                                     ImagePrediction(error="image unreadable")], spec)
+    assert scores == pytest.approx({1: -math.log(0.9), 2: -math.log(0.02)})

@@ -10,7 +10,9 @@ nor predict it in one worker while others sit idle. So:
   whole or not at all) and handed to a ``ChunkRunner``: ``run_here`` predicts them one after another in
   this process; the Celery face (``labelloop.tasks.sharding``) lets every prediction worker take chunks;
 * **a chunk** (``predict_chunk``) needs only its ``ChunkContext`` (project, version, weights on the shared
-  model volume, the label config) and its tasks, so it runs the same wherever it runs.
+  model volume, the label config) and its tasks, so it runs the same wherever it runs;
+* **the human labels** are scored the same way, in chunks of labeled tasks with their truth (``score_chunk``:
+  the mislabel score of each, for the suspects tab), which the job then ranks and writes.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from labelloop.config import Settings
 from labelloop.config import settings as current_settings
 from labelloop.core.labelconfig import ControlSpec, parse_label_config
 from labelloop.core.predict import load_model
-from labelloop.core.truth import LabeledImage
+from labelloop.core.truth import LabeledImage, truth_from_json, truth_to_json
 from labelloop.labelstudio.client import LABELED, PREDICTION_CHUNK, TASK_PAGE, UNLABELED, StudioClient
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import first_label, labeled_image
+from labelloop.workflows.suspects import score_labeled
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,9 @@ def read_for_prediction(client: StudioClient, project_id: int | str, spec: Contr
     return read
 
 
+PREDICT, SCORE = "predict", "score"  # what a chunk does: push predictions of unlabeled tasks / score human labels
+
+
 @dataclass(frozen=True)
 class ChunkContext:
     """Everything a chunk needs besides its tasks; JSON-able, so a worker on another machine gets it."""
@@ -91,13 +97,17 @@ class ChunkContext:
     version: str
     weights: str  # on the model volume every worker mounts (MODEL_DIR), or a base model's path
     label_config: str
+    work: str = PREDICT  # PREDICT: predict_chunk; SCORE: score_chunk
 
     def to_json(self) -> dict[str, str]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ChunkContext:
-        return cls(str(data["project"]), str(data["version"]), str(data["weights"]), str(data["label_config"]))
+        work = str(data.get("work") or PREDICT)
+        if work not in (PREDICT, SCORE):
+            raise ValueError(f"unknown chunk work {work!r}")
+        return cls(str(data["project"]), str(data["version"]), str(data["weights"]), str(data["label_config"]), work)
 
 
 def predict_chunk(context: ChunkContext, tasks: list[dict[str, Any]], env: Settings | None = None,
@@ -136,6 +146,43 @@ def predict_chunk(context: ChunkContext, tasks: list[dict[str, Any]], env: Setti
             client.close()
 
 
+def labeled_items(labeled: list[tuple[dict[str, Any], LabeledImage]]) -> list[dict[str, Any]]:
+    """The labeled tasks as a SCORE job's chunk items: the compact task with its truth under ``"truth"``."""
+    return [{**task, "truth": truth_to_json(truth)} for task, truth in labeled]
+
+
+def score_chunk(context: ChunkContext, items: list[dict[str, Any]], env: Settings | None = None,
+                client: StudioClient | None = None, fetcher=None) -> dict[str, Any]:
+    """Score one chunk of human labels (``labeled_items``) with the context's version: ``suspects.mislabel_score``
+    of each. Writes nothing (which tasks are suspects depends on every chunk's scores: the job ranks and writes).
+    Returns ``{"scores": {task id: score}, "pushed": {}, "errors": n, "seconds": {"predict": s}}``."""
+    from labelloop.workflows.pipeline import predict_tasks
+
+    env = env or current_settings()
+    spec = parse_label_config(context.label_config)
+    model = load_model(context.weights, context.version)
+    labeled = [({k: v for k, v in item.items() if k != "truth"}, truth_from_json(item["truth"])) for item in items]
+    own_fetcher = fetcher is None
+    fetcher = fetcher or MediaFetcher.from_settings(env)
+    try:
+        started = time.perf_counter()
+        predictions = [p.prediction for p in predict_tasks([t for t, _ in labeled], spec, model, fetcher, env=env)]
+        scores = score_labeled(labeled, predictions, spec)
+        return {"scores": {str(task_id): score for task_id, score in scores.items()}, "pushed": {},
+                "errors": len(items) - len(scores), "seconds": {"predict": round(time.perf_counter() - started, 4)}}
+    finally:
+        if own_fetcher:
+            fetcher.close()
+
+
+def run_chunk(context: ChunkContext, tasks: list[dict[str, Any]], env: Settings | None = None,
+              client: StudioClient | None = None, fetcher=None) -> dict[str, Any]:
+    """One chunk of whichever work its context names."""
+    if context.work == SCORE:
+        return score_chunk(context, tasks, env, client, fetcher)
+    return predict_chunk(context, tasks, env, client, fetcher)
+
+
 ChunkRunner = Callable[[ChunkContext, list[list[dict[str, Any]]], Progress], list[dict[str, Any]]]
 
 
@@ -147,7 +194,7 @@ def run_here(context: ChunkContext, chunks: list[list[dict[str, Any]]], progress
     done, out = 0, []
     with StudioClient.from_settings(env) as client, MediaFetcher.from_settings(env) as fetcher:
         for chunk in chunks:
-            out.append(predict_chunk(context, chunk, env, client, fetcher))
+            out.append(run_chunk(context, chunk, env, client, fetcher))
             done += len(chunk)
             progress(done / max(1, total), f"{done} of {total} tasks predicted")
     return out

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -47,7 +48,7 @@ from labelloop.labelstudio.results import (
 from labelloop.workflows import backlog
 from labelloop.workflows.drift_check import check_incoming
 from labelloop.workflows.misses import MISSES_TAB, refresh_misses
-from labelloop.workflows.suspects import SUSPECTS_TAB, refresh_suspects
+from labelloop.workflows.suspects import SUSPECTS_TAB, publish_suspects
 
 log = logging.getLogger(__name__)
 
@@ -721,10 +722,15 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                 log.warning("project %s: the %r tab was not updated: %s", project_id, LABEL_NEXT_TAB, exc)
             if labeled:
                 say(share, f"scoring the human labels of {len(labeled)} task(s) with {version}")
+                # in chunks too, so every prediction worker helps; the ranking and the writes need every score
+                scored: dict[int, float] = {}
+                outs = run(dataclasses.replace(context, work=backlog.SCORE), backlog.chunked(backlog.labeled_items(labeled)),
+                           lambda fraction, message: say(share + (1 - share) * 0.9 * fraction, message))
+                for out in outs:
+                    scored.update({int(task_id): float(score) for task_id, score in (out.get("scores") or {}).items()})
                 try:
-                    counts.update(refresh_suspects(
-                        client, project_id, spec, version, labeled,
-                        lambda part: [p.prediction for p in predict_tasks(part, spec, model, fetcher, env=env)]))
+                    counts.update(publish_suspects(client, project_id, spec, version,
+                                                   {int(t["id"]): t for t, _ in labeled}, scored))
                 except LabelloopError as exc:
                     log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
             try:  # rough labels in the task data against what the version shows: its misses, for review

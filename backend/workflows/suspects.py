@@ -4,7 +4,8 @@ the score kept in the task's meta, and a "labelloop: mislabel suspects" Data Man
 The score is the engine's mislabel-by-loss (``core.scoring``), the same numbers the FiftyOne face writes as
 ``mislabel_score`` (in-sample: the version has seen most of these labels, so it agrees with them more than
 a fold model would; the FiftyOne operator's out-of-sample mode is the stronger check). Refreshed by the
-prediction job after every promotion, so the tab follows the model without an analyst in the loop.
+prediction job after every promotion, so the tab follows the model without an analyst in the loop: the scores
+come from chunks any prediction worker takes (``backlog.score_chunk``), the ranking and the writes from the job.
 """
 
 from __future__ import annotations
@@ -57,22 +58,27 @@ def task_meta(task: dict[str, Any], version: str, score: float, suspect: bool) -
     return {**meta, META_KEY: entry}
 
 
-def refresh_suspects(client, project_id: int | str, spec: ControlSpec, version: str,
-                     labeled: list[tuple[dict[str, Any], LabeledImage]], predict, say=None) -> dict[str, int]:
-    """Score every labeled task with ``predict`` (tasks → ImagePredictions, the served version's), write each
-    task's meta entry (only where it changed) and rewrite the suspects tab. Returns counts."""
+def score_labeled(labeled: list[tuple[dict[str, Any], LabeledImage]], predictions: list[ImagePrediction | None],
+                  spec: ControlSpec) -> dict[int, float]:
+    """Task id -> ``mislabel_score`` of each human label against its prediction (tasks whose image could not be
+    predicted are left out)."""
     scores: dict[int, float] = {}
-    by_id = {int(task["id"]): task for task, _ in labeled}
-    predictions = predict([task for task, _ in labeled])
     for (task, truth), pred in zip(labeled, predictions):
         if pred is None or pred.error is not None:
             continue
         scores[int(task["id"])], _ = mislabel_score(truth, pred, spec)
+    return scores
+
+
+def publish_suspects(client, project_id: int | str, spec: ControlSpec, version: str,
+                     tasks: dict[int, dict[str, Any]], scores: dict[int, float], say=None) -> dict[str, int]:
+    """Write each scored task's meta entry (only where it changed; ``tasks``: id -> the task as read, for the
+    meta it holds) and rewrite the suspects tab. Returns counts."""
     suspects = rank_suspects(scores, spec)
     top = set(suspects)
     written = 0
     for task_id, score in scores.items():
-        meta = task_meta(by_id[task_id], version, score, task_id in top)
+        meta = task_meta(tasks[task_id], version, score, task_id in top)
         if meta is not None:
             client.set_task_meta(task_id, meta)
             written += 1
@@ -80,6 +86,3 @@ def refresh_suspects(client, project_id: int | str, spec: ControlSpec, version: 
     if say:
         say(1.0, f"{len(suspects)} mislabel suspect(s) of {len(scores)} labeled tasks")
     return {"scored": len(scores), "suspects": len(suspects), "meta_written": written}
-
-
-
