@@ -36,7 +36,7 @@ SMALL_IMAGE = 96
 # Optimizer steps of one training. The floor is enough for a small model to learn easy images from
 # scratch on a few dozen labels (the demo's shapes: 0.99 after 500 steps). Harder images need steps
 # in proportion to the labels: textured shapes with 800 noisy labels stayed at chance with 500 steps
-# (0.30-0.50 over 3 seeds) and reached 0.82-0.93 with 2,400 (bench/figures/active_learning.md).
+# (0.30-0.50 over 3 seeds) and reached 0.82-0.95 with ~2,400 (bench/figures/active_learning.md).
 # The ceiling keeps a CPU training within minutes; large projects still see every image a few times.
 MIN_STEPS = 500
 STEPS_PER_IMAGE = 4
