@@ -17,8 +17,10 @@ Then, each in a fresh process whose peak memory (RSS) is read at its end:
   floor the backlog's per-task cost is compared with.
 
 Then a Redis and real ``labelloop worker`` processes: the prediction job (``tasks.jobs.predict_project``, two
-fresh versions with the same weights so each run predicts the whole backlog) with one prediction worker, then
-with two (both on the prediction queue, with their own host names; the job's chunks go to both).
+fresh versions with the same weights so each run predicts the whole backlog, each promoted before its run so the
+job does what it does after a training: the backlog, then the human labels scored for the suspects tab, both in
+chunks) with one prediction worker, then with two (both on the prediction queue, with their own host names; the
+job's chunks go to both).
 
 Usage: ``.venv/bin/python bench/scale.py [--sizes 1000,10000,100000]``; appends to bench/figures/scale.md and
 draws bench/figures/scale.png.
@@ -260,7 +262,10 @@ def run_size(size: int, args, work: Path, files: Path, studio, start_worker) -> 
         if not args.no_workers:
             row["workers"] = {}
             for count, version in zip((1, 2), versions):
+                # promoted first, as after a training: the job then also scores the human labels (suspects)
+                registry.promote(project, version, "bench/scale.py")
                 row["workers"][count] = celery_run(project, version, count, work, start_worker)
+                print(f"prediction job, {count} worker(s)", json.dumps(row["workers"][count]), flush=True)
     fo_args = {**common, "version": first.version, "dataset": f"scale-{size}-{project}"}
     phases = ["fo_sync", "fo_resync", "fo_score", "fo_raw", "fo_analysis", "fo_embed", "fo_raw_embed"]
     for phase in phases + (["fo_map"] if size <= args.map_up_to else []):
@@ -286,6 +291,8 @@ def celery_run(project: int, version: str, count: int, work: Path, start_worker)
     counts = record.get("counts") or {}
     return {"state": record["state"], "seconds": record["finished_at"] - record["started_at"],
             "pushed": counts.get("pushed"), "chunks_by_worker": counts.get("chunks_by_worker"),
+            "scored": counts.get("scored"), "score_chunks_by_worker": counts.get("score_chunks_by_worker"),
+            "phases": counts.get("seconds"), "meta_written": counts.get("meta_written"),
             "reason": record.get("reason")}
 
 
@@ -328,7 +335,9 @@ def report(args, rows: list[dict], seconds: float) -> None:
             one, two = workers.get(1) or {}, workers.get(2) or {}
             cells += [f"{backlog['seconds']:.1f} ({backlog['read_s']:.1f}) / {_grow(backlog):.0f}",
                       f"{per_task:.1f}, {per_push:.1f}", f"{per_raw:.2f}", f"{per_task / per_raw:.2f}×",
-                      f"{one.get('seconds', nan):.1f}", f"{two.get('seconds', nan):.1f} ({two.get('chunks_by_worker')})"]
+                      f"{one.get('seconds', nan):.1f}",
+                      f"{two.get('seconds', nan):.1f} ({two.get('chunks_by_worker')}; {two.get('scored')} labels scored in "
+                      f"{two.get('score_chunks_by_worker')})"]
         else:
             cells += ["—"] * 6
         lines.append("| " + " | ".join(cells) + " |")

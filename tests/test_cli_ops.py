@@ -112,6 +112,9 @@ def test_connect_is_idempotent_secures_the_webhook_and_a_base_model_backlogs_onc
     backlog = wait_for(lambda: [j for j in jobs_of(ops, project) if j["kind"] == "predict" and j["state"] == "done"],
                        300, "the backlog prediction job")
     assert [(j["version"], j["trigger"], j["counts"]["pushed"]) for j in backlog] == [(BASE, "setup", len(tasks))]
+    # the job's record says where its time went (ops read it when a job is slow)
+    phases = backlog[0]["counts"]["seconds"]
+    assert {"read", "backlog", "model_version"} <= set(phases) and all(v >= 0 for v in phases.values()), phases
     assert sorted(p["task"] for p in predictions_of(ls_api, project, BASE)) == sorted(t["id"] for t in tasks)
     assert ls_api.project(project)["model_version"] == BASE
 

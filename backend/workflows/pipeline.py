@@ -690,7 +690,17 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         spec = parse_label_config(info["label_config"])
         weights = manifest.weights if manifest is not None else base_weights(registry, project_id, spec, version, env)
         say(0.0, "reading the project")
+        phases: dict[str, float] = {}  # seconds per phase, in the job's record: where a slow job spends its time
+        mark = time.perf_counter()
+
+        def took(phase: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[phase] = round(phases.get(phase, 0.0) + now - mark, 3)
+            mark = now
+
         read = backlog.read_for_prediction(client, project_id, spec, version)
+        took("read")
         todo = [t for t in read.unlabeled if t["id"] not in read.held]
         # every unlabeled task's score by this version, for the "label next" tab; what it shows, for misses
         scores = {task_id: (held["score"], first_label(held["result"], spec)) for task_id, held in read.held.items()}
@@ -713,6 +723,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             for task_id, (score, label, result) in out["pushed"].items():
                 scores[int(task_id)] = (score, label)
                 results[int(task_id)] = result
+        took("backlog")
         if serves(registry, project_id, spec, version, env):
             model = load_model(weights, version)
             try:
@@ -720,6 +731,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                     client, project_id, scores, manifest, version)
             except LabelloopError as exc:  # the predictions are in; a tab is not worth failing the job
                 log.warning("project %s: the %r tab was not updated: %s", project_id, LABEL_NEXT_TAB, exc)
+            took("label_next")
             if labeled:
                 say(share, f"scoring the human labels of {len(labeled)} task(s) with {version}")
                 # in chunks too, so every prediction worker helps; the ranking and the writes need every score
@@ -728,17 +740,23 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                            lambda fraction, message: say(share + (1 - share) * 0.9 * fraction, message))
                 for out in outs:
                     scored.update({int(task_id): float(score) for task_id, score in (out.get("scores") or {}).items()})
+                    if out.get("worker"):
+                        by_worker = counts.setdefault("score_chunks_by_worker", {})
+                        by_worker[out["worker"]] = by_worker.get(out["worker"], 0) + 1
+                took("suspects_score")
                 try:
                     counts.update(publish_suspects(client, project_id, spec, version,
                                                    {int(t["id"]): t for t, _ in labeled}, scored))
                 except LabelloopError as exc:
                     log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
+                took("suspects_write")
             try:  # rough labels in the task data against what the version shows: its misses, for review
                 misses = refresh_misses(client, project_id, spec, read.unlabeled, results)
                 if misses is not None:
                     counts["misses"] = misses
             except LabelloopError as exc:
                 log.warning("project %s: the %r tab was not updated: %s", project_id, MISSES_TAB, exc)
+            took("misses")
             if manifest is not None and spec.kind.trained:
                 # tasks imported after this version was trained, against the labels it learned from
                 tasks = read.unlabeled + [t for t, _ in labeled]
@@ -750,7 +768,10 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                         counts["drift"] = report
                 except (LabelloopError, ValueError) as exc:
                     log.warning("project %s: no drift check: %s", project_id, exc)
+                took("drift")
             client.set_model_version(project_id, version)
+            took("model_version")
+        counts["seconds"] = phases
         return counts
 
 
