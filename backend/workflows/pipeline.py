@@ -717,9 +717,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         for out in run(context, chunks, lambda fraction, message: say(share * fraction, message)):
             counts["errors"] += int(out["errors"])
             counts["pushed"] += len(out["pushed"])
-            if out.get("worker"):  # which worker predicted how many chunks (the Celery runner says)
-                by_worker = counts.setdefault("chunks_by_worker", {})
-                by_worker[out["worker"]] = by_worker.get(out["worker"], 0) + 1
+            _tally_worker(counts, "chunks_by_worker", out)
             for task_id, (score, label, result) in out["pushed"].items():
                 scores[int(task_id)] = (score, label)
                 results[int(task_id)] = result
@@ -740,9 +738,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                            lambda fraction, message: say(share + (1 - share) * 0.9 * fraction, message))
                 for out in outs:
                     scored.update({int(task_id): float(score) for task_id, score in (out.get("scores") or {}).items()})
-                    if out.get("worker"):
-                        by_worker = counts.setdefault("score_chunks_by_worker", {})
-                        by_worker[out["worker"]] = by_worker.get(out["worker"], 0) + 1
+                    _tally_worker(counts, "score_chunks_by_worker", out)
                 took("suspects_score")
                 try:
                     counts.update(publish_suspects(client, project_id, spec, version,
@@ -773,6 +769,13 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             took("model_version")
         counts["seconds"] = phases
         return counts
+
+
+def _tally_worker(counts: dict[str, Any], key: str, out: dict[str, Any]) -> None:
+    """Count a chunk for the worker that ran it (the Celery runner names it; ``run_here`` does not)."""
+    if out.get("worker"):
+        by_worker = counts.setdefault(key, {})
+        by_worker[out["worker"]] = by_worker.get(out["worker"], 0) + 1
 
 
 LABEL_NEXT_TAB = "labelloop: label next"
