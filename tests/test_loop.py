@@ -123,20 +123,25 @@ def test_annotations_alone_train_a_version_whose_predictions_flow_back(ls_api, b
     # the same three tasks; Label Studio orders tasks of equal score by id, so only the set is compared
     assert sorted(rewritten) == sorted(listed[:3])
     assert views[user_tab["id"]]["data"] == {"title": "mine"}
-    # every human label scored by the served version in the task's meta (the user's keys kept), and the
-    # "mislabel suspects" tab lists exactly the labeled tasks marked as suspects there
+    # the "mislabel suspects" tab lists labeled tasks, and exactly those carry the served version's score in
+    # their meta (the user's keys kept; the job's record says how many it scored and wrote)
     from labelloop.workflows.suspects import SUSPECTS_TAB
 
     now = {t["id"]: t for t in ls_api.tasks(project)}
-    entries = {t["id"]: now[t["id"]]["meta"]["labelloop"] for t in labeled}
-    assert all(e["version"] == serving and e["mislabel_score"] >= 0.0 for e in entries.values()), entries
+    entries = {t["id"]: now[t["id"]]["meta"]["labelloop"] for t in labeled if "labelloop" in (now[t["id"]]["meta"] or {})}
+    assert all(e["version"] == serving and e["mislabel_score"] >= 0.0 and e["mislabel_suspect"]
+               for e in entries.values()), entries
     assert now[labeled[0]["id"]]["meta"]["source"] == "camera-7"
     assert all("labelloop" not in (now[t]["meta"] or {}) for t in unlabeled)
     suspects_tab = [v for v in ls_api.request("GET", "/api/dm/views", params={"project": project})
                     if v["data"].get("title") == SUSPECTS_TAB]
     assert len(suspects_tab) == 1
     in_tab = {t["id"] for t in ls_api.tab_tasks(project, suspects_tab[0]["id"])}
-    assert in_tab == {t for t, e in entries.items() if e["mislabel_suspect"]}
+    assert in_tab == set(entries)
+    scoring = [j["counts"] for j in jobs_of(backend.url, project)  # newest first
+               if j["kind"] == "predict" and j["state"] == "done" and j.get("version") == serving
+               and "scored" in (j.get("counts") or {})]
+    assert scoring and scoring[0]["scored"] == len(labeled) and scoring[0]["suspects"] == len(in_tab), scoring
     # nothing a human made was touched
     assert {t["id"]: t["annotations"] for t in ls_api.tasks(project)} == before
 

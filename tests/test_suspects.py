@@ -13,7 +13,7 @@ from labelloop.core.labelconfig import parse_label_config
 from labelloop.core.predict import ImagePrediction, Region
 from labelloop.core.truth import LabeledImage, TruthRegion
 from labelloop.dev.shapes import label_config
-from labelloop.workflows.suspects import META_KEY, mislabel_score, rank_suspects, task_meta
+from labelloop.workflows.suspects import META_KEY, meta_updates, mislabel_score, rank_suspects, task_meta
 
 pytestmark = pytest.mark.unit
 
@@ -58,6 +58,56 @@ def test_meta_keeps_the_users_keys_and_is_written_only_when_it_changes():
     assert task_meta({"id": 3, "meta": "not a dict"}, "v", 0.0, False) == {META_KEY: {"mislabel_score": 0.0,
                                                                                       "mislabel_suspect": False,
                                                                                       "version": "v"}}
+
+
+def test_only_the_tabs_tasks_and_those_leaving_it_are_written():
+    old = {"mislabel_score": 1.5, "mislabel_suspect": True, "version": "p1-v1"}
+    tasks = {1: {"id": 1},  # a new suspect
+             2: {"id": 2, "meta": {"source": "cam", META_KEY: old}},  # was a suspect, the new version agrees
+             3: {"id": 3, "meta": {"source": "cam", META_KEY: old}},  # was a suspect, unlabeled now
+             4: {"id": 4},  # the model agrees: no entry, no write
+             5: {"id": 5, "meta": {META_KEY: {**old, "mislabel_suspect": False}}},  # an old entry that says no
+             6: {"id": 6, "meta": {META_KEY: {**old, "mislabel_score": 2.0, "version": "p1-v2"}}}}  # already says so
+    scores = {1: 2.5, 2: 0.1, 4: 0.05, 5: 0.2, 6: 2.0}
+    updates = meta_updates(tasks, scores, [1, 6], "p1-v2")
+    assert updates == {
+        1: {META_KEY: {"mislabel_score": 2.5, "mislabel_suspect": True, "version": "p1-v2"}},
+        2: {"source": "cam", META_KEY: {"mislabel_score": 0.1, "mislabel_suspect": False, "version": "p1-v2"}},
+        3: {"source": "cam"},  # labelloop's entry gone, the user's key kept
+    }
+
+
+def test_a_promotion_writes_a_bounded_number_of_tasks_whatever_the_projects_size():
+    """Label Studio writes task meta one PATCH at a time: the writes must not grow with the labels."""
+    import random
+
+    from labelloop.workflows.suspects import SUSPECTS_SIZE, publish_suspects
+
+    class Recorder:
+        def __init__(self):
+            self.metas, self.tabs = {}, {}
+
+        def set_task_meta(self, task_id, meta):
+            self.metas[task_id] = meta
+
+        def put_tab(self, project_id, title, task_ids):
+            self.tabs[title] = list(task_ids)
+
+    spec = parse_label_config(label_config("classification"))
+    rng = random.Random(0)
+    tasks = {i: {"id": i} for i in range(5000)}
+    client = Recorder()
+    for version in ("p1-v1", "p1-v2", "p1-v3"):
+        scores = {i: rng.expovariate(1.0) for i in tasks}  # each version disagrees elsewhere
+        client.metas.clear()
+        counts = publish_suspects(client, 1, spec, version, tasks, scores)
+        tab = client.tabs["labelloop: mislabel suspects"]
+        assert len(tab) == SUSPECTS_SIZE and counts["meta_written"] == len(client.metas) <= 2 * SUSPECTS_SIZE
+        for task_id, meta in client.metas.items():
+            tasks[task_id] = {"id": task_id, "meta": meta}
+        flagged = {i for i, t in tasks.items() if (t.get("meta") or {}).get(META_KEY, {}).get("mislabel_suspect")}
+        assert flagged == set(tab)  # after every promotion the flags say exactly what the tab shows
+        assert all(tasks[i]["meta"][META_KEY]["version"] == version for i in tab)
 
 
 def test_a_human_label_survives_the_trip_to_another_worker():

@@ -741,8 +741,8 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                     _tally_worker(counts, "score_chunks_by_worker", out)
                 took("suspects_score")
                 try:
-                    counts.update(publish_suspects(client, project_id, spec, version,
-                                                   {int(t["id"]): t for t, _ in labeled}, scored))
+                    every_task = {int(t["id"]): t for t in [*read.unlabeled, *(t for t, _ in labeled)]}
+                    counts.update(publish_suspects(client, project_id, spec, version, every_task, scored))
                 except LabelloopError as exc:
                     log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
                 took("suspects_write")
