@@ -22,8 +22,12 @@ job does what it does after a training: the backlog, then the human labels score
 chunks) with one prediction worker, then with two (both on the prediction queue, with their own host names; the
 job's chunks go to both).
 
-Usage: ``.venv/bin/python bench/scale.py [--sizes 1000,10000,100000]``; appends to bench/figures/scale.md and
-draws bench/figures/scale.png.
+Label Studio keeps its tasks in SQLite by default, where storing predictions slows as the project grows;
+``--postgres postgresql://postgres@127.0.0.1:5432`` runs it on PostgreSQL as the Compose stack does (a fresh
+database is created on that server for the run and dropped after it), which the backlog rows at 10k and above need.
+
+Usage: ``.venv/bin/python bench/scale.py [--sizes 1000,10000,100000] [--postgres URL --backlog-up-to 100000]``;
+appends to bench/figures/scale.md and draws bench/figures/scale.png.
 """
 
 from __future__ import annotations
@@ -168,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--export-up-to", type=int, default=10000, help="larger projects skip the easy export")
     parser.add_argument("--map-up-to", type=int, default=10000, help="larger datasets skip the UMAP map")
     parser.add_argument("--figures", type=Path, default=HERE / "figures")
+    parser.add_argument("--postgres", default="", help="Label Studio on this PostgreSQL server "
+                        "(postgresql://user@host:port; a database is created for the run and dropped after)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     work = Path(tempfile.mkdtemp(prefix="labelloop-bench-scale-"))
@@ -178,7 +184,8 @@ def main(argv=None) -> int:
     from labelloop.dev.localstack import start_label_studio, start_mongod, start_redis, start_worker
 
     files = work / "files"
-    studio = start_label_studio(work / "label-studio")
+    database = _create_database(args.postgres, f"labelloop_scale_{os.getpid()}") if args.postgres else None
+    studio = start_label_studio(work / "label-studio", postgres=database)
     redis = start_redis(work / "redis")
     mongod = start_mongod(work / "mongod")
     os.environ.update({"REDIS_URL": redis.url, "LABEL_STUDIO_URL": studio.url,
@@ -195,8 +202,31 @@ def main(argv=None) -> int:
         redis.stop()
         studio.stop()
         mongod.stop()
+        if database:
+            _drop_database(database)
     report(args, rows, time.perf_counter() - started)
     return 0
+
+
+def _postgres(server: str, statement: str) -> None:
+    """Run one statement on a PostgreSQL server with Label Studio's own driver (psycopg, in its venv)."""
+    import subprocess
+
+    from labelloop.dev.localstack import label_studio_venv
+
+    code = ("import psycopg, sys\n"
+            "with psycopg.connect(sys.argv[1], dbname='postgres', autocommit=True) as c: c.execute(sys.argv[2])")
+    subprocess.run([str(label_studio_venv() / "bin" / "python"), "-c", code, server, statement], check=True)
+
+
+def _create_database(server: str, name: str) -> str:
+    _postgres(server, f'CREATE DATABASE "{name}"')
+    return f"{server.rstrip('/')}/{name}"
+
+
+def _drop_database(url: str) -> None:
+    server, name = url.rsplit("/", 1)
+    _postgres(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run_size(size: int, args, work: Path, files: Path, studio, start_worker) -> dict:
@@ -313,7 +343,8 @@ def report(args, rows: list[dict], seconds: float) -> None:
 
     nan = float("nan")
     lines = [f"\n## {dt.date.today()} — {platform.machine()}, {os.cpu_count()} CPU cores, {seconds / 60:.1f} min",
-             "", f"{args.labeled} labeled tasks per project; peak RSS above the process's start (torch loaded) in MB; "
+             "", f"Label Studio on {'PostgreSQL' if args.postgres else 'SQLite'}; "
+                 f"{args.labeled} labeled tasks per project; peak RSS above the process's start (torch loaded) in MB; "
                  f"projects above {args.upload_up_to} tasks imported as JSON tasks over files placed in Label Studio's "
                  f"upload folder; backlog and Celery runs up to {args.backlog_up_to} tasks.",
              "", "**Label Studio side**", "",

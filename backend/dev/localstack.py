@@ -61,10 +61,25 @@ class ManagedProcess:
             self.process.wait(timeout=5)
 
 
+def postgres_env(url: str) -> dict[str, str]:
+    """Label Studio's database settings (``DJANGO_DB``, ``POSTGRE_*``) for a ``postgresql://`` URL."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if parts.scheme not in ("postgres", "postgresql") or not parts.hostname or not name:
+        raise ValueError(f"not a postgresql://user@host:port/name URL: {url!r}")
+    return {"DJANGO_DB": "default", "POSTGRE_HOST": parts.hostname, "POSTGRE_PORT": str(parts.port or 5432),
+            "POSTGRE_USER": unquote(parts.username or "postgres"), "POSTGRE_PASSWORD": unquote(parts.password or ""),
+            "POSTGRE_NAME": name}
+
+
 def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path | None = None,
                        username: str = "admin@example.com", password: str | None = None,
-                       token: str | None = None, timeout: float = 240) -> ManagedProcess:
-    """Label Studio with an admin user and a legacy API token, ready for a backend on loopback."""
+                       token: str | None = None, timeout: float = 240, postgres: str | None = None) -> ManagedProcess:
+    """Label Studio with an admin user and a legacy API token, ready for a backend on loopback. Its database:
+    SQLite in ``data_dir``, or ``postgres`` (``postgresql://user[:password]@host[:port]/name``, an existing and
+    empty database: Label Studio creates its tables), as the Compose stack runs it."""
     binary = label_studio_venv() / "bin" / "label-studio"
     if not binary.exists():
         raise FileNotFoundError(f"Label Studio is not installed at {binary}; run `make setup` (scripts/setup.sh)")
@@ -91,8 +106,9 @@ def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path
         "COLLECT_ANALYTICS": "false",
         "LATEST_VERSION_CHECK": "false",
     }
-    for leaked in ("VIRTUAL_ENV", "PYTHONPATH", "DJANGO_SETTINGS_MODULE"):
+    for leaked in ("VIRTUAL_ENV", "PYTHONPATH", "DJANGO_SETTINGS_MODULE", "DJANGO_DB"):
         env.pop(leaked, None)
+    env.update(postgres_env(postgres) if postgres else {"DJANGO_DB": "sqlite"})
     log = data_dir / "label-studio.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(
