@@ -181,10 +181,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "labelloop" / "ultralytics"))
     os.environ["LABELLOOP_EPOCHS"] = "3"
 
-    from labelloop.dev.localstack import start_label_studio, start_mongod, start_redis, start_worker
+    from labelloop.dev.localstack import (
+        create_postgres_database,
+        drop_postgres_database,
+        start_label_studio,
+        start_mongod,
+        start_redis,
+        start_worker,
+    )
 
     files = work / "files"
-    database = _create_database(args.postgres, f"labelloop_scale_{os.getpid()}") if args.postgres else None
+    database = create_postgres_database(args.postgres, f"labelloop_scale_{os.getpid()}") if args.postgres else None
     studio = start_label_studio(work / "label-studio", postgres=database)
     redis = start_redis(work / "redis")
     mongod = start_mongod(work / "mongod")
@@ -203,30 +210,9 @@ def main(argv=None) -> int:
         studio.stop()
         mongod.stop()
         if database:
-            _drop_database(database)
+            drop_postgres_database(database)
     report(args, rows, time.perf_counter() - started)
     return 0
-
-
-def _postgres(server: str, statement: str) -> None:
-    """Run one statement on a PostgreSQL server with Label Studio's own driver (psycopg, in its venv)."""
-    import subprocess
-
-    from labelloop.dev.localstack import label_studio_venv
-
-    code = ("import psycopg, sys\n"
-            "with psycopg.connect(sys.argv[1], dbname='postgres', autocommit=True) as c: c.execute(sys.argv[2])")
-    subprocess.run([str(label_studio_venv() / "bin" / "python"), "-c", code, server, statement], check=True)
-
-
-def _create_database(server: str, name: str) -> str:
-    _postgres(server, f'CREATE DATABASE "{name}"')
-    return f"{server.rstrip('/')}/{name}"
-
-
-def _drop_database(url: str) -> None:
-    server, name = url.rsplit("/", 1)
-    _postgres(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run_size(size: int, args, work: Path, files: Path, studio, start_worker) -> dict:

@@ -74,6 +74,31 @@ def postgres_env(url: str) -> dict[str, str]:
             "POSTGRE_NAME": name}
 
 
+def _on_postgres(server: str, statement: str) -> None:
+    """Run one statement on a PostgreSQL server with Label Studio's own driver (psycopg, in its venv)."""
+    code = ("import psycopg, sys\n"
+            "with psycopg.connect(sys.argv[1], dbname='postgres', autocommit=True, connect_timeout=5) as c:\n"
+            "    c.execute(sys.argv[2])")
+    done = subprocess.run([str(label_studio_venv() / "bin" / "python"), "-c", code, server, statement],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        raise RuntimeError(f"PostgreSQL at {server}: {done.stderr.strip().splitlines()[-1:]}")
+
+
+def create_postgres_database(server: str, name: str) -> str:
+    """A new empty database ``name`` on ``server`` (``postgresql://user@host:port``); returns its URL."""
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"database name {name!r}: letters, digits and _ only")
+    _on_postgres(server, f'CREATE DATABASE "{name}"')
+    return f"{server.rstrip('/')}/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    """Drop the database a ``create_postgres_database`` URL names (its connections closed first)."""
+    server, name = url.rsplit("/", 1)
+    _on_postgres(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path | None = None,
                        username: str = "admin@example.com", password: str | None = None,
                        token: str | None = None, timeout: float = 240, postgres: str | None = None) -> ManagedProcess:
