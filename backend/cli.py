@@ -575,7 +575,14 @@ def cmd_fiftyone_sync(args) -> int:
     from labelloop.fo.sync import sync_project
 
     bar, update = _progress_bar(f"syncing project {args.project}")
-    report = sync_project(args.project, args.dataset, predict=not args.no_predict, progress=update)
+    runner = None
+    if args.celery and not args.no_predict:
+        from labelloop.tasks.jobs import predict_files_on_celery, prediction_workers
+
+        if not prediction_workers():
+            raise Unreachable("--celery: no worker takes the prediction queue (start `labelloop worker --queues predict`)")
+        runner = predict_files_on_celery
+    report = sync_project(args.project, args.dataset, predict=not args.no_predict, progress=update, runner=runner)
     bar.close()
     print(json.dumps(report.__dict__, indent=2))
     return 0
@@ -811,6 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--project", type=int, required=True)
     sync.add_argument("--dataset", default=None, help="dataset name (default labelloop-project-<id>)")
     sync.add_argument("--no-predict", action="store_true", help="do not predict with the version in service")
+    sync.add_argument("--celery", action="store_true",
+                      help="predict in chunks on the prediction workers (they must share the dataset's media folder)")
     sync.set_defaults(func=cmd_fiftyone_sync)
     score = fo_sub.add_parser("score", help="mislabels | uncertainty | embeddings on a synced dataset")
     score.add_argument("analysis", choices=["mislabels", "uncertainty", "embeddings"], help="what to compute")

@@ -20,7 +20,9 @@ Then a Redis and real ``labelloop worker`` processes: the prediction job (``task
 fresh versions with the same weights so each run predicts the whole backlog, each promoted before its run so the
 job does what it does after a training: the backlog, then the human labels scored for the suspects tab, both in
 chunks) with one prediction worker, then with two (both on the prediction queue, with their own host names; the
-job's chunks go to both).
+job's chunks go to both). The FiftyOne side: the sync, scoring (the engine's predictions written into every
+sample) here and as ``labelloop.predict_files`` chunks on 1, then 2 prediction workers, mislabels, uncertainty,
+embeddings and the UMAP map, each against ultralytics' own pass over the same files.
 
 Label Studio keeps its tasks in SQLite by default, where storing predictions slows as the project grows;
 ``--postgres postgresql://postgres@127.0.0.1:5432`` runs it on PostgreSQL as the Compose stack does (a fresh
@@ -123,6 +125,10 @@ def _fiftyone_phase(phase: str, args: dict, spec) -> tuple[float, dict]:
         extra.update(added=report.added, updated=report.updated_ground_truth, errors=len(report.errors))
     elif phase == "fo_score":  # the engine's predictions and scores into every sample (as the sync writes them)
         extra["samples"] = predict_samples(dataset, spec, model, force=True)
+    elif phase == "fo_score_celery":  # the same, the forward passes as chunks on the running prediction workers
+        from labelloop.tasks.jobs import predict_files_on_celery
+
+        extra["samples"] = predict_samples(dataset, spec, model, force=True, runner=predict_files_on_celery)
     elif phase == "fo_raw":  # ultralytics' own predict on the files, at the batch size the scoring uses
         files = [str(p) for p in paths]
         for at in range(0, len(files), 64):
@@ -287,6 +293,15 @@ def run_size(size: int, args, work: Path, files: Path, studio, start_worker) -> 
     for phase in phases + (["fo_map"] if size <= args.map_up_to else []):
         row[phase] = measure(phase, fo_args)
         print(phase, json.dumps(row[phase]), flush=True)
+    if not args.no_workers:  # the FiftyOne scoring's forward passes on 1, then 2 prediction workers
+        for count in (1, 2):
+            workers = [start_worker(work / "home", queues="predict", name=f"fo{k + 1}-{size}") for k in range(count)]
+            try:
+                row[f"fo_score_celery_{count}"] = measure("fo_score_celery", fo_args)
+            finally:
+                for worker in workers:
+                    worker.stop()
+            print(f"fo_score_celery, {count} worker(s)", json.dumps(row[f"fo_score_celery_{count}"]), flush=True)
     return row
 
 
@@ -362,18 +377,20 @@ def report(args, rows: list[dict], seconds: float) -> None:
                   "probabilities written into every sample; raw = the same forward passes on the same files, nothing "
                   "written)", "",
               "| samples | sync s / MB | re-sync, nothing changed s / MB | scoring ms per sample / MB | raw ms per image "
-              "| scoring / raw | mislabels s | uncertainty s | embeddings ms per sample | raw embed ms per image "
-              "| embed / raw | UMAP map s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| scoring / raw | scoring on 1 / 2 prediction workers, ms per sample | mislabels s | uncertainty s "
+              "| embeddings ms per sample | raw embed ms per image | embed / raw | UMAP map s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         sync, resync, score, raw = row["fo_sync"], row["fo_resync"], row["fo_score"], row["fo_raw"]
         embed, raw_embed, analysis = row["fo_embed"], row["fo_raw_embed"], row["fo_analysis"]
         umap = row.get("fo_map")
         umap_cell = f"{umap['seconds']:.0f}" if umap else "—"
+        on_workers = [row.get(f"fo_score_celery_{count}") for count in (1, 2)]
+        workers_cell = (" / ".join(f"{_per_item_ms(m):.2f}" for m in on_workers if m) if any(on_workers) else "—")
         lines.append(
             f"| {row['tasks']} | {sync['seconds']:.1f} / {_grow(sync):.0f} | {resync['seconds']:.1f} / {_grow(resync):.0f} "
             f"| {_per_item_ms(score):.2f} / {_grow(score):.0f} | {_per_item_ms(raw):.2f} "
-            f"| {_per_item_ms(score) / _per_item_ms(raw):.2f}× | {analysis['mislabels_s']:.1f} "
+            f"| {_per_item_ms(score) / _per_item_ms(raw):.2f}× | {workers_cell} | {analysis['mislabels_s']:.1f} "
             f"| {analysis['uncertainty_s']:.1f} | {_per_item_ms(embed):.2f} | {_per_item_ms(raw_embed):.2f} "
             f"| {_per_item_ms(embed) / _per_item_ms(raw_embed):.2f}× | {umap_cell} |")
     path = append_run(args.figures, "scale.md", "Scale (`bench/scale.py`)", "\n".join(lines) + "\n")

@@ -29,6 +29,7 @@ def make_app() -> Celery:
             "labelloop.crossval_fold": {"queue": TRAIN_QUEUE},
             "labelloop.predict_project": {"queue": PREDICT_QUEUE},
             "labelloop.predict_chunks": {"queue": PREDICT_QUEUE},
+            "labelloop.predict_files": {"queue": PREDICT_QUEUE},
         },
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -307,8 +307,9 @@ def warm_start_project(self, job_id: str, project: str) -> dict[str, Any]:
     return _run_locked_job(self, job_id, project, "warm-start", "-", "train", work)
 
 
-def _count_fold_attempt(task) -> None:
-    """Folds have no job record: a counter key per Celery task id ends a redelivery loop the same way."""
+def _count_attempt(task) -> None:
+    """Folds and file chunks have no job record: a counter key per Celery task id ends a redelivery loop (its
+    worker dies on it every time) the way a job's attempts do; retries count too."""
     from labelloop.tasks.jobstore import PREFIX, RECORD_TTL
 
     store = JobStore()
@@ -319,7 +320,7 @@ def _count_fold_attempt(task) -> None:
     attempts = int(pipe.execute()[0])
     limit = settings().max_job_attempts
     if attempts > limit:
-        raise RuntimeError(f"worker died {attempts - 1} times while running this fold; not run again "
+        raise RuntimeError(f"tried {attempts - 1} times already (its worker died or it failed); not run again "
                            f"(LABELLOOP_MAX_JOB_ATTEMPTS={limit})")
 
 
@@ -330,7 +331,7 @@ def crossval_fold(self, project: str, folds: int, fold: int) -> dict[str, Any]:
     from labelloop.labelstudio.media import MediaFetcher
     from labelloop.workflows.pipeline import train_fold_and_predict
 
-    _count_fold_attempt(self)
+    _count_attempt(self)
     data = read_labeled(project)  # a fold trains and predicts labeled tasks only: no export of the whole project
 
     def report(fraction: float, message: str) -> None:
@@ -356,3 +357,66 @@ def run_folds_on_celery(project: int, folds: int, progress) -> dict[int, Any]:
     for part in result.get(disable_sync_subtasks=False):
         merged.update({int(k): prediction_from_json(v) for k, v in part.items()})
     return merged
+
+
+# -- FiftyOne predictions in chunks (labelloop.workflows.file_chunks) ---------------------------------------
+
+FILE_CHUNK_ATTEMPTS = 3  # a chunk that fails is retried alone, then reported (its samples keep what they had)
+
+
+@app.task(name="labelloop.predict_files", bind=True, acks_late=True, reject_on_worker_lost=True)
+def predict_files(self, context: dict[str, Any], paths: list[Any]) -> list[dict[str, Any]]:
+    """One chunk of a FiftyOne dataset's image files predicted with a version (prediction queue); returns the
+    predictions as JSON, in order. The files must be on a volume this worker shares with the dataset."""
+    from labelloop.errors import LabelloopError
+    from labelloop.workflows.file_chunks import FilesContext, predict_chunk
+
+    _count_attempt(self)
+    try:
+        return predict_chunk(FilesContext.from_json(context), paths)
+    except (ValueError, LabelloopError):
+        raise  # bad input or a model that cannot serve: another try would fail the same way
+    except Exception as exc:  # an unreadable file, a worker short of memory: retried alone
+        if self.request.retries + 1 >= FILE_CHUNK_ATTEMPTS:
+            raise
+        raise self.retry(exc=exc, countdown=1, max_retries=FILE_CHUNK_ATTEMPTS - 1) from exc
+
+
+def predict_files_on_celery(context, chunks: list[list[str]]):
+    """A ``file_chunks.FilesRunner``: one ``predict_files`` task per chunk on the prediction queue, so every
+    prediction worker takes chunks; yields ``(chunk index, predictions)`` as each finishes, or ``(chunk index,
+    reason)`` for a chunk that failed every try. Closing the generator early revokes the chunks not started."""
+    from celery import group
+
+    from labelloop.workflows.pipeline import prediction_from_json
+
+    if not chunks:
+        return
+    result = group(predict_files.s(context.to_json(), chunk) for chunk in chunks).apply_async()
+    pending = dict(enumerate(result.results))
+    try:
+        while pending:
+            finished = [k for k, child in pending.items() if child.ready()]
+            if not finished:
+                time.sleep(0.1)
+                continue
+            for k in finished:
+                child = pending.pop(k)
+                if child.successful():
+                    yield k, [prediction_from_json(p) for p in child.get(disable_sync_subtasks=False)]
+                else:
+                    yield k, reason_of(child.result) if isinstance(child.result, BaseException) else str(child.result)
+                child.forget()
+    finally:
+        for child in pending.values():
+            child.revoke()
+
+
+def prediction_workers(timeout: float = 1.0) -> list[str]:
+    """Names of the running workers that take the prediction queue (none answers: an empty list)."""
+    try:
+        queues = app.control.inspect(timeout=timeout).active_queues() or {}
+    except Exception as exc:  # no broker: nothing to hand chunks to
+        log.info("no prediction worker: %s", exc)
+        return []
+    return sorted(name for name, consumed in queues.items() if any(q.get("name") == PREDICT_QUEUE for q in consumed))

@@ -241,6 +241,49 @@ def test_out_of_sample_scoring_is_delegated_and_trains_its_folds_on_celery(fo, f
     assert len(dataset.exists("mislabel_score_oos")) == result["scored"]
 
 
+def test_predictions_made_on_the_prediction_workers_equal_the_ones_made_here(fo, fo_project, tmp_path, monkeypatch):
+    """At size the forward passes run as `labelloop.predict_files` chunks on every prediction worker (a real
+    Celery worker on a real Redis; the files on the volume they share) while this process writes what comes
+    back: the same labels and probabilities as predicting here. A chunk that fails every try (an image file that
+    is not an image) is reported and leaves its samples as they were; the other chunks are written."""
+    from labelloop.dev.localstack import start_worker
+    from labelloop.fo.analysis import spec_of
+    from labelloop.fo.sync import predict_samples, serving_model
+    from labelloop.tasks.jobs import predict_files_on_celery, prediction_workers
+    from labelloop.workflows import file_chunks
+
+    here = fo_project["dataset"]
+    spec = spec_of(here)
+    model = serving_model(fo_project["project"], spec)
+    copy = here.clone(f"{here.name}-on-workers")
+    broken = tmp_path / "not-an-image.png"
+    broken.write_bytes(b"this is not an image")
+    copy.add_sample(fo.Sample(filepath=str(broken)))
+    monkeypatch.setattr(file_chunks, "CHUNK", 10)  # 31 samples: four chunks, the last one the broken file alone
+    assert prediction_workers() == []  # nothing takes the prediction queue yet: the plugin would predict here
+    worker = start_worker(tmp_path / "worker", queues="predict")
+    try:
+        assert len(wait_for(prediction_workers, 60, "the prediction worker to answer")) == 1
+        said = []
+        done = predict_samples(copy, spec, model, force=True, runner=predict_files_on_celery,
+                               progress=lambda fraction, message: said.append(message))
+    finally:
+        worker.stop()
+    assert done == len(here), said
+    assert "1 chunk(s) failed" in said[-1], said
+    assert worker.log.read_text(errors="replace").count("labelloop.predict_files") >= 4, "the chunks ran elsewhere"
+    mine = dict(zip(*here.values(["filepath", "class_probs"])))
+    theirs = dict(zip(*copy.values(["filepath", "class_probs"])))
+    assert theirs.pop(str(broken)) is None  # the failed chunk's sample was left as it was
+    assert set(theirs) == set(mine)
+    for path, probs in theirs.items():
+        assert probs.keys() == mine[path].keys()
+        assert all(abs(probs[c] - mine[path][c]) < 1e-4 for c in probs), path
+    assert dict(zip(*copy.values(["filepath", "predictions.label"]))) == {
+        **dict(zip(*here.values(["filepath", "predictions.label"]))), str(broken): None}
+    copy.delete()
+
+
 def test_the_delegated_services_health_check_is_its_database(mongod):
     """`labelloop delegated --check` (the compose healthcheck): 0 while FiftyOne's MongoDB answers, else 1 and why."""
     import subprocess

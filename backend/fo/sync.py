@@ -31,7 +31,7 @@ import hashlib
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from labelloop.fo.writes import WRITE_BATCH, write_columns, write_values
 from labelloop.labelstudio.client import LABELED, StudioClient
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import annotation_key, labeled_image
+from labelloop.workflows import file_chunks
 from labelloop.workflows.pipeline import image_url_of, resolve_model
 
 log = logging.getLogger(__name__)
@@ -171,23 +172,25 @@ class _Known:
 
 
 def sync_project(project_id: int | str, dataset_name: str | None = None, predict: bool = True,
-                 progress: Progress | None = None, env: Settings | None = None, client=None) -> SyncReport:
+                 progress: Progress | None = None, env: Settings | None = None, client=None,
+                 runner: file_chunks.FilesRunner | None = None) -> SyncReport:
     """Create or update the FiftyOne dataset of a Label Studio project; only what changed is read and written.
 
     Label Studio is read page by page (``StudioClient.iter_tasks``): first every task's summary, whose
     ``updated_at`` moves when an annotation is saved, changed or deleted; then, in full, only the labeled tasks
     that are new or whose ``updated_at`` moved since the last sync. New samples are added a batch at a time and
     changed fields written in bulk, so memory holds a batch plus a few values per task, whatever the size.
+    ``runner``: where the predictions' forward passes run (``predict_samples``).
     """
     env = env or current_settings()
     if client is None:
         with StudioClient.from_settings(env) as own:
-            return _sync(own, project_id, dataset_name, predict, progress, env)
-    return _sync(client, project_id, dataset_name, predict, progress, env)
+            return _sync(own, project_id, dataset_name, predict, progress, env, runner)
+    return _sync(client, project_id, dataset_name, predict, progress, env, runner)
 
 
 def _sync(client: StudioClient, project_id: int | str, dataset_name: str | None, predict: bool,
-          progress: Progress | None, env: Settings) -> SyncReport:
+          progress: Progress | None, env: Settings, runner: file_chunks.FilesRunner | None = None) -> SyncReport:
     say = progress or (lambda fraction, message: None)
     project = client.project(project_id)
     spec = parse_label_config(project["label_config"])
@@ -251,7 +254,8 @@ def _sync(client: StudioClient, project_id: int | str, dataset_name: str | None,
         model = serving_model(project_id, spec, env)
         if model is not None:
             report.version = model.version
-            report.predicted = predict_samples(dataset, spec, model, progress=lambda f, m: say(0.35 + 0.6 * f, m))
+            report.predicted = predict_samples(dataset, spec, model, progress=lambda f, m: say(0.35 + 0.6 * f, m),
+                                               runner=runner)
     say(1.0, f"synced {name}: +{report.added} samples, {report.updated_ground_truth} annotation(s) updated, "
              f"{report.predicted} predicted")
     return report
@@ -433,8 +437,14 @@ def model_for_version(project_id, version: str, env: Settings | None = None) -> 
 
 
 def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = False, batch: int = 64,
-                    progress: Progress | None = None, fields_prefix: str = "") -> int:
-    """Write the engine's predictions of ``model`` into the samples of ``view`` that lack them."""
+                    progress: Progress | None = None, fields_prefix: str = "",
+                    runner: file_chunks.FilesRunner | None = None) -> int:
+    """Write the engine's predictions of ``model`` into the samples of ``view`` that lack them.
+
+    ``runner`` decides where the forward passes run (``workflows.file_chunks``): default here, batch after
+    batch; the plugin and the CLI can pass the Celery runner, which lets every prediction worker take chunks
+    of the samples' files (on the volume they share) while this process writes what comes back. Returns the
+    number of samples written; a chunk a worker failed is logged and its samples left for the next run."""
     say = progress or (lambda fraction, message: None)
     import_fiftyone()  # FiftyOne configured for labelloop before its first use
     version_field = f"{fields_prefix}prediction_version"
@@ -451,7 +461,21 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
     # whole-image models see small inputs: one forward pass per batch of 64 is ~15 % faster per image than 4 of
     # 16 at 64 px (2 cores); detection and segmentation keep 16 (their inputs are up to 640 px a side)
     infer_batch = batch if spec.kind.whole_image else min(batch, 16)
+    label_config = ((dataset.info or {}).get("labelloop") or {}).get("label_config")
+    if runner is not None and not label_config:
+        log.warning("dataset %s has no label config in its info (not made by a sync): predicting here", dataset.name)
+        runner = None
+    if runner is None:  # here: the model already loaded, a batch at a time
+        parts = [wanted[start : start + batch] for start in range(0, len(wanted), batch)]
+        results: Iterator[tuple[int, list[ImagePrediction] | str]] = (
+            (k, predict_images(model, [Path(p) for _, p in part], spec, threshold, batch=infer_batch))
+            for k, part in enumerate(parts))
+    else:
+        parts = [wanted[start : start + file_chunks.CHUNK] for start in range(0, len(wanted), file_chunks.CHUNK)]
+        context = file_chunks.FilesContext(str(model.path), model.version, label_config, threshold, infer_batch)
+        results = runner(context, [[p for _, p in part] for part in parts])
     done = 0
+    failed: list[str] = []
     columns: dict[str, dict[str, Any]] = {}
     # Writes run beside the next batches' forward passes (mongod works in its own process), one at a time:
     # memory holds at most the batch being written and the one being filled.
@@ -465,16 +489,20 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
             pending = writer.submit(write_columns, dataset, columns) if columns else None
             columns = {}
 
-        for start in range(0, len(wanted), batch):
-            chunk = wanted[start : start + batch]
-            preds = predict_images(model, [Path(p) for _, p in chunk], spec, threshold, batch=infer_batch)
-            for (sample_id, _), pred in zip(chunk, preds):
-                for key, value in prediction_labels(pred, spec, model.version).items():
-                    columns.setdefault(f"{fields_prefix}{key}", {})[sample_id] = value
-            done += len(chunk)
-            if len(next(iter(columns.values()), {})) >= WRITE_BATCH:
-                flush()
-            say(done / max(1, len(wanted)), f"{done} of {len(wanted)} samples predicted with {model.version}")
+        for index, preds in results:
+            part = parts[index]
+            if isinstance(preds, str):  # a worker's chunk that failed: its samples keep what they had
+                failed.append(preds)
+                log.warning("%d samples not predicted with %s: %s", len(part), model.version, preds)
+            else:
+                for (sample_id, _), pred in zip(part, preds):
+                    for key, value in prediction_labels(pred, spec, model.version).items():
+                        columns.setdefault(f"{fields_prefix}{key}", {})[sample_id] = value
+                done += len(part)
+                if len(next(iter(columns.values()), {})) >= WRITE_BATCH:
+                    flush()
+            say(done / max(1, len(wanted)), f"{done} of {len(wanted)} samples predicted with {model.version}"
+                + (f" ({len(failed)} chunk(s) failed)" if failed else ""))
         flush()
         if pending is not None:
             pending.result()

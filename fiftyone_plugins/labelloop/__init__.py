@@ -245,14 +245,20 @@ class SyncLabelStudio(foo.Operator):
         inputs.int("project", label="Label Studio project id", required=True, default=_info(ctx).get("project"))
         inputs.str("dataset_name", label="Dataset (default labelloop-project-<id>)", required=False)
         inputs.bool("predict", label="Predict with the version in service", default=True)
+        inputs.bool("celery", label="Predict on the prediction workers (Celery) when any is running", default=True)
         return types.Property(inputs, view=types.View(label="Sync a Label Studio project"))
 
     def execute(self, ctx):
         params, env = ctx.params, _settings(ctx)
 
         def action(progress):
+            runner = None
+            if params.get("predict", True) and params.get("celery", True):
+                from labelloop.tasks.jobs import predict_files_on_celery, prediction_workers
+
+                runner = predict_files_on_celery if prediction_workers() else None  # none running: here
             report = fo_sync.sync_project(int(params["project"]), params.get("dataset_name") or None,
-                                          bool(params.get("predict", True)), progress, env=env)
+                                          bool(params.get("predict", True)), progress, env=env, runner=runner)
             result = dict(report.__dict__)
             result["errors"] = len(report.errors)
             result["first_errors"] = "; ".join(report.errors[:3]) or None
