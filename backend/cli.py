@@ -575,17 +575,20 @@ def cmd_fiftyone_sync(args) -> int:
     from labelloop.fo.sync import sync_project
 
     bar, update = _progress_bar(f"syncing project {args.project}")
-    runner = None
-    if args.celery and not args.no_predict:
-        from labelloop.tasks.jobs import predict_files_on_celery, prediction_workers
-
-        if not prediction_workers():
-            raise Unreachable("--celery: no worker takes the prediction queue (start `labelloop worker --queues predict`)")
-        runner = predict_files_on_celery
+    runner = _celery_files() if args.celery and not args.no_predict else None
     report = sync_project(args.project, args.dataset, predict=not args.no_predict, progress=update, runner=runner)
     bar.close()
     print(json.dumps(report.__dict__, indent=2))
     return 0
+
+
+def _celery_files():
+    """The FiftyOne forward passes' Celery runner, once a worker takes the prediction queue."""
+    from labelloop.tasks.jobs import predict_files_on_celery, prediction_workers
+
+    if not prediction_workers():
+        raise Unreachable("--celery: no worker takes the prediction queue (start `labelloop worker --queues predict`)")
+    return predict_files_on_celery
 
 
 def _celery_folds():
@@ -611,7 +614,8 @@ def cmd_fiftyone_score(args) -> int:
                 result["label_studio"] = fo_analysis.send_to_label_studio(dataset.select(result["selected"]))
             result["selected"] = len(result["selected"])
         else:
-            result = fo_analysis.compute_embeddings(dataset, args.method_2d, progress=update)
+            result = fo_analysis.compute_embeddings(dataset, args.method_2d, progress=update,
+                                                    runner=_celery_files() if args.celery else None)
     except LabelloopError as exc:
         bar.close()
         print(f"cannot run {args.analysis}: {exc}", file=sys.stderr)
@@ -827,7 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--mode", choices=["in_sample", "out_of_sample"], default="in_sample",
                        help="mislabels: the served model's outputs, or K-fold models trained for it")
     score.add_argument("--folds", type=int, default=5, help="mislabels out_of_sample: number of folds")
-    score.add_argument("--celery", action="store_true", help="out-of-sample folds as Celery jobs")
+    score.add_argument("--celery", action="store_true",
+                       help="out-of-sample folds as Celery jobs (training queue); embeddings in chunks on the "
+                            "prediction workers")
     score.add_argument("--method", choices=["least_confidence", "margin", "entropy"], default="least_confidence",
                        help="uncertainty: how a sample's uncertainty is measured")
     score.add_argument("--k", type=int, default=20, help="uncertainty: how many samples to pick")

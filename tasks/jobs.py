@@ -365,15 +365,16 @@ FILE_CHUNK_ATTEMPTS = 3  # a chunk that fails is retried alone, then reported (i
 
 
 @app.task(name="labelloop.predict_files", bind=True, acks_late=True, reject_on_worker_lost=True)
-def predict_files(self, context: dict[str, Any], paths: list[Any]) -> list[dict[str, Any]]:
-    """One chunk of a FiftyOne dataset's image files predicted with a version (prediction queue); returns the
-    predictions as JSON, in order. The files must be on a volume this worker shares with the dataset."""
+def predict_files(self, context: dict[str, Any], paths: list[Any]) -> list[Any]:
+    """One chunk of a FiftyOne dataset's image files through a version (prediction queue): its predictions or
+    embeddings as JSON, in order (``file_chunks.run_chunk``). The files must be on a volume this worker shares
+    with the dataset."""
     from labelloop.errors import LabelloopError
-    from labelloop.workflows.file_chunks import FilesContext, predict_chunk
+    from labelloop.workflows.file_chunks import FilesContext, run_chunk
 
     _count_attempt(self)
     try:
-        return predict_chunk(FilesContext.from_json(context), paths)
+        return run_chunk(FilesContext.from_json(context), paths)
     except (ValueError, LabelloopError):
         raise  # bad input or a model that cannot serve: another try would fail the same way
     except Exception as exc:  # an unreadable file, a worker short of memory: retried alone
@@ -384,11 +385,11 @@ def predict_files(self, context: dict[str, Any], paths: list[Any]) -> list[dict[
 
 def predict_files_on_celery(context, chunks: list[list[str]]):
     """A ``file_chunks.FilesRunner``: one ``predict_files`` task per chunk on the prediction queue, so every
-    prediction worker takes chunks; yields ``(chunk index, predictions)`` as each finishes, or ``(chunk index,
+    prediction worker takes chunks; yields ``(chunk index, outputs)`` as each finishes, or ``(chunk index,
     reason)`` for a chunk that failed every try. Closing the generator early revokes the chunks not started."""
     from celery import group
 
-    from labelloop.workflows.pipeline import prediction_from_json
+    from labelloop.workflows.file_chunks import decode
 
     if not chunks:
         return
@@ -403,7 +404,7 @@ def predict_files_on_celery(context, chunks: list[list[str]]):
             for k in finished:
                 child = pending.pop(k)
                 if child.successful():
-                    yield k, [prediction_from_json(p) for p in child.get(disable_sync_subtasks=False)]
+                    yield k, decode(context, child.get(disable_sync_subtasks=False))
                 else:
                     yield k, reason_of(child.result) if isinstance(child.result, BaseException) else str(child.result)
                 child.forget()

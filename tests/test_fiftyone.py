@@ -241,13 +241,18 @@ def test_out_of_sample_scoring_is_delegated_and_trains_its_folds_on_celery(fo, f
     assert len(dataset.exists("mislabel_score_oos")) == result["scored"]
 
 
-def test_predictions_made_on_the_prediction_workers_equal_the_ones_made_here(fo, fo_project, tmp_path, monkeypatch):
+def test_predictions_and_embeddings_made_on_the_prediction_workers_equal_the_ones_made_here(fo, fo_project, tmp_path,
+                                                                                           monkeypatch):
     """At size the forward passes run as `labelloop.predict_files` chunks on every prediction worker (a real
     Celery worker on a real Redis; the files on the volume they share) while this process writes what comes
-    back: the same labels and probabilities as predicting here. A chunk that fails every try (an image file that
-    is not an image) is reported and leaves its samples as they were; the other chunks are written."""
+    back: the same labels and probabilities, and the same embeddings, as computing them here. A chunk that fails
+    every try (an image file that is not an image) is reported and leaves its samples as they were; the other
+    chunks are written."""
+    import numpy as np
+    from fiftyone import ViewField as F
+
     from labelloop.dev.localstack import start_worker
-    from labelloop.fo.analysis import spec_of
+    from labelloop.fo.analysis import compute_embeddings, spec_of
     from labelloop.fo.sync import predict_samples, serving_model
     from labelloop.tasks.jobs import predict_files_on_celery, prediction_workers
     from labelloop.workflows import file_chunks
@@ -261,14 +266,25 @@ def test_predictions_made_on_the_prediction_workers_equal_the_ones_made_here(fo,
     copy.add_sample(fo.Sample(filepath=str(broken)))
     monkeypatch.setattr(file_chunks, "CHUNK", 10)  # 31 samples: four chunks, the last one the broken file alone
     assert prediction_workers() == []  # nothing takes the prediction queue yet: the plugin would predict here
+    readable = copy.exclude(copy.match(F("filepath") == str(broken)).values("id"))
+    embedded_here = compute_embeddings(readable, visualize=False, similarity=False)  # before: the vectors made here
+    vectors_here = dict(zip(*copy.values(["filepath", "embeddings"])))
     worker = start_worker(tmp_path / "worker", queues="predict")
     try:
         assert len(wait_for(prediction_workers, 60, "the prediction worker to answer")) == 1
         said = []
         done = predict_samples(copy, spec, model, force=True, runner=predict_files_on_celery,
                                progress=lambda fraction, message: said.append(message))
+        copy.set_values("embeddings", [None] * len(copy))
+        embedded = compute_embeddings(copy, visualize=False, similarity=False, runner=predict_files_on_celery)
     finally:
         worker.stop()
+    # the embeddings: the same vectors from the workers, the broken file's chunk reported and left empty
+    assert embedded_here["embedded"] == embedded["embedded"] == len(here) and embedded["failed_chunks"] == 1
+    vectors = dict(zip(*copy.values(["filepath", "embeddings"])))
+    assert vectors.pop(str(broken)) is None and vectors_here.pop(str(broken)) is None
+    assert vectors.keys() == vectors_here.keys()
+    assert all(np.allclose(vectors[p], vectors_here[p], atol=1e-4) for p in vectors)
     assert done == len(here), said
     assert "1 chunk(s) failed" in said[-1], said
     assert worker.log.read_text(errors="replace").count("labelloop.predict_files") >= 4, "the chunks ran elsewhere"

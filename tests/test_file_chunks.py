@@ -15,7 +15,9 @@ pytestmark = pytest.mark.unit
 def test_a_context_survives_the_trip_to_a_worker_and_bad_values_are_refused():
     context = FilesContext("/models/p1/p1-v2/weights.pt", "p1-v2", "<View/>", 0.25, 16)
     assert FilesContext.from_json(json.loads(json.dumps(context.to_json()))) == context
-    for bad in ({"threshold": 1.5}, {"threshold": -0.1}, {"batch": 0}, {"batch": 10_000}):
+    embed = FilesContext("/models/w.pt", "p1-v2", "", 0.0, 16, "embed")
+    assert FilesContext.from_json(json.loads(json.dumps(embed.to_json()))) == embed
+    for bad in ({"threshold": 1.5}, {"threshold": -0.1}, {"batch": 0}, {"batch": 10_000}, {"work": "train"}):
         with pytest.raises(ValueError):
             FilesContext.from_json({**context.to_json(), **bad})
     with pytest.raises(KeyError):

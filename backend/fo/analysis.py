@@ -14,7 +14,6 @@ import numpy as np
 
 from labelloop.core import scoring
 from labelloop.core.labelconfig import ControlSpec, parse_label_config, threshold_for
-from labelloop.core.predict import embed_images
 from labelloop.core.registry import VERSION_RE
 from labelloop.core.saliency import saliency_maps
 from labelloop.errors import LabelloopError
@@ -23,6 +22,7 @@ from labelloop.fo.sync import model_for_version, predict_samples, prediction_lab
 from labelloop.fo.writes import WRITE_BATCH, write_values
 from labelloop.labelstudio.client import StudioClient, read_labeled
 from labelloop.labelstudio.media import MediaFetcher
+from labelloop.workflows import file_chunks
 from labelloop.workflows.pipeline import cross_val_predictions
 
 log = logging.getLogger(__name__)
@@ -324,26 +324,37 @@ def model_check_views(view, version: str | None = None, progress: Progress | Non
 
 
 def compute_embeddings(view, method: str = "umap", visualize: bool = True, similarity: bool = True,
-                       progress: Progress | None = None, brain_key: str = "labelloop_embeddings") -> dict[str, Any]:
-    """Per-sample embeddings from the served model's own backbone, then a 2-D map and a similarity index."""
+                       progress: Progress | None = None, brain_key: str = "labelloop_embeddings",
+                       runner: file_chunks.FilesRunner | None = None) -> dict[str, Any]:
+    """Per-sample embeddings from the served model's own backbone, then a 2-D map and a similarity index.
+    ``runner``: where the forward passes run (``workflows.file_chunks``; default here, 64 images at a time)."""
     import_fiftyone()  # FiftyOne configured for labelloop before its first use
-    from pathlib import Path
 
     say = progress or (lambda fraction, message: None)
     dataset, spec, model = _served(view)
     ids, paths = view.values(["id", "filepath"])
+    size = file_chunks.CHUNK if runner is not None else 64
+    parts = [(ids[start : start + size], paths[start : start + size]) for start in range(0, len(ids), size)]
+    context = file_chunks.FilesContext(str(model.path), model.version, "", 0.0, 16, file_chunks.EMBED)
     vectors: dict[str, list[float]] = {}
-    embedded = 0
-    for start in range(0, len(ids), 64):
-        chunk = embed_images(model, [Path(p) for p in paths[start : start + 64]])
-        vectors.update({i: v.tolist() for i, v in zip(ids[start : start + 64], chunk)})
-        embedded += len(chunk)
+    embedded, failed = 0, []
+    for index, outputs in (runner or file_chunks.run_here)(context, [part[1] for part in parts]):
+        if isinstance(outputs, str):  # a worker's chunk that failed every try: those samples keep what they had
+            failed.append(outputs)
+            log.warning("%d samples not embedded with %s: %s", len(parts[index][0]), model.version, outputs)
+            continue
+        vectors.update(zip(parts[index][0], outputs))
+        embedded += len(outputs)
         if len(vectors) >= WRITE_BATCH:  # written as they come: memory holds a batch, not every vector
             write_values(dataset, "embeddings", vectors)
             vectors.clear()
         say(0.6 * min(1.0, embedded / max(1, len(ids))), f"embedded {embedded} of {len(ids)}")
     write_values(dataset, "embeddings", vectors)
-    out: dict[str, Any] = {"embedded": embedded, "model_version": model.version}
+    if failed and embedded == 0:
+        raise AnalysisError(f"no sample could be embedded: {failed[0]}")
+    if failed:  # the map and the index need a vector for every sample they cover
+        ids = [i for i, v in zip(*view.values(["id", "embeddings"])) if v is not None]
+    out: dict[str, Any] = {"embedded": embedded, "model_version": model.version, "failed_chunks": len(failed)}
     if visualize or similarity:
         import fiftyone.brain as fob
 

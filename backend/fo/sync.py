@@ -467,7 +467,7 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
         runner = None
     if runner is None:  # here: the model already loaded, a batch at a time
         parts = [wanted[start : start + batch] for start in range(0, len(wanted), batch)]
-        results: Iterator[tuple[int, list[ImagePrediction] | str]] = (
+        results: Iterator[tuple[int, list[Any] | str]] = (
             (k, predict_images(model, [Path(p) for _, p in part], spec, threshold, batch=infer_batch))
             for k, part in enumerate(parts))
     else:

@@ -1,16 +1,18 @@
-"""Predictions of image files in chunks that any worker can run: the FiftyOne face's forward passes at size.
+"""Forward passes over image files in chunks that any worker can run: the FiftyOne face's work at size.
 
 A FiftyOne dataset's samples are image files on a volume every labelloop process mounts (the dataset's own
 media folder). Predicting 100k of them is forward passes, which more workers share; writing the labels back is
 FiftyOne's part, done where the dataset is open. So the work is cut into chunks of image paths (``CHUNK``), a
 chunk needs only its ``FilesContext`` (the version's weights on the model volume, the label config, the
-threshold) and its paths, and it returns its predictions as JSON:
+threshold, and what to compute: ``PREDICT`` the engine's predictions, ``EMBED`` the backbone's vectors) and its
+paths, and it returns its outputs as JSON:
 
 * ``run_here`` predicts the chunks one after another in this process (no worker needed);
 * the Celery face (``labelloop.tasks.jobs.predict_files_on_celery``) lets every prediction worker take them.
 
-Either way the caller receives ``(chunk index, predictions)`` as chunks finish, in any order, or ``(chunk
-index, reason)`` for a chunk that failed (its samples are left as they were: running again predicts them).
+Either way the caller receives ``(chunk index, outputs)`` as chunks finish, in any order (``ImagePrediction``s,
+or vectors as lists of floats, one per path in order), or ``(chunk index, reason)`` for a chunk that failed (its
+samples are left as they were: running again computes them).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from labelloop.core.labelconfig import parse_label_config
-from labelloop.core.predict import ImagePrediction, load_model, predict_images
+from labelloop.core.predict import embed_images, load_model, predict_images
 
+PREDICT, EMBED = "predict", "embed"  # what a chunk computes
 CHUNK = 500  # image files per chunk: a few seconds of forward passes for a 64 px model on 2 cores
 MAX_CHUNK = 5000  # what a worker accepts in one message
 MAX_PATH = 4096
@@ -35,23 +38,26 @@ class FilesContext:
 
     weights: str  # on the model volume every worker mounts (MODEL_DIR), or a base model's path
     version: str
-    label_config: str
+    label_config: str  # PREDICT: the project's (which model class is which label)
     threshold: float
     batch: int = 64  # images per forward pass
+    work: str = PREDICT
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FilesContext:
-        threshold, batch = float(data["threshold"]), int(data.get("batch", 64))
+        threshold, batch, work = float(data["threshold"]), int(data.get("batch", 64)), str(data.get("work") or PREDICT)
         if not 0.0 <= threshold <= 1.0 or not 1 <= batch <= 256:
             raise ValueError(f"threshold {threshold} must be in [0, 1] and batch {batch} in [1, 256]")
-        return cls(str(data["weights"]), str(data["version"]), str(data["label_config"]), threshold, batch)
+        if work not in (PREDICT, EMBED):
+            raise ValueError(f"unknown chunk work {work!r}")
+        return cls(str(data["weights"]), str(data["version"]), str(data["label_config"]), threshold, batch, work)
 
 
-# (context, chunks of image paths) -> (chunk index, its predictions in order, or why it failed), as chunks finish
-FilesRunner = Callable[[FilesContext, list[list[str]]], Iterator[tuple[int, "list[ImagePrediction] | str"]]]
+# (context, chunks of image paths) -> (chunk index, its outputs in order, or why it failed), as chunks finish
+FilesRunner = Callable[[FilesContext, list[list[str]]], Iterator[tuple[int, "list[Any] | str"]]]
 
 
 def checked_paths(paths: list[Any]) -> list[Path]:
@@ -66,19 +72,32 @@ def checked_paths(paths: list[Any]) -> list[Path]:
     return checked
 
 
-def predict_chunk(context: FilesContext, paths: list[Any]) -> list[dict[str, Any]]:
-    """Predict one chunk of image files with the context's version; the predictions as JSON, in order."""
+def compute(context: FilesContext, paths: list[Any]) -> list[Any]:
+    """One chunk's outputs, in order: ``ImagePrediction``s (PREDICT) or vectors as lists of floats (EMBED)."""
+    files = checked_paths(paths)
+    model = load_model(context.weights, context.version)  # cached per process: a worker loads it once
+    if context.work == EMBED:
+        return [vector.tolist() for vector in embed_images(model, files, batch=context.batch)]
+    return predict_images(model, files, parse_label_config(context.label_config), context.threshold,
+                          batch=context.batch)
+
+
+def run_chunk(context: FilesContext, paths: list[Any]) -> list[Any]:
+    """``compute`` as JSON, for a worker's answer (``decode`` turns it back)."""
     from labelloop.workflows.pipeline import prediction_to_json  # pipeline is the one place predictions cross JSON
 
-    files = checked_paths(paths)
-    spec = parse_label_config(context.label_config)
-    model = load_model(context.weights, context.version)  # cached per process: a worker loads it once
-    return [prediction_to_json(p) for p in predict_images(model, files, spec, context.threshold, batch=context.batch)]
+    outputs = compute(context, paths)
+    return outputs if context.work == EMBED else [prediction_to_json(p) for p in outputs]
 
 
-def run_here(context: FilesContext, chunks: list[list[str]]) -> Iterator[tuple[int, list[ImagePrediction] | str]]:
-    """The chunks one after another in this process, lazily (memory: one chunk's predictions)."""
-    spec = parse_label_config(context.label_config)
-    model = load_model(context.weights, context.version)
+def decode(context: FilesContext, outputs: list[Any]) -> list[Any]:
+    """What ``run_chunk`` returned, as ``compute`` returns it."""
+    from labelloop.workflows.pipeline import prediction_from_json
+
+    return outputs if context.work == EMBED else [prediction_from_json(p) for p in outputs]
+
+
+def run_here(context: FilesContext, chunks: list[list[str]]) -> Iterator[tuple[int, list[Any] | str]]:
+    """The chunks one after another in this process, lazily (memory: one chunk's outputs)."""
     for index, chunk in enumerate(chunks):
-        yield index, predict_images(model, checked_paths(chunk), spec, context.threshold, batch=context.batch)
+        yield index, compute(context, chunk)

@@ -231,6 +231,16 @@ def _config(name, label, description, heavy=False, **kwargs):
                               allow_delegated_execution=True, default_choice_to_delegated=heavy, **kwargs)
 
 
+def _files_runner(params):
+    """Where an operator's forward passes run: chunks on the prediction workers (Celery) when the operator's
+    ``celery`` choice is on (the default) and a worker takes the prediction queue, else in this process."""
+    if not params.get("celery", True):
+        return None
+    from labelloop.tasks.jobs import predict_files_on_celery, prediction_workers
+
+    return predict_files_on_celery if prediction_workers() else None
+
+
 # -- operators ------------------------------------------------------------------------------------------
 
 class SyncLabelStudio(foo.Operator):
@@ -252,11 +262,7 @@ class SyncLabelStudio(foo.Operator):
         params, env = ctx.params, _settings(ctx)
 
         def action(progress):
-            runner = None
-            if params.get("predict", True) and params.get("celery", True):
-                from labelloop.tasks.jobs import predict_files_on_celery, prediction_workers
-
-                runner = predict_files_on_celery if prediction_workers() else None  # none running: here
+            runner = _files_runner(params) if params.get("predict", True) else None
             report = fo_sync.sync_project(int(params["project"]), params.get("dataset_name") or None,
                                           bool(params.get("predict", True)), progress, env=env, runner=runner)
             result = dict(report.__dict__)
@@ -377,13 +383,14 @@ class ComputeEmbeddings(foo.Operator):
         method.add_choice("umap", label="UMAP (default)")
         method.add_choice("pca", label="PCA (fast)")
         inputs.enum("method", method.values(), default="umap", view=method, label="Projection")
+        inputs.bool("celery", label="Embed on the prediction workers (Celery) when any is running", default=True)
         return types.Property(inputs, view=types.View(label="Embeddings from the served model's backbone"))
 
     def execute(self, ctx):
         view, method = ctx.target_view(), ctx.params.get("method", "umap")
 
         def action(progress):
-            result = fo_analysis.compute_embeddings(view, method, progress=progress)
+            result = fo_analysis.compute_embeddings(view, method, progress=progress, runner=_files_runner(ctx.params))
             result["field"] = "embeddings"
             return result
 
