@@ -198,7 +198,12 @@ def main(argv=None) -> int:
 
     files = work / "files"
     database = create_postgres_database(args.postgres, f"labelloop_scale_{os.getpid()}") if args.postgres else None
-    studio = start_label_studio(work / "label-studio", postgres=database)
+    try:
+        studio = start_label_studio(work / "label-studio", postgres=database)
+    except BaseException:
+        if database:
+            drop_postgres_database(database)
+        raise
     redis = start_redis(work / "redis")
     mongod = start_mongod(work / "mongod")
     os.environ.update({"REDIS_URL": redis.url, "LABEL_STUDIO_URL": studio.url,

@@ -308,19 +308,19 @@ def warm_start_project(self, job_id: str, project: str) -> dict[str, Any]:
 
 
 def _count_attempt(task) -> None:
-    """Folds and file chunks have no job record: a counter key per Celery task id ends a redelivery loop (its
-    worker dies on it every time) the way a job's attempts do; retries count too."""
+    """Folds and file chunks have no job record: a counter key per Celery task id (and try, for a task that
+    retries) ends a redelivery loop — its worker dies on it every time — the way a job's attempts do."""
     from labelloop.tasks.jobstore import PREFIX, RECORD_TTL
 
     store = JobStore()
-    key = f"{PREFIX}:attempts:{task.request.id}"
+    key = f"{PREFIX}:attempts:{task.request.id}:{task.request.retries or 0}"
     pipe = store.r.pipeline()
     pipe.incr(key)
     pipe.expire(key, RECORD_TTL)
     attempts = int(pipe.execute()[0])
     limit = settings().max_job_attempts
     if attempts > limit:
-        raise RuntimeError(f"tried {attempts - 1} times already (its worker died or it failed); not run again "
+        raise RuntimeError(f"its worker died {attempts - 1} times while running it; not run again "
                            f"(LABELLOOP_MAX_JOB_ATTEMPTS={limit})")
 
 
@@ -383,10 +383,14 @@ def predict_files(self, context: dict[str, Any], paths: list[Any]) -> list[Any]:
         raise self.retry(exc=exc, countdown=1, max_retries=FILE_CHUNK_ATTEMPTS - 1) from exc
 
 
+FILE_CHUNK_STALL_S = 600  # no chunk finished this long and no prediction worker answers: the rest is given up
+
+
 def predict_files_on_celery(context, chunks: list[list[str]]):
     """A ``file_chunks.FilesRunner``: one ``predict_files`` task per chunk on the prediction queue, so every
     prediction worker takes chunks; yields ``(chunk index, outputs)`` as each finishes, or ``(chunk index,
-    reason)`` for a chunk that failed every try. Closing the generator early revokes the chunks not started."""
+    reason)`` for a chunk that failed every try, or that waited ``FILE_CHUNK_STALL_S`` with no prediction worker
+    left. Closing the generator early revokes the chunks not finished; every result is removed from Redis."""
     from celery import group
 
     from labelloop.workflows.file_chunks import decode
@@ -395,22 +399,33 @@ def predict_files_on_celery(context, chunks: list[list[str]]):
         return
     result = group(predict_files.s(context.to_json(), chunk) for chunk in chunks).apply_async()
     pending = dict(enumerate(result.results))
+    last_progress = time.monotonic()
     try:
         while pending:
             finished = [k for k, child in pending.items() if child.ready()]
             if not finished:
-                time.sleep(0.1)
+                if time.monotonic() - last_progress > FILE_CHUNK_STALL_S and not prediction_workers():
+                    for k in sorted(pending):
+                        yield k, f"no prediction worker took this chunk in {FILE_CHUNK_STALL_S} s"
+                    return
+                time.sleep(0.25)
                 continue
+            last_progress = time.monotonic()
             for k in finished:
                 child = pending.pop(k)
                 if child.successful():
-                    yield k, decode(context, child.get(disable_sync_subtasks=False))
+                    outputs = decode(context, child.get(disable_sync_subtasks=False))
+                    child.forget()
+                    yield k, outputs
                 else:
-                    yield k, reason_of(child.result) if isinstance(child.result, BaseException) else str(child.result)
-                child.forget()
+                    reason = child.result
+                    child.forget()
+                    yield k, reason_of(reason) if isinstance(reason, BaseException) else str(reason)
     finally:
-        for child in pending.values():
-            child.revoke()
+        if pending:
+            app.control.revoke([child.id for child in pending.values()])
+            for child in pending.values():
+                child.forget()
 
 
 def prediction_workers(timeout: float = 1.0) -> list[str]:

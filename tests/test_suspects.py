@@ -13,7 +13,7 @@ from labelloop.core.labelconfig import parse_label_config
 from labelloop.core.predict import ImagePrediction, Region
 from labelloop.core.truth import LabeledImage, TruthRegion
 from labelloop.dev.shapes import label_config
-from labelloop.workflows.suspects import META_KEY, meta_updates, mislabel_score, rank_suspects, task_meta
+from labelloop.workflows.suspects import META_KEY, meta_updates, mislabel_score, rank_suspects, with_entry
 
 pytestmark = pytest.mark.unit
 
@@ -48,33 +48,25 @@ def test_suspects_are_above_the_cutoff_worst_first_and_bounded():
     assert rank_suspects({}, spec) == []
 
 
-def test_meta_keeps_the_users_keys_and_is_written_only_when_it_changes():
-    task = {"id": 1, "meta": {"source": "camera-7", "labelloop": {"old": True}}}
-    meta = task_meta(task, "p1-v2", 1.23456, True)
-    assert meta == {"source": "camera-7", META_KEY: {"mislabel_score": 1.2346, "mislabel_suspect": True, "version": "p1-v2"}}
-    assert task_meta({**task, "meta": meta}, "p1-v2", 1.23456, True) is None
-    assert task_meta({"id": 2}, "p1-v2", 0.0, False) == {META_KEY: {"mislabel_score": 0.0, "mislabel_suspect": False,
-                                                                    "version": "p1-v2"}}
-    assert task_meta({"id": 3, "meta": "not a dict"}, "v", 0.0, False) == {META_KEY: {"mislabel_score": 0.0,
-                                                                                      "mislabel_suspect": False,
-                                                                                      "version": "v"}}
+def test_an_entry_is_set_or_removed_and_the_users_keys_stay():
+    entry = {"mislabel_score": 1.2346, "mislabel_suspect": True, "version": "p1-v2"}
+    assert with_entry({"source": "camera-7", META_KEY: {"old": True}}, entry) == {"source": "camera-7", META_KEY: entry}
+    assert with_entry({"source": "camera-7", META_KEY: entry}, None) == {"source": "camera-7"}
+    assert with_entry(None, entry) == {META_KEY: entry} and with_entry("not a dict", None) == {}
 
 
-def test_only_the_tabs_tasks_and_those_leaving_it_are_written():
+def test_only_the_tabs_tasks_carry_an_entry():
     old = {"mislabel_score": 1.5, "mislabel_suspect": True, "version": "p1-v1"}
     tasks = {1: {"id": 1},  # a new suspect
              2: {"id": 2, "meta": {"source": "cam", META_KEY: old}},  # was a suspect, the new version agrees
              3: {"id": 3, "meta": {"source": "cam", META_KEY: old}},  # was a suspect, unlabeled now
              4: {"id": 4},  # the model agrees: no entry, no write
-             5: {"id": 5, "meta": {META_KEY: {**old, "mislabel_suspect": False}}},  # an old entry that says no
-             6: {"id": 6, "meta": {META_KEY: {**old, "mislabel_score": 2.0, "version": "p1-v2"}}}}  # already says so
-    scores = {1: 2.5, 2: 0.1, 4: 0.05, 5: 0.2, 6: 2.0}
-    updates = meta_updates(tasks, scores, [1, 6], "p1-v2")
-    assert updates == {
-        1: {META_KEY: {"mislabel_score": 2.5, "mislabel_suspect": True, "version": "p1-v2"}},
-        2: {"source": "cam", META_KEY: {"mislabel_score": 0.1, "mislabel_suspect": False, "version": "p1-v2"}},
-        3: {"source": "cam"},  # labelloop's entry gone, the user's key kept
-    }
+             5: {"id": 5, "meta": {META_KEY: {**old, "mislabel_suspect": False}}},  # an earlier labelloop's entry
+             6: {"id": 6, "meta": {META_KEY: {**old, "mislabel_score": 2.0, "version": "p1-v2"}}},  # already says so
+             7: {"id": 7, "meta": {META_KEY: old}}}  # labeled, but this job could not score it: left alone
+    scores = {1: 2.54321, 2: 0.1, 4: 0.05, 5: 0.2, 6: 2.0}
+    assert meta_updates(tasks, scores, [1, 6], "p1-v2", keep={7}) == {
+        1: {"mislabel_score": 2.5432, "mislabel_suspect": True, "version": "p1-v2"}, 2: None, 3: None, 5: None}
 
 
 def test_a_promotion_writes_a_bounded_number_of_tasks_whatever_the_projects_size():
@@ -84,30 +76,39 @@ def test_a_promotion_writes_a_bounded_number_of_tasks_whatever_the_projects_size
     from labelloop.workflows.suspects import SUSPECTS_SIZE, publish_suspects
 
     class Recorder:
-        def __init__(self):
-            self.metas, self.tabs = {}, {}
+        """Label Studio's side: the tasks' meta as it holds it, the writes and the tabs."""
+
+        def __init__(self, tasks):
+            self.tasks, self.writes, self.tabs = tasks, [], {}
+
+        def task_metas(self, project_id, task_ids):
+            return {i: self.tasks[i]["meta"] for i in task_ids if i in self.tasks}
 
         def set_task_meta(self, task_id, meta):
-            self.metas[task_id] = meta
+            self.writes.append(task_id)
+            self.tasks[task_id] = {"id": task_id, "meta": meta}
 
         def put_tab(self, project_id, title, task_ids):
             self.tabs[title] = list(task_ids)
 
     spec = parse_label_config(label_config("classification"))
     rng = random.Random(0)
-    tasks = {i: {"id": i} for i in range(5000)}
-    client = Recorder()
+    client = Recorder({i: {"id": i, "meta": {"camera": i % 3}} for i in range(5000)})
     for version in ("p1-v1", "p1-v2", "p1-v3"):
-        scores = {i: rng.expovariate(1.0) for i in tasks}  # each version disagrees elsewhere
-        client.metas.clear()
-        counts = publish_suspects(client, 1, spec, version, tasks, scores)
+        scores = {i: rng.expovariate(1.0) for i in client.tasks}  # each version disagrees elsewhere
+        scores[7] = 50.0  # always the worst: its entry is rewritten for every version
+        read = {i: dict(t) for i, t in client.tasks.items()}  # what the job read ...
+        client.tasks[7] = {"id": 7, "meta": {**client.tasks[7]["meta"], "checked": version}}  # ... then a user edit
+        client.writes.clear()
+        counts = publish_suspects(client, 1, spec, version, read, scores)
         tab = client.tabs["labelloop: mislabel suspects"]
-        assert len(tab) == SUSPECTS_SIZE and counts["meta_written"] == len(client.metas) <= 2 * SUSPECTS_SIZE
-        for task_id, meta in client.metas.items():
-            tasks[task_id] = {"id": task_id, "meta": meta}
-        flagged = {i for i, t in tasks.items() if (t.get("meta") or {}).get(META_KEY, {}).get("mislabel_suspect")}
-        assert flagged == set(tab)  # after every promotion the flags say exactly what the tab shows
-        assert all(tasks[i]["meta"][META_KEY]["version"] == version for i in tab)
+        assert len(tab) == SUSPECTS_SIZE and counts["meta_written"] == len(client.writes) <= 2 * SUSPECTS_SIZE
+        with_entries = {i for i, t in client.tasks.items() if META_KEY in t["meta"]}
+        assert with_entries == set(tab)  # after every promotion the entries say exactly what the tab shows
+        assert all(client.tasks[i]["meta"][META_KEY] == {"mislabel_score": round(scores[i], 4), "mislabel_suspect": True,
+                                                         "version": version} for i in tab)
+        assert all(t["meta"]["camera"] == i % 3 for i, t in client.tasks.items())  # the user's keys stay
+        assert 7 in client.writes and client.tasks[7]["meta"]["checked"] == version  # an edit made meanwhile is kept
 
 
 def test_a_human_label_survives_the_trip_to_another_worker():

@@ -1,7 +1,7 @@
 """The FiftyOne sync reads only what changed, page by page, and never loses the analyst's work (issue 13).
 
 A real Label Studio project and a real FiftyOne dataset: the first sync reads the labeled tasks in one paged
-pass, later syncs read one by one only the tasks whose ``updated_at`` moved; a changed, a deleted and a new
+pass, later syncs read by id only the tasks whose ``updated_at`` moved; a changed, a deleted and a new
 annotation, a deleted task and a new one each land where they should.
 """
 
@@ -21,14 +21,15 @@ def choice(label: str) -> list[dict]:
 
 
 class CountingClient:
-    """The real client, counting the annotation reads (a task read in full, one by one or a page at a time)."""
+    """The real client, counting the annotation reads (tasks read in full by id, or pages of every labeled task)."""
 
     def __init__(self, client):
-        self.client, self.one_by_one, self.full_pages = client, 0, 0
+        self.client, self.by_id, self.full_pages = client, 0, 0
 
-    def task(self, task_id):
-        self.one_by_one += 1
-        return self.client.task(task_id)
+    def select_tasks(self, project_id, task_ids, full=False):
+        task_ids = list(task_ids)
+        self.by_id += len(task_ids) if full else 0
+        return self.client.select_tasks(project_id, task_ids, full=full)
 
     def iter_tasks(self, project_id, full=False, **options):
         self.full_pages += full
@@ -61,7 +62,7 @@ def test_sync_reads_only_changed_tasks_and_keeps_the_analysts_work(fo, ls_api, l
         monkeypatch.setattr(sync, "READ_ONE_BY_ONE", 2)  # 6 labeled tasks: the first sync takes the paged pass
         first = sync.sync_project(project, name, predict=False, env=env, client=client)
         assert (first.added, first.updated_ground_truth, first.marked_deleted) == (8, 0, 0)
-        assert client.full_pages == 1 and client.one_by_one == 0
+        assert client.full_pages == 1 and client.by_id == 0
         dataset = fo.load_dataset(name)
         truth = dict(zip(*dataset.values(["ls_task_id", "ground_truth.label"])))
         assert truth == {t["id"]: ("red" if k % 2 else "blue") if k < 6 else None for k, t in enumerate(tasks)}
@@ -85,11 +86,11 @@ def test_sync_reads_only_changed_tasks_and_keeps_the_analysts_work(fo, ls_api, l
         before = dataset.match({"ls_task_id": tasks[5]["id"]}).first().filepath
 
         monkeypatch.setattr(sync, "READ_ONE_BY_ONE", 200)  # a few changes: read one by one
-        client.one_by_one = client.full_pages = 0
+        client.by_id = client.full_pages = 0
         second = sync.sync_project(project, name, predict=False, env=env, client=client)
         assert (second.added, second.updated_ground_truth, second.marked_deleted, second.images_changed) == (2, 3, 1, 1)
         # the changed annotation, the newly annotated task, the new labeled one, the labeled task with a new image
-        assert client.full_pages == 0 and client.one_by_one == 4
+        assert client.full_pages == 0 and client.by_id == 4
         truth = dict(zip(*dataset.values(["ls_task_id", "ground_truth.label"])))
         assert truth[tasks[0]["id"]] == "red" and truth[tasks[1]["id"]] is None and truth[tasks[7]["id"]] == "red"
         assert truth[added[0]["id"]] == "blue" and truth[added[1]["id"]] is None
@@ -105,15 +106,15 @@ def test_sync_reads_only_changed_tasks_and_keeps_the_analysts_work(fo, ls_api, l
         assert len(dataset) == 10
 
         # nothing changed: no annotation read, nothing written
-        client.one_by_one = client.full_pages = 0
+        client.by_id = client.full_pages = 0
         third = sync.sync_project(project, name, predict=False, env=env, client=client)
         assert (third.added, third.updated_ground_truth, third.marked_deleted) == (0, 0, 0)
-        assert client.full_pages == 0 and client.one_by_one == 0
+        assert client.full_pages == 0 and client.by_id == 0
 
         # a dataset synced before ls_updated_at existed: every labeled task is read once, nothing rewritten
         monkeypatch.setattr(sync, "READ_ONE_BY_ONE", 2)
         dataset.set_values("ls_updated_at", [None] * len(dataset))
-        client.one_by_one = client.full_pages = 0
+        client.by_id = client.full_pages = 0
         legacy = sync.sync_project(project, name, predict=False, env=env, client=client)
         assert legacy.updated_ground_truth == 0 and client.full_pages == 1
         assert None not in dataset.match_tags(sync.DELETED_TAG, bool=False).values("ls_updated_at")

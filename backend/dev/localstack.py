@@ -75,28 +75,34 @@ def postgres_env(url: str) -> dict[str, str]:
 
 
 def _on_postgres(server: str, statement: str) -> None:
-    """Run one statement on a PostgreSQL server with Label Studio's own driver (psycopg, in its venv)."""
-    code = ("import psycopg, sys\n"
-            "with psycopg.connect(sys.argv[1], dbname='postgres', autocommit=True, connect_timeout=5) as c:\n"
-            "    c.execute(sys.argv[2])")
-    done = subprocess.run([str(label_studio_venv() / "bin" / "python"), "-c", code, server, statement],
-                          capture_output=True, text=True, timeout=60)
+    """Run one statement on a PostgreSQL server with Label Studio's own driver (psycopg, in its venv); the URL
+    goes through the environment, not the command line (it may hold a password)."""
+    code = ("import os, psycopg\n"
+            "with psycopg.connect(os.environ['LABELLOOP_PG_URL'], dbname='postgres', autocommit=True,\n"
+            "                     connect_timeout=5) as c:\n"
+            "    c.execute(os.environ['LABELLOOP_PG_STATEMENT'])")
+    done = subprocess.run([str(label_studio_venv() / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "LABELLOOP_PG_URL": server, "LABELLOOP_PG_STATEMENT": statement})
     if done.returncode:
-        raise RuntimeError(f"PostgreSQL at {server}: {done.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"PostgreSQL: {statement.split(' ')[0]} failed: {done.stderr.strip().splitlines()[-1:]}")
+
+
+def _database_name(name: str) -> str:
+    if not name or not name.replace("_", "").isalnum() or not name.isascii() or len(name) > 63:
+        raise ValueError(f"database name {name!r}: up to 63 ASCII letters, digits and _")
+    return name
 
 
 def create_postgres_database(server: str, name: str) -> str:
     """A new empty database ``name`` on ``server`` (``postgresql://user@host:port``); returns its URL."""
-    if not name.replace("_", "").isalnum():
-        raise ValueError(f"database name {name!r}: letters, digits and _ only")
-    _on_postgres(server, f'CREATE DATABASE "{name}"')
+    _on_postgres(server, f'CREATE DATABASE "{_database_name(name)}"')
     return f"{server.rstrip('/')}/{name}"
 
 
 def drop_postgres_database(url: str) -> None:
     """Drop the database a ``create_postgres_database`` URL names (its connections closed first)."""
     server, name = url.rsplit("/", 1)
-    _on_postgres(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _on_postgres(server, f'DROP DATABASE IF EXISTS "{_database_name(name)}" WITH (FORCE)')
 
 
 def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path | None = None,
@@ -131,8 +137,10 @@ def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path
         "COLLECT_ANALYTICS": "false",
         "LATEST_VERSION_CHECK": "false",
     }
-    for leaked in ("VIRTUAL_ENV", "PYTHONPATH", "DJANGO_SETTINGS_MODULE", "DJANGO_DB"):
+    for leaked in ("VIRTUAL_ENV", "PYTHONPATH", "DJANGO_SETTINGS_MODULE"):
         env.pop(leaked, None)
+    for database_setting in [key for key in env if key.removeprefix("LABEL_STUDIO_").startswith(("DJANGO_DB", "POSTGRE_"))]:
+        env.pop(database_setting)  # Label Studio reads LABEL_STUDIO_<name> before <name>: only ours count
     env.update(postgres_env(postgres) if postgres else {"DJANGO_DB": "sqlite"})
     log = data_dir / "label-studio.log"
     with open(log, "ab") as out:

@@ -338,9 +338,13 @@ def compute_embeddings(view, method: str = "umap", visualize: bool = True, simil
     context = file_chunks.FilesContext(str(model.path), model.version, "", 0.0, 16, file_chunks.EMBED)
     vectors: dict[str, list[float]] = {}
     embedded, failed = 0, []
-    for index, outputs in (runner or file_chunks.run_here)(context, [part[1] for part in parts]):
-        if isinstance(outputs, str):  # a worker's chunk that failed every try: those samples keep what they had
+    missed: list[str] = []  # ids of the chunks that failed: they keep what they had, and stay off the map
+    results = (runner or file_chunks.run_here)(context, [part[1] for part in parts])
+    for index, outputs in file_chunks.closing(results):
+        outputs = file_chunks.outputs_fit(parts[index][1], outputs)
+        if isinstance(outputs, str):  # a worker's chunk that failed every try
             failed.append(outputs)
+            missed.extend(parts[index][0])
             log.warning("%d samples not embedded with %s: %s", len(parts[index][0]), model.version, outputs)
             continue
         vectors.update(zip(parts[index][0], outputs))
@@ -352,8 +356,9 @@ def compute_embeddings(view, method: str = "umap", visualize: bool = True, simil
     write_values(dataset, "embeddings", vectors)
     if failed and embedded == 0:
         raise AnalysisError(f"no sample could be embedded: {failed[0]}")
-    if failed:  # the map and the index need a vector for every sample they cover
-        ids = [i for i, v in zip(*view.values(["id", "embeddings"])) if v is not None]
+    if missed:  # the map and the index cover only this run's vectors (an older version's may differ in size)
+        left_out = set(missed)
+        ids = [i for i in ids if i not in left_out]
     out: dict[str, Any] = {"embedded": embedded, "model_version": model.version, "failed_chunks": len(failed)}
     if visualize or similarity:
         import fiftyone.brain as fob

@@ -43,6 +43,7 @@ from labelloop.core.datasets import link_or_copy, split_of
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, parse_label_config, threshold_for
 from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, predict_images
 from labelloop.core.registry import Registry
+from labelloop.errors import LabelloopError
 from labelloop.fo.env import import_fiftyone, root_dataset
 from labelloop.fo.writes import WRITE_BATCH, write_columns, write_values
 from labelloop.labelstudio.client import LABELED, StudioClient
@@ -157,7 +158,7 @@ def load_or_create(name: str):
 
 
 SYNC_BATCH = 500  # new tasks whose images are fetched and samples added at a time (memory: one batch)
-READ_ONE_BY_ONE = 200  # changed labeled tasks read one by one up to this many; above, one paged pass
+READ_ONE_BY_ONE = 200  # changed labeled tasks read by id up to this many (one request a page); above, one paged pass
 
 
 @dataclass
@@ -255,7 +256,7 @@ def _sync(client: StudioClient, project_id: int | str, dataset_name: str | None,
         if model is not None:
             report.version = model.version
             report.predicted = predict_samples(dataset, spec, model, progress=lambda f, m: say(0.35 + 0.6 * f, m),
-                                               runner=runner)
+                                               runner=runner, errors=report.errors)
     say(1.0, f"synced {name}: +{report.added} samples, {report.updated_ground_truth} annotation(s) updated, "
              f"{report.predicted} predicted")
     return report
@@ -263,13 +264,13 @@ def _sync(client: StudioClient, project_id: int | str, dataset_name: str | None,
 
 def _read_truth(client: StudioClient, project_id: int | str, spec: ControlSpec, task_ids: set[int],
                 progress: Progress) -> dict[int, tuple[str | None, dict[str, Any]]]:
-    """Task id -> (annotation key, ground-truth fields) of the labeled tasks ``task_ids``: one by one when they
+    """Task id -> (annotation key, ground-truth fields) of the labeled tasks ``task_ids``: selected by id when they
     are few (an analyst re-syncing after a review), else in one paged pass over the labeled tasks."""
     out: dict[int, tuple[str | None, dict[str, Any]]] = {}
     if not task_ids:
         return out
     if len(task_ids) <= READ_ONE_BY_ONE:
-        tasks: Any = (client.task(task_id) for task_id in sorted(task_ids))
+        tasks: Any = client.select_tasks(project_id, task_ids, full=True)
     else:
         tasks = client.iter_tasks(project_id, full=True, filters=[LABELED])
     for task in tasks:
@@ -438,13 +439,14 @@ def model_for_version(project_id, version: str, env: Settings | None = None) -> 
 
 def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = False, batch: int = 64,
                     progress: Progress | None = None, fields_prefix: str = "",
-                    runner: file_chunks.FilesRunner | None = None) -> int:
+                    runner: file_chunks.FilesRunner | None = None, errors: list[str] | None = None) -> int:
     """Write the engine's predictions of ``model`` into the samples of ``view`` that lack them.
 
     ``runner`` decides where the forward passes run (``workflows.file_chunks``): default here, batch after
     batch; the plugin and the CLI can pass the Celery runner, which lets every prediction worker take chunks
     of the samples' files (on the volume they share) while this process writes what comes back. Returns the
-    number of samples written; a chunk a worker failed is logged and its samples left for the next run."""
+    number of samples written; a chunk the workers failed leaves its samples for the next run, and its reason goes
+    to ``errors`` (when nothing at all could be predicted, this raises with the first reason)."""
     say = progress or (lambda fraction, message: None)
     import_fiftyone()  # FiftyOne configured for labelloop before its first use
     version_field = f"{fields_prefix}prediction_version"
@@ -489,8 +491,9 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
             pending = writer.submit(write_columns, dataset, columns) if columns else None
             columns = {}
 
-        for index, preds in results:
+        for index, preds in file_chunks.closing(results):
             part = parts[index]
+            preds = file_chunks.outputs_fit(part, preds)
             if isinstance(preds, str):  # a worker's chunk that failed: its samples keep what they had
                 failed.append(preds)
                 log.warning("%d samples not predicted with %s: %s", len(part), model.version, preds)
@@ -506,4 +509,9 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
         flush()
         if pending is not None:
             pending.result()
+    if failed and done == 0:
+        raise LabelloopError(f"no sample could be predicted with {model.version}: {failed[0]}", kind="prediction")
+    if errors is not None:
+        errors.extend(f"{len(failed)} chunk(s) of samples not predicted: {reason}" for reason in failed[:3])
     return done
+

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,7 +217,27 @@ class StudioClient:
         return self.request("GET", "/api/tasks", params=params)["tasks"]
 
     def task(self, task_id: int | str) -> dict[str, Any]:
+        """One task in full. Careful: on a task without predictions, with a backend connected, Label Studio asks
+        the backend for one (as when a labeler opens it); ``task_metas`` reads without that side effect."""
         return self.request("GET", f"/api/tasks/{int(task_id)}")
+
+    def select_tasks(self, project_id: int | str, task_ids: Iterable[int], full: bool = False) -> Iterator[dict[str, Any]]:
+        """The tasks ``task_ids`` of the project as the Data Manager lists them (``full``: with annotations and
+        predictions), a page at a time in id order; deleted ones are left out. Unlike ``task``, never makes Label
+        Studio ask the ML backend for predictions."""
+        ids = sorted({int(t) for t in task_ids})
+        for start in range(0, len(ids), TASK_PAGE):
+            part = ids[start : start + TASK_PAGE]
+            query = {"selectedItems": {"all": False, "included": part}, "ordering": ["tasks:id"]}
+            params: dict[str, Any] = {"project": int(project_id), "page": 1, "page_size": len(part),
+                                      "resolve_uri": "false", "query": json.dumps(query)}
+            if full:
+                params["fields"] = "all"
+            yield from self.request("GET", "/api/tasks", params=params).get("tasks") or []
+
+    def task_metas(self, project_id: int | str, task_ids: Iterable[int]) -> dict[int, Any]:
+        """Task id -> its ``meta`` as Label Studio holds it now (``select_tasks``; deleted tasks left out)."""
+        return {int(task["id"]): task.get("meta") for task in self.select_tasks(project_id, task_ids)}
 
     def set_task_meta(self, task_id: int | str, meta: dict[str, Any]) -> None:
         """Replace a task's ``meta`` (its data, annotations and predictions are left alone): callers pass the

@@ -56,6 +56,7 @@ class ProjectRead:
     labeled: list[tuple[dict[str, Any], LabeledImage]] = field(default_factory=list)  # our control's truth
     held: dict[int, dict[str, Any]] = field(default_factory=dict)  # unlabeled task -> this version's prediction
     labeled_ids: set[int] = field(default_factory=set)  # every task with a human annotation
+    untruthed: list[dict[str, Any]] = field(default_factory=list)  # annotated, but no label of our control (compact)
 
 
 def read_for_prediction(client: StudioClient, project_id: int | str, spec: ControlSpec, version: str) -> ProjectRead:
@@ -75,6 +76,8 @@ def read_for_prediction(client: StudioClient, project_id: int | str, spec: Contr
             truth = labeled_image(task, spec)
             if truth is not None:
                 read.labeled.append((compact(task), truth))
+            else:
+                read.untruthed.append(compact(task))
     if predicted and client.model_version_counts(project_id).get(version, 0) > 0:
         # Label Studio's model-version filter misses tasks holding several versions; the prediction count
         # does not, so the candidates come from it and this version is picked out of each.

@@ -10,9 +10,10 @@ paths, and it returns its outputs as JSON:
 * ``run_here`` predicts the chunks one after another in this process (no worker needed);
 * the Celery face (``labelloop.tasks.jobs.predict_files_on_celery``) lets every prediction worker take them.
 
-Either way the caller receives ``(chunk index, outputs)`` as chunks finish, in any order (``ImagePrediction``s,
-or vectors as lists of floats, one per path in order), or ``(chunk index, reason)`` for a chunk that failed (its
-samples are left as they were: running again computes them).
+The caller receives ``(chunk index, outputs)`` as chunks finish, in any order (``ImagePrediction``s, or vectors
+as lists of floats, one per path in order). On workers a chunk that fails every try comes back as ``(chunk index,
+reason)`` and its samples are left as they were (running again computes them); here a failure stops the run
+with its error, as any local computation does.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ PREDICT, EMBED = "predict", "embed"  # what a chunk computes
 CHUNK = 500  # image files per chunk: a few seconds of forward passes for a 64 px model on 2 cores
 MAX_CHUNK = 5000  # what a worker accepts in one message
 MAX_PATH = 4096
+MAX_LABEL_CONFIG = 1_000_000  # characters: a label config is a few KB
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class FilesContext:
             raise ValueError(f"threshold {threshold} must be in [0, 1] and batch {batch} in [1, 256]")
         if work not in (PREDICT, EMBED):
             raise ValueError(f"unknown chunk work {work!r}")
+        if len(str(data["label_config"])) > MAX_LABEL_CONFIG or len(str(data["version"])) > 200:
+            raise ValueError("label config or version name too long")
         return cls(str(data["weights"]), str(data["version"]), str(data["label_config"]), threshold, batch, work)
 
 
@@ -75,6 +79,9 @@ def checked_paths(paths: list[Any]) -> list[Path]:
 def compute(context: FilesContext, paths: list[Any]) -> list[Any]:
     """One chunk's outputs, in order: ``ImagePrediction``s (PREDICT) or vectors as lists of floats (EMBED)."""
     files = checked_paths(paths)
+    for path in files:
+        if not path.is_file():  # a device or a folder is no image; a missing file fails the chunk with its name
+            raise ValueError(f"not an image file: {path}")
     model = load_model(context.weights, context.version)  # cached per process: a worker loads it once
     if context.work == EMBED:
         return [vector.tolist() for vector in embed_images(model, files, batch=context.batch)]
@@ -95,6 +102,24 @@ def decode(context: FilesContext, outputs: list[Any]) -> list[Any]:
     from labelloop.workflows.pipeline import prediction_from_json
 
     return outputs if context.work == EMBED else [prediction_from_json(p) for p in outputs]
+
+
+def outputs_fit(chunk: list[str], outputs: list[Any] | str) -> list[Any] | str:
+    """A chunk's outputs, or the reason they cannot be used: a failure's own reason, or one output per path."""
+    if not isinstance(outputs, str) and len(outputs) != len(chunk):
+        return f"{len(outputs)} outputs for {len(chunk)} images"
+    return outputs
+
+
+def closing(results: Iterator[Any]) -> Iterator[Any]:
+    """A runner's results to their end, closed when the caller stops early (a failed write): the runner's
+    ``finally`` then takes back the chunks no one will read."""
+    try:
+        yield from results
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
 
 
 def run_here(context: FilesContext, chunks: list[list[str]]) -> Iterator[tuple[int, list[Any] | str]]:

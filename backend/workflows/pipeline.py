@@ -38,7 +38,7 @@ from labelloop.core.training import (
 )
 from labelloop.core.yolo_env import import_yolo
 from labelloop.errors import LabelloopError
-from labelloop.labelstudio.client import StudioClient, StudioError
+from labelloop.labelstudio.client import StudioClient
 from labelloop.labelstudio.media import MediaError, MediaFetcher, task_image_url
 from labelloop.labelstudio.results import (
     first_label,
@@ -48,7 +48,7 @@ from labelloop.labelstudio.results import (
 from labelloop.workflows import backlog
 from labelloop.workflows.drift_check import check_incoming
 from labelloop.workflows.misses import MISSES_TAB, refresh_misses
-from labelloop.workflows.suspects import SUSPECTS_TAB, publish_suspects
+from labelloop.workflows.suspects import SUSPECTS_TAB, entry_of, publish_suspects
 
 log = logging.getLogger(__name__)
 
@@ -582,18 +582,16 @@ def train_from_label_studio(project_id: int | str, progress: Progress | None = N
 
 def _tasks_named_by_tests(client: StudioClient, registry: Registry, project_id: int | str, project) -> list[dict[str, Any]]:
     """Tasks the project's model tests name as examples that nobody labeled (their images are checked too), read
-    one by one; a suite that does not load is left to the training, which says why."""
+    through the Data Manager's list; a suite that does not load is left to the training, which says why."""
     try:
         suite = modeltests.load_suite(registry.project_dir(project_id), project.spec.labels)
     except Exception:  # train_new_version loads it again and reports the reason
         return []
     labeled = {int(task["id"]) for task in project.tasks}
-    out = []
-    for task_id in sorted({int(t) for test in suite for t in test.tasks} - labeled):
-        try:
-            out.append(client.task(task_id))
-        except StudioError as exc:  # a deleted task: the test reports its example as missing
-            log.warning("project %s: model-test example task %s not read: %s", project_id, task_id, exc)
+    wanted = {int(t) for test in suite for t in test.tasks} - labeled
+    out = list(client.select_tasks(project_id, wanted, full=True)) if wanted else []
+    for task_id in sorted(wanted - {int(t["id"]) for t in out}):  # deleted: the test reports its example as missing
+        log.warning("project %s: model-test example task %s not found", project_id, task_id)
     return out
 
 
@@ -730,19 +728,22 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             except LabelloopError as exc:  # the predictions are in; a tab is not worth failing the job
                 log.warning("project %s: the %r tab was not updated: %s", project_id, LABEL_NEXT_TAB, exc)
             took("label_next")
-            if labeled:
-                say(share, f"scoring the human labels of {len(labeled)} task(s) with {version}")
-                # in chunks too, so every prediction worker helps; the ranking and the writes need every score
+            every_task = {int(t["id"]): t for t in [*read.unlabeled, *read.untruthed, *(t for t, _ in labeled)]}
+            if labeled or any(entry_of(t) for t in every_task.values()):  # else no tab, no entry to take back
                 scored: dict[int, float] = {}
-                outs = run(dataclasses.replace(context, work=backlog.SCORE), backlog.chunked(backlog.labeled_items(labeled)),
-                           lambda fraction, message: say(share + (1 - share) * 0.9 * fraction, message))
-                for out in outs:
-                    scored.update({int(task_id): float(score) for task_id, score in (out.get("scores") or {}).items()})
-                    _tally_worker(counts, "score_chunks_by_worker", out)
+                if labeled:
+                    say(share, f"scoring the human labels of {len(labeled)} task(s) with {version}")
+                    # in chunks too, so every prediction worker helps; the ranking and the writes need every score
+                    outs = run(dataclasses.replace(context, work=backlog.SCORE),
+                               backlog.chunked(backlog.labeled_items(labeled)),
+                               lambda fraction, message: say(share + (1 - share) * 0.9 * fraction, message))
+                    for out in outs:
+                        scored.update({int(task_id): float(score) for task_id, score in (out.get("scores") or {}).items()})
+                        _tally_worker(counts, "score_chunks_by_worker", out)
                 took("suspects_score")
+                unscored = {int(t["id"]) for t, _ in labeled} - set(scored)  # their entries stay as they were
                 try:
-                    every_task = {int(t["id"]): t for t in [*read.unlabeled, *(t for t, _ in labeled)]}
-                    counts.update(publish_suspects(client, project_id, spec, version, every_task, scored))
+                    counts.update(publish_suspects(client, project_id, spec, version, every_task, scored, unscored))
                 except LabelloopError as exc:
                     log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
                 took("suspects_write")

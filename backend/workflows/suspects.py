@@ -7,11 +7,12 @@ a fold model would; the FiftyOne operator's out-of-sample mode is the stronger c
 prediction job after every promotion, so the tab follows the model without an analyst in the loop: the scores
 come from chunks any prediction worker takes (``backlog.score_chunk``), the ranking and the writes from the job.
 
-Only the tab's tasks carry an entry (and a task leaving the tab has its entry turned off): Label Studio writes a
-task's meta one ``PATCH`` at a time (~0.12 s each, serialized), so an entry on every labeled task rewritten after
-every promotion cost 49 of a 61 s job at 400 labels and would cost hours at 100k. Bounded this way a promotion
-writes at most ``2 * SUSPECTS_SIZE`` tasks whatever the project's size; every label's score is in FiftyOne
-(``mislabel_score``).
+Only the tab's tasks carry an entry (a task leaving the tab loses it): Label Studio writes a task's meta one
+``PATCH`` at a time (~0.12 s each, serialized), so an entry on every labeled task rewritten after every promotion
+cost 49 of a 61 s job at 400 labels and would cost hours at 100k. Bounded this way a promotion writes at most
+``2 * SUSPECTS_SIZE`` tasks whatever the project's size (once more for each entry an earlier labelloop left on a
+task outside the tab); every label's score is in FiftyOne (``mislabel_score``). Each write merges into the task's
+meta as Label Studio holds it at that moment, so a user's edit made while the job ran is kept.
 """
 
 from __future__ import annotations
@@ -55,13 +56,35 @@ def rank_suspects(scores: dict[int, float], spec: ControlSpec, size: int = SUSPE
     return ranked[:size]
 
 
-def task_meta(task: dict[str, Any], version: str, score: float, suspect: bool) -> dict[str, Any] | None:
-    """The task's meta with labelloop's entry set (every other key as it was), or None when it already says so."""
-    meta = task.get("meta") if isinstance(task.get("meta"), dict) else {}
-    entry = {"mislabel_score": round(float(score), 4), "mislabel_suspect": bool(suspect), "version": version}
-    if meta.get(META_KEY) == entry:
-        return None
-    return {**meta, META_KEY: entry}
+def entry_of(task: dict[str, Any]) -> dict[str, Any] | None:
+    """labelloop's entry in a task's meta, if it has one."""
+    meta = task.get("meta")
+    entry = meta.get(META_KEY) if isinstance(meta, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def with_entry(meta: Any, entry: dict[str, Any] | None) -> dict[str, Any]:
+    """``meta`` with labelloop's entry set (``None``: removed), every other key as it was."""
+    kept = {key: value for key, value in (meta if isinstance(meta, dict) else {}).items() if key != META_KEY}
+    return kept if entry is None else {**kept, META_KEY: entry}
+
+
+def meta_updates(tasks: dict[int, dict[str, Any]], scores: dict[int, float], suspects: list[int], version: str,
+                 keep: set[int] | frozenset[int] = frozenset()) -> dict[int, dict[str, Any] | None]:
+    """Task id -> labelloop's new entry (``None``: remove it), for the tasks whose entry must change (``tasks``:
+    id -> the task as read, for the meta it holds): each of the tab's ``suspects`` gets its score and the flag;
+    every other task holding an entry loses it — unless it is in ``keep`` (labeled tasks this job could not
+    score: a failure does not erase what an earlier version said)."""
+    top = set(suspects)
+    updates: dict[int, dict[str, Any] | None] = {}
+    for task_id in suspects:
+        entry = {"mislabel_score": round(float(scores[task_id]), 4), "mislabel_suspect": True, "version": version}
+        if entry_of(tasks[task_id]) != entry:
+            updates[task_id] = entry
+    for task_id, task in tasks.items():
+        if task_id not in top and task_id not in keep and entry_of(task) is not None:
+            updates[task_id] = None
+    return updates
 
 
 def score_labeled(labeled: list[tuple[dict[str, Any], LabeledImage]], predictions: list[ImagePrediction | None],
@@ -76,39 +99,25 @@ def score_labeled(labeled: list[tuple[dict[str, Any], LabeledImage]], prediction
     return scores
 
 
-def meta_updates(tasks: dict[int, dict[str, Any]], scores: dict[int, float], suspects: list[int],
-                 version: str) -> dict[int, dict[str, Any]]:
-    """Task id -> the task's new meta, for the tasks whose labelloop entry must change (``tasks``: id -> the task
-    as read, for the meta it holds): each of the tab's ``suspects`` gets its score and the flag; a task whose
-    entry still says suspect but that left the tab gets the flag off with today's score, or loses labelloop's
-    entry when it has no human label left to score. Every other task is not written (see the module's note)."""
-    top = set(suspects)
-    updates: dict[int, dict[str, Any]] = {}
-    for task_id in suspects:
-        meta = task_meta(tasks[task_id], version, scores[task_id], True)
-        if meta is not None:
-            updates[task_id] = meta
-    for task_id, task in tasks.items():
-        meta = task.get("meta") if isinstance(task.get("meta"), dict) else {}
-        entry = meta.get(META_KEY)
-        if task_id in top or not (isinstance(entry, dict) and entry.get("mislabel_suspect")):
-            continue
-        if task_id in scores:
-            updates[task_id] = task_meta(task, version, scores[task_id], False) or meta
-        else:  # unlabeled now (or its image could not be read): nothing to suspect
-            updates[task_id] = {key: value for key, value in meta.items() if key != META_KEY}
-    return updates
-
-
 def publish_suspects(client, project_id: int | str, spec: ControlSpec, version: str,
-                     tasks: dict[int, dict[str, Any]], scores: dict[int, float], say=None) -> dict[str, int]:
+                     tasks: dict[int, dict[str, Any]], scores: dict[int, float],
+                     keep: set[int] | frozenset[int] = frozenset(), say=None) -> dict[str, int]:
     """Rewrite the suspects tab and the meta entries ``meta_updates`` says (``tasks``: id -> every task as read,
-    labeled or not, for the meta it holds; ``scores``: the labeled tasks' ``mislabel_score``). Returns counts."""
+    labeled or not, for the meta it holds; ``scores``: the labeled tasks' ``mislabel_score``). Each write merges
+    into the task's meta as Label Studio holds it now (a task deleted meanwhile is skipped). Returns counts."""
     suspects = rank_suspects(scores, spec)
-    updates = meta_updates(tasks, scores, suspects, version)
-    for task_id, meta in updates.items():
-        client.set_task_meta(task_id, meta)
+    written = 0
+    updates = meta_updates(tasks, scores, suspects, version, keep)
+    fresh = client.task_metas(project_id, updates) if updates else {}  # the user may have edited meta since the read
+    for task_id, entry in updates.items():
+        if task_id not in fresh:  # deleted meanwhile
+            continue
+        current = fresh[task_id]
+        meta = with_entry(current, entry)
+        if meta != (current if isinstance(current, dict) else {}):
+            client.set_task_meta(task_id, meta)
+            written += 1
     client.put_tab(project_id, SUSPECTS_TAB, suspects)
     if say:
         say(1.0, f"{len(suspects)} mislabel suspect(s) of {len(scores)} labeled tasks")
-    return {"scored": len(scores), "suspects": len(suspects), "meta_written": len(updates)}
+    return {"scored": len(scores), "suspects": len(suspects), "meta_written": written}
