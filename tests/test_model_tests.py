@@ -615,13 +615,14 @@ def test_model_tests_are_set_and_read_over_http(tmp_path):
 
 
 @pytest.mark.unit
-def test_training_reads_the_unlabeled_tasks_its_tests_name_one_by_one(tmp_path):
+def test_training_reads_the_unlabeled_tasks_its_tests_name_by_id(tmp_path):
     """Training reads only the labeled tasks; an examples test may name tasks nobody labeled, and those (only
-    those) are read one by one — a deleted one is skipped, the test then reports its example missing."""
+    those) are read by id through the Data Manager's list — a deleted one is skipped, the test then reports its
+    example missing."""
     from labelloop.core.labelconfig import parse_label_config
     from labelloop.core.registry import Registry
     from labelloop.dev.shapes import label_config
-    from labelloop.labelstudio.client import StudioError, StudioProject
+    from labelloop.labelstudio.client import StudioProject
     from labelloop.workflows.pipeline import _tasks_named_by_tests
 
     spec = parse_label_config(label_config("classification"))
@@ -630,17 +631,16 @@ def test_training_reads_the_unlabeled_tasks_its_tests_name_one_by_one(tmp_path):
     project = StudioProject(7, {}, spec, labeled)
 
     class Client:
-        read: list[int] = []
+        read: list[list[int]] = []
 
-        def task(self, task_id):
-            self.read.append(task_id)
-            if task_id == 9:
-                raise StudioError("no such task", 404)
-            return {"id": task_id, "data": {"image": f"img{task_id}"}}
+        def select_tasks(self, project_id, task_ids, full=False):
+            assert project_id == 7 and full
+            self.read.append(sorted(task_ids))
+            return [{"id": t, "data": {"image": f"img{t}"}} for t in sorted(task_ids) if t != 9]  # 9 was deleted
 
     client = Client()
     assert _tasks_named_by_tests(client, registry, 7, project) == [] and client.read == []  # no suite
     modeltests.save_suite(registry.project_dir(7), modeltests.parse_suite(
         [{"name": "stars", "kind": "examples", "tasks": [2, 5, 9, 5], "label": "star"}], spec.labels))
     assert _tasks_named_by_tests(client, registry, 7, project) == [{"id": 5, "data": {"image": "img5"}}]
-    assert client.read == [5, 9]
+    assert client.read == [[5, 9]]
