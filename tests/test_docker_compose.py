@@ -75,7 +75,8 @@ LABEL_STUDIO_ENV = {"DJANGO_DB", "POSTGRE_NAME", "POSTGRE_USER", "POSTGRE_PASSWO
                     "LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN",
                     "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK",
                     "ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED", "COLLECT_ANALYTICS", "LATEST_VERSION_CHECK",
-                    "SENTRY_DSN", "FRONTEND_SENTRY_DSN"}
+                    "SENTRY_DSN", "FRONTEND_SENTRY_DSN",
+                    "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"}  # data_import/api.py
 # variables the compose CLI itself reads from .env
 COMPOSE_CLI_VARS = {"COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES"}
 

@@ -136,6 +136,8 @@ def start_label_studio(data_dir: Path, port: int | None = None, files_root: Path
         "FRONTEND_SENTRY_DSN": "",
         "COLLECT_ANALYTICS": "false",
         "LATEST_VERSION_CHECK": "false",
+        # bulk prediction imports update the counters of the tasks they touch, not every task's (as Compose)
+        "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short": "true",
     }
     for leaked in ("VIRTUAL_ENV", "PYTHONPATH", "DJANGO_SETTINGS_MODULE"):
         env.pop(leaked, None)
