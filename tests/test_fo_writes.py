@@ -80,3 +80,26 @@ def test_moved_fiftyone_internals_fall_back_to_set_values(fo, monkeypatch, caplo
     write_columns(dataset, {"ls_score": {ids[2]: 0.25}})
     assert dataset.values("ls_score") == [1.0, 1.0, 0.25]
     assert "field by field" in caplog.text
+
+
+def test_a_label_in_its_stored_form_is_the_label_object(fo, monkeypatch):
+    """``stored_classification`` (no FiftyOne object built) stores what a ``fo.Classification`` stores, on the bulk
+    path and on the set_values fallback; the label reads back as a Classification with its own id."""
+    from labelloop.fo import writes
+
+    public, stored, fallback = (_dataset(fo, f"writes-stored-{k}", n=4) for k in ("public", "bulk", "fallback"))
+    for name, dataset in (("public", public), ("bulk", stored), ("fallback", fallback)):
+        ids = dataset.values("id")
+        make = fo.Classification if name == "public" else writes.stored_classification
+        values = {i: make(label=f"c{k % 2}", confidence=k / 4) for k, i in enumerate(ids)}
+        if name == "public":
+            dataset.set_values("predictions", values, key_field="id")
+        elif name == "bulk":
+            writes.write_columns(dataset, {"predictions": {ids[0]: fo.Classification(label="x")}})  # declared
+            writes.write_columns(dataset, {"predictions": values})
+        else:
+            writes.write_columns(dataset, {"predictions": values})  # undeclared: set_values gets the object back
+    assert _plain(stored, ["predictions"]) == _plain(public, ["predictions"]) == _plain(fallback, ["predictions"])
+    first = stored.first().predictions
+    assert isinstance(first, fo.Classification) and first.label == "c0" and first.id
+    assert len(set(stored.values("predictions.id"))) == 4  # each label its own id

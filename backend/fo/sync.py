@@ -45,7 +45,7 @@ from labelloop.core.predict import ImagePrediction, LoadedModel, load_model, pre
 from labelloop.core.registry import Registry
 from labelloop.errors import LabelloopError
 from labelloop.fo.env import import_fiftyone, root_dataset
-from labelloop.fo.writes import WRITE_BATCH, write_columns, write_values
+from labelloop.fo.writes import WRITE_BATCH, stored_classification, write_columns, write_values
 from labelloop.labelstudio.client import LABELED, StudioClient
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import annotation_key, labeled_image
@@ -110,14 +110,15 @@ def ground_truth_labels(task: dict[str, Any], spec: ControlSpec) -> dict[str, An
     return out
 
 
-def prediction_labels(pred: ImagePrediction, spec: ControlSpec, version: str) -> dict[str, Any]:
-    """FiftyOne fields for one engine prediction."""
+def prediction_labels(pred: ImagePrediction, spec: ControlSpec, version: str, stored: bool = False) -> dict[str, Any]:
+    """FiftyOne fields for one engine prediction; ``stored``: a classification in its database form
+    (``writes.stored_classification``), for ``write_columns``."""
     fo = import_fiftyone()
     fields: dict[str, Any] = {"ls_score": pred.score, "prediction_version": version}
     if spec.kind.whole_image:
         region = pred.regions[0] if pred.regions else None
-        fields["predictions"] = (fo.Classification(label=region.label, confidence=region.score)
-                                 if region else None)
+        make = stored_classification if stored else fo.Classification
+        fields["predictions"] = make(label=region.label, confidence=region.score) if region else None
         fields["class_probs"] = dict(pred.class_probs)
         return fields
 
@@ -499,7 +500,7 @@ def predict_samples(view, spec: ControlSpec, model: LoadedModel, force: bool = F
                 log.warning("%d samples not predicted with %s: %s", len(part), model.version, preds)
             else:
                 for (sample_id, _), pred in zip(part, preds):
-                    for key, value in prediction_labels(pred, spec, model.version).items():
+                    for key, value in prediction_labels(pred, spec, model.version, stored=True).items():
                         columns.setdefault(f"{fields_prefix}{key}", {})[sample_id] = value
                 done += len(part)
                 if len(next(iter(columns.values()), {})) >= WRITE_BATCH:
