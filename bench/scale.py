@@ -10,9 +10,11 @@ is then the bottleneck).
 Then, each in a fresh process whose peak memory (RSS) is read at its end:
 
 * **read, easy export** — the whole project in one request, as every job read it before (60 s timeout);
-* **read, paged** — ``backlog.read_for_prediction``: pages of 500 tasks, only what a prediction job keeps;
-* **backlog** — the paged read plus every unlabeled task predicted and pushed in chunks of 100 in one process
-  (``backlog.run_here``: images fetched from Label Studio over HTTP, the four-view scores the job pushes);
+* **read, paged** — ``backlog.read_for_prediction``: pages of 500 tasks, the chunks made and dropped, what a
+  prediction job keeps kept (its score book, the labeled tasks' truth);
+* **backlog** — the paged read with every unlabeled task predicted and pushed in chunks of 100 in one process as
+  the read makes them (``backlog.run_here``: images read from the shared media folder, the four-view scores the
+  job pushes; the read's share is the rest of the time);
 * **raw forward pass** — ultralytics on the same images from local files, batch 16, the same four views: the
   floor the backlog's per-task cost is compared with.
 
@@ -75,19 +77,21 @@ def _measured(phase: str, args: dict, queue) -> None:
         spec = parse_label_config(args["label_config"])
         if phase == "export":
             extra["tasks"] = len(client.export_tasks(args["project"]))
-        elif phase == "paged":
+        elif phase == "paged":  # the job's read alone: chunks made and dropped, what the job keeps kept
             read = backlog.read_for_prediction(client, args["project"], spec, args["version"])
-            extra["tasks"] = len(read.unlabeled) + len(read.labeled_ids)
-        elif phase == "backlog":
-            read = backlog.read_for_prediction(client, args["project"], spec, args["version"])
-            extra["read_s"] = time.perf_counter() - start
-            todo = [t for t in read.unlabeled if t["id"] not in read.held]
+            extra["tasks"] = read.unlabeled + len(read.labeled_ids)
+        elif phase == "backlog":  # the read and the backlog together, as the job runs them (chunks as they come)
+            scan = backlog.BacklogScan(client, args["project"], spec, args["version"])
             context = backlog.ChunkContext(str(args["project"]), args["version"], args["weights"], args["label_config"])
-            outs = backlog.run_here(context, backlog.chunked(todo), lambda f, m: None)
-            extra["predicted"] = sum(len(o["pushed"]) for o in outs)
-            extra["predict_s"] = sum(o["seconds"]["predict"] for o in outs)
-            extra["push_s"] = sum(o["seconds"]["push"] for o in outs)
-            extra["errors"] = sum(o["errors"] for o in outs)
+            extra.update(predicted=0, predict_s=0.0, push_s=0.0, errors=0)
+            for out in backlog.run_here(context, scan.chunks(), lambda f, m: None):
+                extra["predicted"] += len(out["pushed"])
+                extra["predict_s"] += out["seconds"]["predict"]
+                extra["push_s"] += out["seconds"]["push"]
+                extra["errors"] += out["errors"]
+                for task_id, pushed in out["pushed"].items():
+                    scan.book.add(int(task_id), pushed[0], pushed[1])
+            extra["read_s"] = time.perf_counter() - start - extra["predict_s"] - extra["push_s"]
         elif phase == "raw":
             from labelloop.core.predict import load_model, predict_images
 

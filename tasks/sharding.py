@@ -10,6 +10,8 @@ the job (its helpers start afterwards and find nothing); N workers on N machines
   with the reason (the rest of the job goes on);
 * results are written under the chunk's index, and a redelivered job keeps the chunks already done, so no
   chunk is pushed twice by a second delivery;
+* chunks go on the list while the job still reads the project (a ``producing`` key tells helpers to wait for
+  more), so other workers predict the first chunks while the rest are read;
 * progress is the share of chunks done, whoever did them;
 * a job's second kind of work (its scores of the human labels, ``backlog.SCORE``) runs the same way under keys
   of its own (``<job id>:score``).
@@ -24,6 +26,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,14 +50,16 @@ class ShardKeys:
     results: str  # hash: index -> what the chunk returned (backlog.run_chunk, JSON)
     leases: str  # hash: index -> when its lease runs out (epoch seconds)
     attempts: str  # hash: index -> failed attempts
+    producing: str  # set while the job still puts chunks on the list
 
     @classmethod
     def of(cls, job_id: str) -> ShardKeys:
         base = f"{PREFIX}:shard:{job_id}"
-        return cls(*(f"{base}:{name}" for name in ("todo", "chunks", "context", "results", "leases", "attempts")))
+        names = ("todo", "chunks", "context", "results", "leases", "attempts", "producing")
+        return cls(*(f"{base}:{name}" for name in names))
 
     def all(self) -> list[str]:
-        return [self.todo, self.chunks, self.context, self.results, self.leases, self.attempts]
+        return [self.todo, self.chunks, self.context, self.results, self.leases, self.attempts, self.producing]
 
 
 def _take_and_run(store: JobStore, keys: ShardKeys, context, client, fetcher, worker: str) -> bool:
@@ -111,10 +116,12 @@ def _clients():
 
 def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store: JobStore | None = None):
     """A ``backlog.ChunkRunner`` for the prediction job ``job_id`` running on ``worker``: it and any free
-    prediction worker take the chunks (each chunk's result names who did it)."""
+    prediction worker take the chunks (each chunk's result names who did it). Chunks go on the list as they come
+    (the job reads the project while helpers already predict its first chunks); the job's worker takes chunks once
+    they are all out, then waits for the rest and yields every chunk's result in order."""
     worker = worker or socket.gethostname()
 
-    def runner(context, chunks: list[list[dict[str, Any]]], progress) -> list[dict[str, Any]]:
+    def runner(context, chunks: Iterable[list[dict[str, Any]]], progress) -> Iterator[dict[str, Any]]:
         from labelloop.workflows.backlog import PREDICT
 
         shards = store or JobStore()
@@ -124,42 +131,57 @@ def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store:
         done = {int(i) for i in r.hkeys(keys.results)}  # a second delivery keeps what the first finished
         now = time.time()  # and leaves a live helper's chunk to it (taken back here if its lease runs out)
         running = {int(i) for i, until in r.hgetall(keys.leases).items() if float(until) >= now}
-        pending = [i for i in range(len(chunks)) if i not in done and i not in running]
         pipe = r.pipeline()
         pipe.delete(keys.todo)
         stale = [i for i in r.hkeys(keys.leases) if int(i) not in running]
         if stale:
             pipe.hdel(keys.leases, *stale)
         pipe.set(keys.context, json.dumps(context.to_json()))
-        if chunks:
-            pipe.hset(keys.chunks, mapping={str(i): json.dumps(c) for i, c in enumerate(chunks)})
-        if pending:
-            pipe.rpush(keys.todo, *pending)
+        pipe.set(keys.producing, 1, ex=RECORD_TTL)  # helpers wait for more chunks while this is set
         for key in keys.all():
             pipe.expire(key, RECORD_TTL)
         pipe.execute()
-        for _ in range(min(helpers, max(0, len(pending) - 1))):
-            predict_chunks.apply_async(args=[shard], queue=PREDICT_QUEUE, retry=False)
+        count, asked = 0, 0
         client, fetcher = _clients()
         try:
             with client, fetcher:
-                while True:
+                try:
+                    for index, chunk in enumerate(chunks):  # a chunk on the list as soon as the read has made it
+                        pipe = r.pipeline()
+                        pipe.hset(keys.chunks, str(index), json.dumps(chunk))
+                        if index not in done and index not in running:
+                            pipe.rpush(keys.todo, index)
+                        pipe.execute()
+                        count = index + 1
+                        if count >= 2 and asked < helpers:  # the first chunks: one more helper each, up to helpers
+                            predict_chunks.apply_async(args=[shard], queue=PREDICT_QUEUE, retry=False)
+                            asked += 1
+                        progress(0.0, f"{count} chunk(s) read, {int(r.hlen(keys.results))} predicted")
+                finally:
+                    r.delete(keys.producing)
+                for key in keys.all():
+                    r.expire(key, RECORD_TTL)
+                while count:
                     took = _take_and_run(shards, keys, context, client, fetcher, worker)
                     finished = int(r.hlen(keys.results))
-                    progress(finished / max(1, len(chunks)), f"{finished} of {len(chunks)} chunks predicted")
-                    if finished >= len(chunks):
+                    progress(finished / count, f"{finished} of {count} chunks predicted")
+                    if finished >= count:
                         break
                     if not took:  # the rest are running elsewhere: wait, and take back a dead worker's
                         _requeue_expired(shards, keys)
                         time.sleep(POLL_S)
-            raw = r.hgetall(keys.results)
-            out = [json.loads(raw[str(i)]) for i in range(len(chunks))]
-            failed = [o["failed"] for o in out if o.get("failed")]
-            if failed:
-                log.error("job %s: %d chunk(s) failed for good, e.g. %s", job_id, len(failed), failed[0])
-            return out
+            failed = 0
+            for index in range(count):  # one result at a time: the job folds them, memory holds one
+                out = json.loads(r.hget(keys.results, str(index)) or "{}")
+                if out.get("failed"):
+                    failed += 1
+                    if failed == 1:
+                        log.error("job %s: chunk %d failed for good: %s", job_id, index, out["failed"])
+                yield out
+            if failed > 1:
+                log.error("job %s: %d chunk(s) failed for good", job_id, failed)
         finally:
-            r.delete(keys.todo)  # helpers still queued find nothing; the rest expires with the job's record
+            r.delete(keys.todo, keys.producing)  # helpers still queued find nothing; the rest expires with the job
 
     return runner
 
@@ -173,13 +195,18 @@ def predict_chunks(self, shard: str) -> dict[str, Any]:
     store = JobStore()
     keys = ShardKeys.of(shard)
     raw = store.r.get(keys.context)
-    if raw is None or not store.r.llen(keys.todo):
+    if raw is None or not (store.r.llen(keys.todo) or store.r.exists(keys.producing)):
         return {"took": 0}
     context = ChunkContext.from_json(json.loads(raw))
     took, worker = 0, self.request.hostname or socket.gethostname()
     client, fetcher = _clients()
     with client, fetcher:
-        while _take_and_run(store, keys, context, client, fetcher, worker):
-            took += 1
+        while True:
+            if _take_and_run(store, keys, context, client, fetcher, worker):
+                took += 1
+            elif store.r.exists(keys.producing):  # the job is still reading: more chunks are coming
+                time.sleep(POLL_S)
+            else:
+                break
     log.info("helper on %s took %d chunk(s) of %s", worker, took, shard)
     return {"took": took, "worker": worker}

@@ -73,13 +73,14 @@ def test_two_workers_share_the_chunks_and_a_failed_chunk_is_retried_alone(shards
         deadline = time.time() + 10
         while not store.r.exists(keys.context) and time.time() < deadline:
             time.sleep(0.01)
-        while sharding._take_and_run(store, keys, context, None, None, "worker-b"):
-            pass
+        while (sharding._take_and_run(store, keys, context, None, None, "worker-b")
+               or store.r.exists(keys.producing)):  # chunks still coming: wait for them, as predict_chunks does
+            time.sleep(0.001)
 
     thread = threading.Thread(target=helper, name="worker-b")
     thread.start()
-    out = sharding.run_on_workers(job, "worker-a", helpers=0, store=store)(context, chunks,
-                                                                          lambda f, m: seen.append(f))
+    out = list(sharding.run_on_workers(job, "worker-a", helpers=0, store=store)(context, iter(chunks),
+                                                                               lambda f, m: seen.append(f)))
     thread.join(timeout=30)
     assert [sorted(int(k) for k in o["pushed"]) for o in out] == [[t["id"] for t in c] for c in chunks]
     workers = {o["worker"] for o in out}
@@ -93,8 +94,8 @@ def test_two_workers_share_the_chunks_and_a_failed_chunk_is_retried_alone(shards
 def test_a_chunk_that_keeps_failing_counts_its_tasks_as_errors_and_the_job_goes_on(shards):
     sharding, store, install, context = shards
     install(Recorder(fail={10: 99}))
-    out = sharding.run_on_workers(f"job-{time.time_ns()}", "a", helpers=0, store=store)(
-        context, chunks_of(30), lambda f, m: None)
+    out = list(sharding.run_on_workers(f"job-{time.time_ns()}", "a", helpers=0, store=store)(
+        context, chunks_of(30), lambda f, m: None))
     assert out[1]["errors"] == 10 and out[1]["pushed"] == {} and "3 attempts" in out[1]["failed"]
     assert "image server hiccup at task 10" in out[1]["failed"]
     assert len(out[0]["pushed"]) == len(out[2]["pushed"]) == 10
@@ -118,7 +119,7 @@ def test_a_dead_workers_chunk_is_taken_back_and_a_second_delivery_keeps_what_was
         store.r.hdel(keys.leases, "4")
 
     threading.Thread(target=live_helper).start()
-    out = sharding.run_on_workers(job, "again", helpers=0, store=store)(context, chunks, lambda f, m: None)
+    out = list(sharding.run_on_workers(job, "again", helpers=0, store=store)(context, chunks, lambda f, m: None))
     assert sorted(first for _, first in recorder.calls) == [10, 30]  # only the chunks nobody did or does
     assert [o["worker"] for o in out] == ["dead", "again", "dead", "again", "helper"]
     # the lease check on its own: an expired lease goes back on the list, a live one stays
@@ -127,9 +128,10 @@ def test_a_dead_workers_chunk_is_taken_back_and_a_second_delivery_keeps_what_was
 
 
 def test_the_project_is_read_page_by_page_with_only_what_the_job_needs(ls_api, monkeypatch):
-    """Against a real Label Studio with pages of 3: unlabeled tasks (a cancelled annotation does not count) in
-    compact form, the labeled ones with their truth, and this version's predictions picked out of tasks that
-    hold several versions."""
+    """Against a real Label Studio with pages of 3: the unlabeled tasks without this version's prediction come in
+    chunks (a cancelled annotation does not count), compact; this version's predictions are picked out of tasks
+    that hold several versions, their scores into the score book (their result only where rough labels need it);
+    the labeled ones come with their truth; the drift check's newest incoming tasks are kept, no more."""
     from labelloop.core.labelconfig import parse_label_config
     from labelloop.dev.shapes import label_config
     from labelloop.workflows import backlog
@@ -138,7 +140,8 @@ def test_the_project_is_read_page_by_page_with_only_what_the_job_needs(ls_api, m
     config = label_config("classification")
     project = ls_api.create_project("backlog paging", config)["id"]
     ls_api.request("POST", f"/api/projects/{project}/import",
-                   json=[{"data": {"image": f"/data/upload/9/{i}.png", "n": i}} for i in range(8)])
+                   json=[{"data": {"image": f"/data/upload/9/{i}.png", "n": i, **({"contains": "star"} if i == 4 else {})}}
+                         for i in range(8)])
     ids = [t["id"] for t in ls_api.iter_tasks(project)]
     assert len(ids) == 8
     choice = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["star"]}}]
@@ -152,13 +155,21 @@ def test_the_project_is_read_page_by_page_with_only_what_the_job_needs(ls_api, m
         {"task": ids[5], "result": [], "score": 0.5, "model_version": "p9-v12"},
         {"task": ids[0], "result": [], "score": 0.5, "model_version": "p9-v1"},  # labeled: not a backlog task
     ])
-    read = backlog.read_for_prediction(ls_api, project, parse_label_config(config), "p9-v1")
-    assert [t["id"] for t in read.unlabeled] == ids[2:]
-    assert set(read.unlabeled[0]) == {"id", "data", "meta", "created_at"} and read.unlabeled[1]["data"]["n"] == 3
-    assert [(t["id"], truth.label) for t, truth in read.labeled] == [(ids[0], "star"), (ids[1], "star")]
-    assert read.labeled_ids == set(ids[:2])
-    assert {k: v["score"] for k, v in read.held.items()} == {ids[3]: 0.25, ids[4]: 0.75}
-    assert read.held[ids[4]]["result"][0]["value"]["choices"] == ["star"]
+    scan = backlog.BacklogScan(ls_api, project, parse_label_config(config), "p9-v1",
+                               incoming=lambda task: task["data"]["n"] >= 5, incoming_keep=2)
+    chunks = list(scan.chunks(size=2))
+    assert [[t["id"] for t in c] for c in chunks] == [[ids[2], ids[5]], [ids[6], ids[7]]]  # held ones not again
+    assert set(chunks[0][0]) == {"id", "data", "meta", "created_at"} and chunks[0][1]["data"]["n"] == 5
+    assert (scan.unlabeled, scan.held) == (6, 2)
+    assert dict(zip(scan.book.ids, scan.book.scores)) == {ids[3]: 0.25, ids[4]: 0.75}
+    assert {scan.book.names[i] for i in scan.book.labels} == {"star"}
+    assert list(scan.rough) == [ids[4]] and scan.held_results[ids[4]][0]["value"]["choices"] == ["star"]
+    assert [t["id"] for t in scan.incoming_tasks()] == [ids[6], ids[7]]  # the newest two of ids 5-7
+    assert scan.labeled == [] and scan.labeled_ids == set(ids[:2])
+    scan.read_labeled()
+    assert [(t["id"], truth.label) for t, truth in scan.labeled] == [(ids[0], "star"), (ids[1], "star")]
+    whole = backlog.read_for_prediction(ls_api, project, parse_label_config(config), "p9-v1")
+    assert whole.unlabeled == 6 and len(whole.labeled) == 2
 
     # what out-of-sample folds read (the labeled tasks, in full) and what the warm start reads (every image)
     labeled = ls_api.load_labeled(project)
@@ -191,10 +202,10 @@ def test_the_scores_of_human_labels_are_chunks_of_their_own_under_the_same_job(s
     monkeypatch.setattr(sharding.predict_chunks, "apply_async", lambda args, **kw: queued.append(args))
     job = f"job-{time.time_ns()}"
     run = sharding.run_on_workers(job, "a", helpers=4, store=store)
-    predicted = run(context, chunks_of(20), lambda f, m: None)
+    predicted = list(run(context, chunks_of(20), lambda f, m: None))
     items = [{"id": 100 + i, "data": {}, "truth": {"task_id": 100 + i, "annotation": "a", "label": "star"}}
              for i in range(25)]
-    out = run(dataclasses.replace(context, work=backlog.SCORE), backlog.chunked(items, 10), lambda f, m: None)
+    out = list(run(dataclasses.replace(context, work=backlog.SCORE), backlog.chunked(items, 10), lambda f, m: None))
     assert sum(len(o["pushed"]) for o in predicted) == 20
     assert sorted(scored) == list(range(100, 125)) and [len(o["scores"]) for o in out] == [10, 10, 5]
     assert queued[0] == [job] and queued[-1] == [f"{job}:score"]

@@ -114,7 +114,7 @@ def test_connect_is_idempotent_secures_the_webhook_and_a_base_model_backlogs_onc
     assert [(j["version"], j["trigger"], j["counts"]["pushed"]) for j in backlog] == [(BASE, "setup", len(tasks))]
     # the job's record says where its time went (ops read it when a job is slow)
     phases = backlog[0]["counts"]["seconds"]
-    assert {"read", "backlog", "model_version"} <= set(phases) and all(v >= 0 for v in phases.values()), phases
+    assert {"backlog", "read_labeled", "model_version"} <= set(phases) and all(v >= 0 for v in phases.values()), phases
     assert sorted(p["task"] for p in predictions_of(ls_api, project, BASE)) == sorted(t["id"] for t in tasks)
     assert ls_api.project(project)["model_version"] == BASE
 

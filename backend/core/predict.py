@@ -261,10 +261,12 @@ def _predict_classification_tta(model: LoadedModel, images: list[Path], label_of
     out: list[ImagePrediction] = []
     per_chunk = max(1, batch // TTA_VIEWS)
     for start in range(0, len(images), per_chunk):
-        arrays = [_read_bgr(p) for p in images[start : start + per_chunk]]
-        if any(a is None for a in arrays):
-            bad = next(p for p, a in zip(images[start : start + per_chunk], arrays) if a is None)
-            raise ValueError(f"cannot decode image {bad}")
+        arrays: list[np.ndarray] = []
+        for p in images[start : start + per_chunk]:
+            decoded = _read_bgr(p)
+            if decoded is None:
+                raise ValueError(f"cannot decode image {p}")
+            arrays.append(decoded)
         views = [v for a in arrays for v in _views(a)]
         probs = _classify(model, views, imgsz)
         for k, array in enumerate(arrays):
@@ -284,14 +286,15 @@ def _predict_classification(model: LoadedModel, images: list[Path] | list[np.nda
     out: list[ImagePrediction] = []
     for start in range(0, len(images), batch):
         part = images[start : start + batch]
-        arrays = [p if isinstance(p, np.ndarray) else _read_bgr(p) for p in part]
-        if any(a is None for a in arrays):
+        read = [p if isinstance(p, np.ndarray) else _read_bgr(p) for p in part]
+        arrays = [a for a in read if a is not None]
+        if len(arrays) < len(read):
             try:
                 with model.lock:
                     results = model.yolo.predict([str(p) if isinstance(p, Path) else p for p in part], verbose=False,
                                                  batch=len(part))
             except Exception as exc:  # ultralytics' own words are about its loader (e.g. a missing HEIF plugin)
-                bad = next(p for p, a in zip(part, arrays) if a is None)
+                bad = next(p for p, a in zip(part, read) if a is None)
                 raise ValueError(f"cannot decode image {bad}: {type(exc).__name__}: {exc}") from exc
             rows = [r.probs.data.cpu().numpy().astype(float) for r in results]
             shapes = [tuple(int(v) for v in r.orig_shape) for r in results]
@@ -324,7 +327,7 @@ def _classify(model: LoadedModel, arrays: list[np.ndarray], imgsz: int | None = 
         predictor = getattr(model.yolo, "predictor", None)
         ready = (imgsz is None and predictor is not None and getattr(predictor, "model", None) is not None
                  and getattr(predictor, "transforms", None) is not None)
-        if not ready:
+        if not ready or predictor is None:
             kwargs: dict[str, Any] = {"verbose": False, "batch": len(arrays)}
             if imgsz:
                 kwargs["imgsz"] = imgsz

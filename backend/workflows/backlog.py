@@ -1,14 +1,16 @@
 """A project's unlabeled backlog at any size: read page by page, predicted in chunks that any worker can take.
 
 A prediction job must not hold a project's whole export (100k tasks with every annotation and prediction),
-nor predict it in one worker while others sit idle. So:
+nor its whole task list, nor predict it in one worker while others sit idle. So:
 
-* **the read** (``read_for_prediction``) pages through Label Studio's task list and keeps, per task, only
-  what the job uses — id, data, meta, created_at (``compact``) and, for labeled tasks, the truth of our
-  control; the predictions this version already has are read only for the tasks that may hold one;
-* **the work** is cut into chunks of ``CHUNK`` tasks (one bulk push each, so a chunk's predictions land
-  whole or not at all) and handed to a ``ChunkRunner``: ``run_here`` predicts them one after another in
-  this process; the Celery face (``labelloop.tasks.sharding``) lets every prediction worker take chunks;
+* **the read** (``BacklogScan``) pages through Label Studio's task list and hands the unlabeled tasks on as
+  chunks while it reads (a chunk keeps, per task, only id, data, meta and created_at: ``compact``); what the job
+  needs after the backlog is kept in a bounded form (scores in arrays, a few tasks for the drift check and the
+  misses tab); the labeled tasks are read in full afterwards, their truth kept;
+* **the work**: chunks of ``CHUNK`` tasks (one bulk push each, so a chunk's predictions land whole or not at
+  all) go to a ``ChunkRunner`` as the read makes them: ``run_here`` predicts them one after another in this
+  process; the Celery face (``labelloop.tasks.sharding``) lets every prediction worker take chunks, from the
+  first one on, while the job's worker still reads;
 * **a chunk** (``predict_chunk``) needs only its ``ChunkContext`` (project, version, weights on the shared
   model volume, the label config) and its tasks, so it runs the same wherever it runs;
 * **the human labels** are scored the same way, in chunks of labeled tasks with their truth (``score_chunk``:
@@ -18,21 +20,24 @@ nor predict it in one worker while others sit idle. So:
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
 from labelloop.core.labelconfig import ControlSpec, parse_label_config
+from labelloop.core.negatives import RoughLabels, rough_labels
 from labelloop.core.predict import load_model
 from labelloop.core.truth import LabeledImage, truth_from_json, truth_to_json
 from labelloop.labelstudio.client import LABELED, PREDICTION_CHUNK, TASK_PAGE, UNLABELED, StudioClient
 from labelloop.labelstudio.media import MediaFetcher
 from labelloop.labelstudio.results import first_label, labeled_image
-from labelloop.workflows.suspects import score_labeled
+from labelloop.workflows.suspects import entry_of, score_labeled
 
 log = logging.getLogger(__name__)
 
@@ -48,45 +53,130 @@ def compact(task: dict[str, Any]) -> dict[str, Any]:
     return {key: task[key] for key in COMPACT_KEYS if key in task}
 
 
+class ScoreBook:
+    """Every unlabeled task's (score, predicted label) by the job's version, in ~20 bytes a task (arrays, not a dict
+    of tuples): what the "label next" tab picks from, for a backlog of any size."""
+
+    def __init__(self) -> None:
+        self.ids = array("q")
+        self.scores = array("d")  # NaN: no score
+        self.labels = array("H")  # index into ``names``
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def add(self, task_id: int, score: float | None, label: str) -> None:
+        if label not in self._index:
+            self._index[label] = len(self.names)
+            self.names.append(label)
+        self.ids.append(int(task_id))
+        self.scores.append(float("nan") if score is None else float(score))
+        self.labels.append(self._index[label])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @dataclass
-class ProjectRead:
-    """What a prediction job reads of a project (memory: the compact form of each task)."""
+class BacklogScan:
+    """A prediction job's read of a project, made while its backlog is predicted (memory: what is kept below, not
+    the tasks): ``chunks()`` pages through the task list and yields the unlabeled tasks without this version's
+    prediction in chunks of ``CHUNK`` (compact), keeping on the way only
 
-    unlabeled: list[dict[str, Any]] = field(default_factory=list)  # no human annotation (compact)
+    * the ids of the labeled tasks, and the few unlabeled tasks holding a labelloop meta entry (to take back);
+    * the rough labels of the tasks that carry some (``core/negatives.py``, for the misses tab);
+    * the newest ``incoming_keep`` unlabeled tasks ``incoming`` picks (the drift check's: imported after the version);
+
+    then ``read_labeled()`` reads the labeled tasks in full, keeping their truth (the suspects' scoring needs it).
+    Tasks that already hold this version's prediction (a second run) are read first: their score goes to the book."""
+
+    client: StudioClient
+    project_id: int | str
+    spec: ControlSpec
+    version: str
+    incoming: Callable[[dict[str, Any]], bool] | None = None
+    incoming_keep: int = 0
+    book: ScoreBook = field(default_factory=ScoreBook)
+    labeled_ids: set[int] = field(default_factory=set)
+    unlabeled: int = 0  # unlabeled tasks seen
+    held: int = 0  # of which already predicted by this version
+    with_entry: dict[int, dict[str, Any]] = field(default_factory=dict)  # unlabeled tasks with a meta entry (compact)
+    rough: dict[int, RoughLabels] = field(default_factory=dict)  # tasks with rough labels
+    held_results: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # their results, when held
+    newest: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # heap of (id, compact) incoming tasks
     labeled: list[tuple[dict[str, Any], LabeledImage]] = field(default_factory=list)  # our control's truth
-    held: dict[int, dict[str, Any]] = field(default_factory=dict)  # unlabeled task -> this version's prediction
-    labeled_ids: set[int] = field(default_factory=set)  # every task with a human annotation
-    untruthed: list[dict[str, Any]] = field(default_factory=list)  # annotated, but no label of our control (compact)
+    untruthed: list[dict[str, Any]] = field(default_factory=list)  # annotated, no label of our control (compact)
 
+    def chunks(self, size: int = CHUNK) -> Iterator[list[dict[str, Any]]]:
+        held = self._read_held()
+        chunk: list[dict[str, Any]] = []
+        for task in self.client.iter_tasks(self.project_id, page_size=PAGE):
+            task_id = int(task["id"])
+            if int(task.get("total_annotations") or 0) > 0:  # Label Studio counts the annotations not cancelled
+                self.labeled_ids.add(task_id)
+                continue
+            self.unlabeled += 1
+            kept = compact(task)
+            if entry_of(kept) is not None:
+                self.with_entry[task_id] = kept
+            rough = rough_labels(kept.get("data"), self.spec.labels)
+            if rough.given:
+                self.rough[task_id] = rough
+            if self.incoming is not None and self.incoming_keep > 0 and self.incoming(kept):
+                item = (task_id, kept)
+                if len(self.newest) < self.incoming_keep:
+                    heapq.heappush(self.newest, item)
+                elif task_id > self.newest[0][0]:
+                    heapq.heapreplace(self.newest, item)
+            if task_id in held:
+                continue
+            chunk.append(kept)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
-def read_for_prediction(client: StudioClient, project_id: int | str, spec: ControlSpec, version: str) -> ProjectRead:
-    """Three paged reads: every task's summary (unlabeled tasks kept compact), the labeled tasks in full (their
-    truth kept), and — only when Label Studio counts predictions of this version — the unlabeled tasks that hold
-    predictions (this version's kept: score and result)."""
-    read = ProjectRead()
-    predicted = 0
-    for task in client.iter_tasks(project_id, page_size=PAGE):
-        if int(task.get("total_annotations") or 0) > 0:  # Label Studio counts the annotations not cancelled
-            read.labeled_ids.add(int(task["id"]))
-        else:
-            read.unlabeled.append(compact(task))
-            predicted += int(task.get("total_predictions") or 0) > 0
-    if read.labeled_ids and spec.kind.trained:
-        for task in client.iter_tasks(project_id, full=True, filters=[LABELED], page_size=PAGE):
-            truth = labeled_image(task, spec)
-            if truth is not None:
-                read.labeled.append((compact(task), truth))
-            else:
-                read.untruthed.append(compact(task))
-    if predicted and client.model_version_counts(project_id).get(version, 0) > 0:
+    def _read_held(self) -> set[int]:
+        """Only when Label Studio counts predictions of this version: the unlabeled tasks holding one (their score
+        into the book; their result kept only for tasks with rough labels)."""
+        held: set[int] = set()
+        if self.client.model_version_counts(self.project_id).get(self.version, 0) <= 0:
+            return held
         # Label Studio's model-version filter misses tasks holding several versions; the prediction count
         # does not, so the candidates come from it and this version is picked out of each.
         holding = {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 0}
-        for task in client.iter_tasks(project_id, full=True, filters=[UNLABELED, holding], page_size=PAGE):
-            mine = [p for p in task.get("predictions") or [] if p.get("model_version") == version]
+        for task in self.client.iter_tasks(self.project_id, full=True, filters=[UNLABELED, holding], page_size=PAGE):
+            mine = [p for p in task.get("predictions") or [] if p.get("model_version") == self.version]
             if mine:
-                read.held[int(task["id"])] = {"score": mine[-1].get("score"), "result": mine[-1].get("result") or []}
-    return read
+                task_id, result = int(task["id"]), mine[-1].get("result") or []
+                held.add(task_id)
+                self.book.add(task_id, mine[-1].get("score"), first_label(result, self.spec))
+                if rough_labels(task.get("data"), self.spec.labels).given:
+                    self.held_results[task_id] = result
+        self.held = len(held)
+        return held
+
+    def read_labeled(self) -> None:
+        if not self.labeled_ids or not self.spec.kind.trained:
+            return
+        for task in self.client.iter_tasks(self.project_id, full=True, filters=[LABELED], page_size=PAGE):
+            truth = labeled_image(task, self.spec)
+            if truth is not None:
+                self.labeled.append((compact(task), truth))
+            else:
+                self.untruthed.append(compact(task))
+
+    def incoming_tasks(self) -> list[dict[str, Any]]:
+        return [task for _, task in sorted(self.newest, key=lambda item: item[0])]
+
+
+def read_for_prediction(client: StudioClient, project_id: int | str, spec: ControlSpec, version: str) -> BacklogScan:
+    """The whole scan without predicting (its chunks read and dropped): what a job keeps, for tests and the bench."""
+    scan = BacklogScan(client, project_id, spec, version)
+    for _ in scan.chunks():
+        pass
+    scan.read_labeled()
+    return scan
 
 
 PREDICT, SCORE = "predict", "score"  # what a chunk does: push predictions of unlabeled tasks / score human labels
@@ -116,8 +206,8 @@ class ChunkContext:
 def predict_chunk(context: ChunkContext, tasks: list[dict[str, Any]], env: Settings | None = None,
                   client: StudioClient | None = None, fetcher=None) -> dict[str, Any]:
     """Predict one chunk of unlabeled tasks with the context's version and push the predictions in one request.
-    Returns ``{"pushed": {task id: [score, first label, result]}, "errors": n, "seconds": {"predict": s, "push":
-    s}}`` (task ids as strings: JSON; ``predict`` includes fetching the images)."""
+    Returns ``{"pushed": {task id: [score, first label] (+ [result] for a task with rough labels)}, "errors": n,
+    "seconds": {"predict": s, "push": s}}`` (task ids as strings: JSON; ``predict`` includes fetching the images)."""
     from labelloop.workflows.pipeline import predict_tasks  # the one prediction path (pipeline imports us)
 
     env = env or current_settings()
@@ -138,8 +228,11 @@ def predict_chunk(context: ChunkContext, tasks: list[dict[str, Any]], env: Setti
         predicted = time.perf_counter()
         if payload:
             client.import_predictions(context.project, payload)
-        return {"pushed": {str(item["task"]): [item["score"], first_label(item["result"], spec), item["result"]]
-                           for item in payload},
+        # the result goes back only where the misses tab needs it (tasks with rough labels): results of a whole
+        # backlog would hold the job's memory and Redis in proportion to the project
+        rough = {t["id"] for t in tasks if rough_labels(t.get("data"), spec.labels).given}
+        return {"pushed": {str(item["task"]): [item["score"], first_label(item["result"], spec)]
+                           + ([item["result"]] if item["task"] in rough else []) for item in payload},
                 "errors": len(tasks) - len(payload),
                 "seconds": {"predict": round(predicted - started, 4), "push": round(time.perf_counter() - predicted, 4)}}
     finally:
@@ -186,21 +279,21 @@ def run_chunk(context: ChunkContext, tasks: list[dict[str, Any]], env: Settings 
     return predict_chunk(context, tasks, env, client, fetcher)
 
 
-ChunkRunner = Callable[[ChunkContext, list[list[dict[str, Any]]], Progress], list[dict[str, Any]]]
+ChunkRunner = Callable[[ChunkContext, Iterable[list[dict[str, Any]]], Progress], Iterable[dict[str, Any]]]
 
 
-def run_here(context: ChunkContext, chunks: list[list[dict[str, Any]]], progress: Progress,
-             env: Settings | None = None) -> list[dict[str, Any]]:
-    """Every chunk in this process, one after another (one client and fetcher for all)."""
+def run_here(context: ChunkContext, chunks: Iterable[list[dict[str, Any]]], progress: Progress,
+             env: Settings | None = None, total: int | None = None) -> Iterator[dict[str, Any]]:
+    """Every chunk in this process, one after another, as they come (one client and fetcher for all); yields
+    what each returned, so neither the chunks nor their outputs are held together."""
     env = env or current_settings()
-    total = sum(len(c) for c in chunks)
-    done, out = 0, []
+    done = 0
     with StudioClient.from_settings(env) as client, MediaFetcher.from_settings(env) as fetcher:
         for chunk in chunks:
-            out.append(run_chunk(context, chunk, env, client, fetcher))
+            out = run_chunk(context, chunk, env, client, fetcher)
             done += len(chunk)
-            progress(done / max(1, total), f"{done} of {total} tasks predicted")
-    return out
+            progress(done / max(1, total or done), f"{done} tasks predicted" + (f" of {total}" if total else ""))
+            yield out
 
 
 def chunked(tasks: list[dict[str, Any]], size: int = CHUNK) -> list[list[dict[str, Any]]]:

@@ -47,11 +47,10 @@ def _ranked(rough: dict[int, RoughLabels], results: dict[int, list[dict[str, Any
     return sorted(ranked, key=lambda r: (-r[1], r[0]))
 
 
-def refresh_misses(client, project_id: int | str, spec: ControlSpec, tasks: list[dict[str, Any]],
+def refresh_misses(client, project_id: int | str, spec: ControlSpec, rough: dict[int, RoughLabels],
                    results: dict[int, list[dict[str, Any]]]) -> dict[str, int] | None:
-    """Rewrite the misses tab from the served version's predictions (``results``: task id → result list);
-    None (nothing written) when no task carries rough labels."""
-    rough = {int(t["id"]): rough_labels(t.get("data"), spec.labels) for t in tasks}  # read once per task
+    """Rewrite the misses tab from the served version's predictions (``rough``: task id → its rough labels, for the
+    tasks that carry some; ``results``: task id → result list); None (nothing written) when no task carries any."""
     given = sum(1 for labels in rough.values() if labels.given)
     if not given:
         return None

@@ -21,7 +21,7 @@ import numpy as np
 
 from labelloop.config import Settings
 from labelloop.config import settings as current_settings
-from labelloop.core import acquisition, gate, modeltests, pretrain, recipe
+from labelloop.core import acquisition, drift, gate, modeltests, pretrain, recipe
 from labelloop.core.calibration import calibration_report
 from labelloop.core.datasets import DatasetError, annotation_fingerprint, build_dataset, first_training_minimum
 from labelloop.core.labelconfig import ControlSpec, LabelConfigError, parse_label_config, resolve_model_path, threshold_for
@@ -41,12 +41,11 @@ from labelloop.errors import LabelloopError
 from labelloop.labelstudio.client import StudioClient
 from labelloop.labelstudio.media import MediaError, MediaFetcher, task_image_url
 from labelloop.labelstudio.results import (
-    first_label,
     labeled_images,
     prediction_result,
 )
 from labelloop.workflows import backlog
-from labelloop.workflows.drift_check import check_incoming
+from labelloop.workflows.drift_check import check_incoming, created_after
 from labelloop.workflows.misses import MISSES_TAB, refresh_misses
 from labelloop.workflows.suspects import SUSPECTS_TAB, entry_of, publish_suspects
 
@@ -697,38 +696,47 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             phases[phase] = round(phases.get(phase, 0.0) + now - mark, 3)
             mark = now
 
-        read = backlog.read_for_prediction(client, project_id, spec, version)
-        took("read")
-        todo = [t for t in read.unlabeled if t["id"] not in read.held]
-        # every unlabeled task's score by this version, for the "label next" tab; what it shows, for misses
-        scores = {task_id: (held["score"], first_label(held["result"], spec)) for task_id, held in read.held.items()}
-        results = {task_id: held["result"] for task_id, held in read.held.items()}
-        labeled = read.labeled  # the human labels the served version disagrees with: scored after the backlog
-        share = 0.8 if labeled else 1.0  # of the job's progress
-        counts: dict[str, Any] = {"unlabeled": len(read.unlabeled), "pushed": 0, "already_there": len(read.held),
-                                  "errors": 0}
-        chunks = backlog.chunked(todo)
-        counts["chunks"] = len(chunks)
-        say(0.0, f"predicting {len(todo)} unlabeled task(s) with {version} in {len(chunks)} chunk(s)")
+        since = manifest.created_at if manifest is not None and spec.kind.trained else None
+        scan = backlog.BacklogScan(client, project_id, spec, version,
+                                   incoming=(lambda task: created_after(task, since)) if since is not None else None,
+                                   incoming_keep=drift.MAX_INCOMING)
+        book = scan.book  # every unlabeled task's score by this version, for the "label next" tab
+        results = scan.held_results  # what it shows on the tasks with rough labels, for the misses tab
+        counts: dict[str, Any] = {"pushed": 0, "errors": 0, "chunks": 0}
         context = backlog.ChunkContext(str(project_id), version, str(weights), info["label_config"])
-        run = runner or (lambda c, parts, report: backlog.run_here(c, parts, report, env))
-        for out in run(context, chunks, lambda fraction, message: say(share * fraction, message)):
+        total = int(info.get("task_number") or 0) or None  # for progress: the read and the backlog run together
+        run = runner or (lambda c, parts, report: backlog.run_here(c, parts, report, env, total=total))
+
+        def backlog_chunks():
+            for chunk in scan.chunks():
+                counts["chunks"] += 1
+                yield chunk
+
+        say(0.0, f"reading the project and predicting its unlabeled tasks with {version}")
+        share = 0.8  # of the job's progress: the backlog (the human labels' scoring after it)
+        for out in run(context, backlog_chunks(), lambda fraction, message: say(share * fraction, message)):
             counts["errors"] += int(out["errors"])
             counts["pushed"] += len(out["pushed"])
             _tally_worker(counts, "chunks_by_worker", out)
-            for task_id, (score, label, result) in out["pushed"].items():
-                scores[int(task_id)] = (score, label)
-                results[int(task_id)] = result
+            for task_id, pushed in out["pushed"].items():
+                book.add(int(task_id), pushed[0], pushed[1])
+                if len(pushed) > 2:
+                    results[int(task_id)] = pushed[2]
+        counts.update(unlabeled=scan.unlabeled, already_there=scan.held)
         took("backlog")
+        scan.read_labeled()
+        labeled = scan.labeled  # the human labels the served version disagrees with: scored after the backlog
+        took("read_labeled")
         if serves(registry, project_id, spec, version, env):
             model = load_model(weights, version)
             try:
                 counts["label_next"], counts["label_next_mode"] = refresh_label_next(
-                    client, project_id, scores, manifest, version)
+                    client, project_id, book, manifest, version)
             except LabelloopError as exc:  # the predictions are in; a tab is not worth failing the job
                 log.warning("project %s: the %r tab was not updated: %s", project_id, LABEL_NEXT_TAB, exc)
             took("label_next")
-            every_task = {int(t["id"]): t for t in [*read.unlabeled, *read.untruthed, *(t for t, _ in labeled)]}
+            # the tasks whose meta the suspects' entries concern: the labeled ones and the few others holding one
+            every_task = {**scan.with_entry, **{int(t["id"]): t for t in [*scan.untruthed, *(t for t, _ in labeled)]}}
             if labeled or any(entry_of(t) for t in every_task.values()):  # else no tab, no entry to take back
                 scored: dict[int, float] = {}
                 if labeled:
@@ -748,7 +756,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
                     log.warning("project %s: the %r tab was not updated: %s", project_id, SUSPECTS_TAB, exc)
                 took("suspects_write")
             try:  # rough labels in the task data against what the version shows: its misses, for review
-                misses = refresh_misses(client, project_id, spec, read.unlabeled, results)
+                misses = refresh_misses(client, project_id, spec, scan.rough, results)
                 if misses is not None:
                     counts["misses"] = misses
             except LabelloopError as exc:
@@ -756,7 +764,7 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
             took("misses")
             if manifest is not None and spec.kind.trained:
                 # tasks imported after this version was trained, against the labels it learned from
-                tasks = read.unlabeled + [t for t, _ in labeled]
+                tasks = scan.incoming_tasks() + [t for t, _ in labeled]
                 try:
                     report = check_incoming(client, registry, project_id, manifest, model, tasks,
                                             {t["id"] for t, _ in labeled}, fetcher.fetch_many,
@@ -783,22 +791,24 @@ LABEL_NEXT_TAB = "labelloop: label next"
 LABEL_NEXT_SIZE = 50  # a labeler's sitting; refreshed after every promotion
 
 
-def refresh_label_next(client: StudioClient, project_id: int | str,
-                       scores: dict[int, tuple[float | None, str]], manifest: Manifest | None,
-                       version: str) -> tuple[int, str]:
-    """Rewrite the project's "label next" Data Manager tab from ``version``'s (task score, predicted
-    label) per unlabeled task: the ``LABEL_NEXT_SIZE`` tasks ``acquisition.next_to_label`` picks — a
-    random sample until the version is right on ``acquisition.EXPLORE_BELOW`` of its tuning split (a
-    base model, which has none, explores too), then the least confident in turns over the predicted
-    classes. Returns (tasks in the tab, mode)."""
-    ids = sorted(scores)
-    uncertainty = [1.0 - float(scores[i][0] if scores[i][0] is not None else 0.0) for i in ids]
+def refresh_label_next(client: StudioClient, project_id: int | str, book: backlog.ScoreBook,
+                       manifest: Manifest | None, version: str) -> tuple[int, str]:
+    """Rewrite the project's "label next" Data Manager tab from ``version``'s (task score, predicted label) per
+    unlabeled task (``book``): the ``LABEL_NEXT_SIZE`` tasks ``acquisition.next_to_label`` picks — a random
+    sample until the version is right on ``acquisition.EXPLORE_BELOW`` of its tuning split (a base model, which
+    has none, explores too), then the least confident in turns over the predicted classes. Returns (tasks in the
+    tab, mode)."""
+    ids = np.frombuffer(book.ids, dtype=np.int64) if len(book) else np.zeros(0, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")  # by task id: the same picks whatever order the chunks finished in
+    scores = np.frombuffer(book.scores, dtype=np.float64)[order] if len(book) else np.zeros(0)
+    uncertainty = 1.0 - np.nan_to_num(scores, nan=0.0)
+    labels = np.frombuffer(book.labels, dtype=np.uint16)[order] if len(book) else np.zeros(0, dtype=np.uint16)
     tuning = manifest.metrics.get("primary") if manifest is not None else None
     picks, mode = acquisition.next_to_label(uncertainty, LABEL_NEXT_SIZE, tuning,
                                             seed=zlib.crc32(f"{project_id}/{version}".encode()),
-                                            predicted=[scores[i][1] for i in ids])
+                                            predicted=[book.names[i] for i in labels])
     ordering = ("tasks:predictions_score",) if mode == "uncertainty" else ("tasks:id",)
-    client.put_tab(project_id, LABEL_NEXT_TAB, [ids[j] for j in picks], ordering=ordering)
+    client.put_tab(project_id, LABEL_NEXT_TAB, [int(ids[order[j]]) for j in picks], ordering=ordering)
     return len(picks), mode
 
 
