@@ -215,3 +215,43 @@ def test_the_scores_of_human_labels_are_chunks_of_their_own_under_the_same_job(s
     assert backlog.ChunkContext.from_json(json.loads(raw)).work == backlog.SCORE
     with pytest.raises(ValueError, match="unknown chunk work"):
         backlog.ChunkContext.from_json({**context.to_json(), "work": "rm -rf"})
+
+
+def test_helpers_take_chunks_while_the_job_still_reads(shards):
+    """Chunks go on the list as the read makes them: a helper predicts the first ones before the job has read the
+    project to its end, waits (not leaves) while more are coming, and every chunk is done once, in order."""
+    sharding, store, install, context = shards
+    recorder = install(Recorder())
+    job = f"job-{time.time_ns()}"
+    keys = sharding.ShardKeys.of(job)
+    read_done = threading.Event()
+    before_end: list[int] = []
+
+    def slow_read():  # the job's paged read: a chunk every 0.1 s
+        for chunk in chunks_of(50):
+            yield chunk
+            time.sleep(0.1)
+        read_done.set()
+
+    def helper():
+        deadline = time.time() + 10
+        while not store.r.exists(keys.producing) and time.time() < deadline:
+            time.sleep(0.005)
+        while True:
+            calls = len(recorder.calls)
+            if sharding._take_and_run(store, keys, context, None, None, "worker-b"):
+                if not read_done.is_set() and len(recorder.calls) > calls:
+                    before_end.append(recorder.calls[-1][1])
+            elif store.r.exists(keys.producing):
+                time.sleep(0.005)
+            else:
+                break
+
+    thread = threading.Thread(target=helper, name="worker-b")
+    thread.start()
+    out = list(sharding.run_on_workers(job, "worker-a", helpers=0, store=store)(context, slow_read(), lambda f, m: None))
+    thread.join(timeout=30)
+    assert before_end and before_end[0] == 0, before_end  # the helper started on chunk 0 during the read
+    assert [sorted(int(k) for k in o["pushed"]) for o in out] == [[t["id"] for t in c] for c in chunks_of(50)]
+    assert sorted(first for _, first in recorder.calls) == [0, 10, 20, 30, 40]  # each chunk once
+    assert not store.r.exists(keys.producing) and not store.r.exists(keys.todo)
