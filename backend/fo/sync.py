@@ -173,6 +173,70 @@ class _Known:
     image_url: str | None
 
 
+KNOWN_PAGE = 5000  # samples read at a time, in task id order
+
+
+class _KnownInOrder:
+    """The dataset's samples in ``ls_task_id`` order, a page at a time (each page one range query on the unique
+    index), walked beside Label Studio's task list (also in id order): ``take(id)`` gives the sample of that task,
+    ``passed(id)`` the samples of lower ids not taken (their tasks are gone), ``rest()`` those left at the end.
+    Samples this sync adds (``added``) are not taken for known ones when a later page finds them."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.page: list[tuple[int, _Known]] = []
+        self.at = 0
+        self.boundary: int | None = None  # the highest task id read so far
+        self.done = not len(dataset)
+        self.fresh: set[int] = set()  # added by this sync above the boundary (a later page would return them)
+
+    def _head(self) -> tuple[int, _Known] | None:
+        while self.at >= len(self.page):
+            if self.done:
+                return None
+            self._read_page()
+        return self.page[self.at]
+
+    def _read_page(self) -> None:
+        fo = import_fiftyone()
+        view = self.dataset if self.boundary is None else self.dataset.match(fo.ViewField("ls_task_id") > self.boundary)
+        rows = view.sort_by("ls_task_id").limit(KNOWN_PAGE).values(
+            ["ls_task_id", "id", "ls_updated_at", "ls_annotation", "ls_image_url"])
+        self.page = [(int(t), _Known(i, u, a, m)) for t, i, u, a, m in zip(*rows)
+                     if t is not None and int(t) not in self.fresh]
+        self.at = 0
+        if len(rows[0]) < KNOWN_PAGE:
+            self.done = True
+        if rows[0]:
+            self.boundary = int(rows[0][-1])
+            self.fresh = {t for t in self.fresh if t > self.boundary}
+
+    def take(self, task_id: int) -> _Known | None:
+        head = self._head()
+        if head is None or head[0] != task_id:
+            return None
+        self.at += 1
+        return head[1]
+
+    def passed(self, task_id: int) -> list[str]:
+        out = []
+        while (head := self._head()) is not None and head[0] < task_id:
+            out.append(head[1].sample_id)
+            self.at += 1
+        return out
+
+    def rest(self) -> list[str]:
+        out = []
+        while (head := self._head()) is not None:
+            out.append(head[1].sample_id)
+            self.at += 1
+        return out
+
+    def added(self, task_id: int) -> None:
+        if not self.done and (self.boundary is None or task_id > self.boundary):
+            self.fresh.add(task_id)
+
+
 def sync_project(project_id: int | str, dataset_name: str | None = None, predict: bool = True,
                  progress: Progress | None = None, env: Settings | None = None, client=None,
                  runner: file_chunks.FilesRunner | None = None) -> SyncReport:
@@ -207,50 +271,69 @@ def _sync(client: StudioClient, project_id: int | str, dataset_name: str | None,
     dataset.save()
     report = SyncReport(dataset=name)
 
-    known: dict[int, _Known] = {}
-    if len(dataset):
-        known = {int(t): _Known(i, u, a, m) for t, i, u, a, m in
-                 zip(*dataset.values(["ls_task_id", "id", "ls_updated_at", "ls_annotation", "ls_image_url"]))}
+    # Label Studio's tasks (pages in id order) walked beside the dataset's samples (pages by ls_task_id, its unique
+    # index): memory holds a page of each, a batch of new samples, and the tasks that changed — not the project
     say(0.02, f"reading the tasks of project {int(project_id)} from Label Studio")
-    new: list[dict[str, Any]] = []  # compact: id, data, updated_at
-    changed: dict[int, str | None] = {}  # known task -> its updated_at now
+    known = _KnownInOrder(dataset)
+    changed: dict[int, str | None] = {}  # task -> its updated_at now: known tasks that changed, new labeled ones
+    touched: dict[int, _Known] = {}  # what the dataset held of those (a new labeled task: its fresh sample)
+    fresh: set[int] = set()  # the new labeled tasks (their ground truth comes with the changed ones')
     new_image: list[dict[str, Any]] = []  # known tasks that show another image now (compact)
     to_read: set[int] = set()  # labeled tasks, new or changed: their annotations are read
-    seen: set[int] = set()
-    total = max(1, int(project.get("task_number") or 0))
-    for task in client.iter_tasks(project_id):
-        task_id = int(task["id"])
-        seen.add(task_id)
-        if len(seen) % 5000 == 0:  # ~4 s of Label Studio's time per 5,000 tasks on 2 cores
-            say(0.02 + 0.03 * min(1.0, len(seen) / total), f"read {len(seen)} of ~{total} tasks from Label Studio")
-        labeled = int(task.get("total_annotations") or 0) > 0
-        mine = known.get(task_id)
-        if mine is None:
-            new.append({"id": task_id, "data": task.get("data") or {}, "updated_at": task.get("updated_at")})
-        elif mine.updated_at != task.get("updated_at"):
-            changed[task_id] = task.get("updated_at")
-            if (task.get("data") or {}).get(spec.value_key) != mine.image_url:
-                new_image.append({"id": task_id, "data": task.get("data") or {}})
-        else:
-            continue
-        if labeled:
-            to_read.add(task_id)
-    truth = _read_truth(client, project_id, spec, to_read, lambda f, m: say(0.05 + 0.1 * f, m))
-
-    report.marked_deleted = _mark_deleted(dataset, [k.sample_id for t, k in known.items() if t not in seen])
-    report.updated_ground_truth = _update_changed(dataset, spec, known, changed, truth)
-    say(0.15, f"{len(new)} new task(s); fetching images")
+    batch: list[dict[str, Any]] = []  # new tasks waiting for their images (compact)
+    gone: list[str] = []  # samples of deleted tasks, tagged a batch at a time
     media = media_dir_for(project_id, env)
+    total, read = max(1, int(project.get("task_number") or 0)), 0
+    empty = ground_truth_labels({"annotations": []}, spec)
     with MediaFetcher.from_settings(env) as fetcher:
-        for start in range(0, len(new), SYNC_BATCH):
-            batch = new[start : start + SYNC_BATCH]
+
+        def add_batch() -> None:
+            if not batch:
+                return
+            labeled_new = {int(t["id"]): t.get("updated_at") for t in batch if t["labeled"]}
             urls = [image_url_of(t, spec.value_key) for t in batch]  # cloud-storage URIs through Label Studio
-            report.added += _add_samples(dataset, batch, fetcher.fetch_many(urls), truth, spec, project_id, media,
-                                         report)
-            say(0.15 + 0.2 * min(1.0, (start + len(batch)) / len(new)),
-                f"added {report.added} of {len(new)} new sample(s)")
+            added = _add_samples(dataset, batch, fetcher.fetch_many(urls), {}, spec, project_id, media, report,
+                                 pending_truth=labeled_new)
+            for task_id, sample_id in added.items():
+                known.added(task_id)
+                if task_id in labeled_new:  # its annotation is read with the changed ones', then written
+                    fresh.add(task_id)
+                    touched[task_id] = _Known(sample_id, None, None, None)
+                    changed[task_id] = labeled_new[task_id]  # written with its ground truth (see _add_samples)
+            report.added += len(added)
+            say(0.02 + 0.3 * min(1.0, read / total), f"added {report.added} new sample(s), read {read} of ~{total} tasks")
+            batch.clear()
+
+        for task in client.iter_tasks(project_id):
+            task_id = int(task["id"])
+            read += 1
+            gone.extend(known.passed(task_id))  # samples whose task is no longer in Label Studio
+            if len(gone) >= WRITE_BATCH:
+                report.marked_deleted += _mark_deleted(dataset, gone)
+                gone.clear()
+            labeled = int(task.get("total_annotations") or 0) > 0
+            mine = known.take(task_id)
+            if mine is None:
+                batch.append({"id": task_id, "data": task.get("data") or {}, "updated_at": task.get("updated_at"),
+                              "labeled": labeled})
+                if len(batch) >= SYNC_BATCH:
+                    add_batch()
+            elif mine.updated_at != task.get("updated_at"):
+                changed[task_id], touched[task_id] = task.get("updated_at"), mine
+                if (task.get("data") or {}).get(spec.value_key) != mine.image_url:
+                    new_image.append({"id": task_id, "data": task.get("data") or {}})
+            else:
+                continue
+            if labeled:
+                to_read.add(task_id)
+        add_batch()
+        gone.extend(known.rest())
+        report.marked_deleted += _mark_deleted(dataset, gone)
+        truth = _read_truth(client, project_id, spec, to_read, lambda f, m: say(0.32 + 0.03 * f, m))
+        report.updated_ground_truth = _update_changed(dataset, spec, touched, changed, truth, empty, fresh)
+        say(0.35, f"{report.added} new sample(s), {len(changed) - len(fresh)} changed task(s)")
         _own_cached_images(dataset, fetcher, env, media, report)
-        _replace_images(dataset, new_image, known, fetcher, spec, media, report)
+        _replace_images(dataset, new_image, touched, fetcher, spec, media, report)
 
     if predict:
         model = serving_model(project_id, spec, env)
@@ -325,10 +408,11 @@ def _replace_images(dataset, tasks: list[dict[str, Any]], known: dict[int, _Know
 
 
 def _update_changed(dataset, spec: ControlSpec, known: dict[int, _Known], changed: dict[int, str | None],
-                    truth: dict[int, tuple[str | None, dict[str, Any]]]) -> int:
+                    truth: dict[int, tuple[str | None, dict[str, Any]]], empty: dict[str, Any],
+                    fresh: set[int] | frozenset[int] = frozenset()) -> int:
     """Write the new ``updated_at`` of every changed task and, where its annotation changed, its ground truth
-    (in bulk); returns how many ground truths changed. A task left with no annotation shows none."""
-    empty = ground_truth_labels({"annotations": []}, spec)
+    (in bulk, a batch at a time); returns how many ground truths of known samples changed (``fresh``: samples this
+    sync added, whose ground truth comes here too, not counted). A task left with no annotation shows none."""
     columns: dict[str, dict[str, Any]] = {"ls_updated_at": {}}
     updated = 0
     for task_id, updated_at in changed.items():
@@ -339,7 +423,10 @@ def _update_changed(dataset, spec: ControlSpec, known: dict[int, _Known], change
             columns.setdefault("ls_annotation", {})[mine.sample_id] = key
             for field_name, value in fields.items():
                 columns.setdefault(field_name, {})[mine.sample_id] = value
-            updated += 1
+            updated += task_id not in fresh
+        if len(columns["ls_updated_at"]) >= WRITE_BATCH:
+            write_columns(dataset, columns)
+            columns = {"ls_updated_at": {}}
     write_columns(dataset, columns)
     return updated
 
@@ -377,9 +464,11 @@ def _declare_prediction_fields(dataset, spec: ControlSpec, prefix: str = "") -> 
 
 def _add_samples(dataset, tasks: list[dict[str, Any]], fetched: list,
                  truth: dict[int, tuple[str | None, dict[str, Any]]], spec: ControlSpec, project_id: int | str,
-                 media: Path, report: SyncReport) -> int:
+                 media: Path, report: SyncReport, pending_truth: dict[int, Any] | None = None) -> dict[int, str]:
     """One sample per task whose image arrived (copied into the project's media folder), with its ground truth
-    from ``truth`` (none there: unlabeled); returns how many."""
+    from ``truth`` (none there: unlabeled); returns task id -> sample id of those added. A task in
+    ``pending_truth`` (labeled, its annotation read later) gets no ``ls_updated_at`` yet: should the sync stop
+    before its ground truth is written, the next one sees it changed and reads it."""
     fo = import_fiftyone()
     empty = ground_truth_labels({"annotations": []}, spec)
     samples = []
@@ -393,15 +482,17 @@ def _add_samples(dataset, tasks: list[dict[str, Any]], fetched: list,
             report.errors.append(f"task {task['id']}: {exc}")
             continue
         key, fields = truth.get(int(task["id"]), (None, empty))
+        pending = pending_truth is not None and int(task["id"]) in pending_truth
         sample = fo.Sample(filepath=str(filepath), ls_task_id=int(task["id"]), ls_project=int(project_id),
-                           ls_image_url=(task.get("data") or {}).get(spec.value_key),
-                           ls_annotation=key, ls_updated_at=task.get("updated_at"), tuning_split=split_of(task["id"]))
+                           ls_image_url=(task.get("data") or {}).get(spec.value_key), ls_annotation=key,
+                           ls_updated_at=None if pending else task.get("updated_at"), tuning_split=split_of(task["id"]))
         for field_name, value in fields.items():
             sample[field_name] = value
         samples.append(sample)
-    if samples:
-        dataset.add_samples(samples, progress=False)
-    return len(samples)
+    if not samples:
+        return {}
+    ids = dataset.add_samples(samples, progress=False)
+    return {int(sample["ls_task_id"]): str(sample_id) for sample, sample_id in zip(samples, ids)}
 
 
 def _own_cached_images(dataset, fetcher, env: Settings, media: Path, report: SyncReport) -> None:
@@ -410,7 +501,9 @@ def _own_cached_images(dataset, fetcher, env: Settings, media: Path, report: Syn
     if not len(dataset) or not dataset.has_field("ls_image_url"):
         return
     cache = os.path.abspath(env.cache_dir / "media") + os.sep
-    ids, urls, paths = dataset.values(["id", "ls_image_url", "filepath"])
+    fo = import_fiftyone()
+    legacy = dataset.match(fo.ViewField("filepath").starts_with(cache))  # only those: not every sample's path
+    ids, urls, paths = legacy.values(["id", "ls_image_url", "filepath"])
     stale = [(i, u) for i, u, p in zip(ids, urls, paths) if p and os.path.abspath(p).startswith(cache)]
     if not stale:
         return
