@@ -127,3 +127,36 @@ def test_sync_reads_only_changed_tasks_and_keeps_the_analysts_work(fo, ls_api, l
             assert failed.images_changed == 0 and failed.missing_images == 1, attempt
             assert f"task {tasks[4]['id']}: its new image was not fetched" in failed.errors[0]
             assert dataset.match({"ls_task_id": tasks[4]["id"]}).first().filepath == kept
+
+
+def test_the_dataset_is_walked_in_task_order_beside_label_studio(fo, monkeypatch):
+    """The sync's walk over the dataset (pages of 2 here): a task Label Studio still has is taken, the samples of
+    lower ids it skipped are its deleted tasks, and samples this walk added are never taken for known ones when a
+    later page returns them."""
+    from labelloop.fo import sync
+
+    monkeypatch.setattr(sync, "KNOWN_PAGE", 2)
+    dataset = fo.Dataset("walk-in-order", overwrite=True)
+    dataset.add_sample_field("ls_task_id", fo.IntField)
+    dataset.create_index("ls_task_id", unique=True)
+    for name in ("ls_annotation", "ls_image_url", "ls_updated_at"):  # as the sync declares them
+        dataset.add_sample_field(name, fo.StringField)
+
+    def add(task_id):
+        return dataset.add_sample(fo.Sample(filepath=f"/images/{task_id}.png", ls_task_id=task_id,
+                                            ls_updated_at=f"u{task_id}"))
+
+    ids = {t: add(t) for t in (2, 5, 7, 9, 12)}
+    walk, gone, taken = sync._KnownInOrder(dataset), [], {}
+    for task_id in (1, 5, 6, 9, 13):  # Label Studio's tasks now: 1, 6, 13 new; 2, 7, 12 deleted
+        gone += walk.passed(task_id)
+        mine = walk.take(task_id)
+        if mine is None:
+            add(task_id)  # what the sync's batch does (here at once: the hardest case for the walk)
+            walk.added(task_id)
+        else:
+            taken[task_id] = mine
+    gone += walk.rest()
+    assert sorted(gone) == sorted(ids[t] for t in (2, 7, 12))
+    assert {t: k.sample_id for t, k in taken.items()} == {5: ids[5], 9: ids[9]}
+    assert taken[9].updated_at == "u9"
