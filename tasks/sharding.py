@@ -8,8 +8,9 @@ the job (its helpers start afterwards and find nothing); N workers on N machines
 * a chunk is **leased** while it runs: when its worker dies (the lease runs out) it goes back on the list;
 * a chunk that **fails** is retried alone, up to ``CHUNK_ATTEMPTS`` times, then its tasks count as errors
   with the reason (the rest of the job goes on);
-* results are written under the chunk's index, and a redelivered job keeps the chunks already done, so no
-  chunk is pushed twice by a second delivery;
+* a second delivery of the job (its worker died) waits for the chunks still running elsewhere, then reads the
+  project afresh: what the first delivery pushed holds this version's prediction and is skipped, so no task is
+  pushed twice;
 * chunks go on the list while the job still reads the project (a ``producing`` key tells helpers to wait for
   more), so other workers predict the first chunks while the rest are read;
 * progress is the share of chunks done, whoever did them;
@@ -40,6 +41,7 @@ HELPERS = 16  # helper tasks asked per job (more than there are workers is harml
 LEASE_S = 600  # a chunk not finished this long after it was taken goes back on the list (its worker died)
 CHUNK_ATTEMPTS = 3
 POLL_S = 0.2
+PRODUCING_TTL = 120  # seconds the "still reading" mark lives unless the job's next chunk renews it
 
 
 @dataclass(frozen=True)
@@ -74,22 +76,26 @@ def _take_and_run(store: JobStore, keys: ShardKeys, context, client, fetcher, wo
     if r.hexists(keys.results, index):  # put back after its lease ran out, but its worker finished after all
         return True
     r.hset(keys.leases, index, time.time() + LEASE_S)
+    r.expire(keys.leases, RECORD_TTL)
     tasks = json.loads(r.hget(keys.chunks, index) or "[]")
     try:
         out = run_chunk(context, tasks, client=client, fetcher=fetcher)
     except Exception as exc:
         attempts = int(r.hincrby(keys.attempts, index, 1))
+        r.expire(keys.attempts, RECORD_TTL)
         log.warning("chunk %s of %s failed (attempt %d): %s", index, keys.todo, attempts, exc)
         if attempts < CHUNK_ATTEMPTS:
             r.rpush(keys.todo, index)
         else:
             r.hset(keys.results, index, json.dumps({"pushed": {}, "errors": len(tasks),
                                                     "failed": f"{attempts} attempts: {reason_of(exc)}"}))
+            r.expire(keys.results, RECORD_TTL)
         r.hdel(keys.leases, index)
         return True
     pipe = r.pipeline()
     pipe.hset(keys.results, index, json.dumps({**out, "worker": worker}))
     pipe.hdel(keys.leases, index)
+    pipe.expire(keys.results, RECORD_TTL)
     pipe.execute()
     return True
 
@@ -114,53 +120,68 @@ def _clients():
     return StudioClient.from_settings(), MediaFetcher.from_settings()
 
 
+def _wait_for_live_chunks(store: JobStore, keys: ShardKeys) -> None:
+    """A second delivery of a job: wait until the chunks other workers still run (their lease is live) are done,
+    so that what they push is in Label Studio before the job reads the project again."""
+    r = store.r
+    while any(float(until) >= time.time() for until in r.hgetall(keys.leases).values()):
+        time.sleep(POLL_S)
+
+
 def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store: JobStore | None = None):
     """A ``backlog.ChunkRunner`` for the prediction job ``job_id`` running on ``worker``: it and any free
     prediction worker take the chunks (each chunk's result names who did it). Chunks go on the list as they come
     (the job reads the project while helpers already predict its first chunks); the job's worker takes chunks once
-    they are all out, then waits for the rest and yields every chunk's result in order."""
+    they are all out, then waits for the rest and yields every chunk's result in order.
+
+    A second delivery of the job (its worker died) first waits for the chunks still running elsewhere, then starts
+    afresh: it reads the project again, so the tasks the first delivery pushed hold this version's prediction and
+    are not in its chunks (Label Studio, not this shard, says what is done)."""
     worker = worker or socket.gethostname()
 
     def runner(context, chunks: Iterable[list[dict[str, Any]]], progress) -> Iterator[dict[str, Any]]:
-        from labelloop.workflows.backlog import PREDICT
+        from labelloop.workflows.backlog import CHUNK, PREDICT
 
         shards = store or JobStore()
         # each kind of work of the job (its predictions, then its scores of the human labels) has its own keys
         shard = job_id if context.work == PREDICT else f"{job_id}:{context.work}"
         r, keys = shards.r, ShardKeys.of(shard)
-        done = {int(i) for i in r.hkeys(keys.results)}  # a second delivery keeps what the first finished
-        now = time.time()  # and leaves a live helper's chunk to it (taken back here if its lease runs out)
-        running = {int(i) for i, until in r.hgetall(keys.leases).items() if float(until) >= now}
+        _wait_for_live_chunks(shards, keys)
         pipe = r.pipeline()
-        pipe.delete(keys.todo)
-        stale = [i for i in r.hkeys(keys.leases) if int(i) not in running]
-        if stale:
-            pipe.hdel(keys.leases, *stale)
-        pipe.set(keys.context, json.dumps(context.to_json()))
-        pipe.set(keys.producing, 1, ex=RECORD_TTL)  # helpers wait for more chunks while this is set
-        for key in keys.all():
-            pipe.expire(key, RECORD_TTL)
+        pipe.delete(keys.todo, keys.chunks, keys.results, keys.leases, keys.attempts)
+        pipe.set(keys.context, json.dumps(context.to_json()), ex=RECORD_TTL)
+        pipe.set(keys.producing, 1, ex=PRODUCING_TTL)  # helpers wait for more chunks while this lives
         pipe.execute()
+        expected = getattr(chunks, "expected_tasks", None)  # the backlog's size as far as the read knows it
         count, asked = 0, 0
-        client, fetcher = _clients()
+
+        def share(finished: int) -> float:  # of the chunks the whole backlog will make, as far as the read knows
+            if isinstance(chunks, list):
+                estimate = len(chunks)
+            else:
+                estimate = -(-int(expected()) // CHUNK) if expected is not None else 0
+            return finished / max(1, count, estimate)
+
         try:
+            client, fetcher = _clients()
             with client, fetcher:
                 try:
                     for index, chunk in enumerate(chunks):  # a chunk on the list as soon as the read has made it
                         pipe = r.pipeline()
                         pipe.hset(keys.chunks, str(index), json.dumps(chunk))
-                        if index not in done and index not in running:
-                            pipe.rpush(keys.todo, index)
+                        pipe.rpush(keys.todo, index)
+                        pipe.set(keys.producing, 1, ex=PRODUCING_TTL)  # a heartbeat: a dead job's helpers give up
+                        for key in keys.all():
+                            pipe.expire(key, RECORD_TTL if key != keys.producing else PRODUCING_TTL)
                         pipe.execute()
                         count = index + 1
                         if count >= 2 and asked < helpers:  # the first chunks: one more helper each, up to helpers
                             predict_chunks.apply_async(args=[shard], queue=PREDICT_QUEUE, retry=False)
                             asked += 1
-                        progress(0.0, f"{count} chunk(s) read, {int(r.hlen(keys.results))} predicted")
+                        finished = int(r.hlen(keys.results))
+                        progress(share(finished), f"{finished} of {count} chunk(s) predicted, the project still read")
                 finally:
                     r.delete(keys.producing)
-                for key in keys.all():
-                    r.expire(key, RECORD_TTL)
                 while count:
                     took = _take_and_run(shards, keys, context, client, fetcher, worker)
                     finished = int(r.hlen(keys.results))
@@ -172,7 +193,8 @@ def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store:
                         time.sleep(POLL_S)
             failed = 0
             for index in range(count):  # one result at a time: the job folds them, memory holds one
-                out = json.loads(r.hget(keys.results, str(index)) or "{}")
+                raw = r.hget(keys.results, str(index))
+                out = json.loads(raw) if raw else {"pushed": {}, "errors": 0, "failed": "no result recorded"}
                 if out.get("failed"):
                     failed += 1
                     if failed == 1:

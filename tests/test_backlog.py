@@ -101,30 +101,59 @@ def test_a_chunk_that_keeps_failing_counts_its_tasks_as_errors_and_the_job_goes_
     assert len(out[0]["pushed"]) == len(out[2]["pushed"]) == 10
 
 
-def test_a_dead_workers_chunk_is_taken_back_and_a_second_delivery_keeps_what_was_done(shards):
+def test_a_dead_workers_chunk_is_taken_back_and_a_second_delivery_starts_afresh(shards):
+    """A second delivery (the job's worker died) waits for the chunk a helper still runs, then runs the chunks its
+    own read made — whatever the first delivery left in the shard (its chunks were cut from another read: the
+    tasks it pushed hold this version's prediction now, so a new read leaves them out) — and nothing else."""
     sharding, store, install, context = shards
     recorder = install(Recorder())
     job = f"job-{time.time_ns()}"
     keys = sharding.ShardKeys.of(job)
-    # a first delivery finished chunks 0 and 2, then its worker died holding chunk 1 (lease long gone) while a
-    # helper on another worker still runs chunk 4 (its lease is live): it finishes that one itself
-    store.r.hset(keys.results, mapping={"0": '{"pushed": {"0": [0.1, "star", []]}, "errors": 0, "worker": "dead"}',
-                                        "2": '{"pushed": {"20": [0.2, "star", []]}, "errors": 0, "worker": "dead"}'})
+    # the first delivery finished chunks 0 and 2, then its worker died holding chunk 1 (lease long gone) while a
+    # helper on another worker still runs chunk 4 (its lease is live)
+    store.r.hset(keys.results, mapping={"0": '{"pushed": {"0": [0.1, "star"]}, "errors": 0, "worker": "dead"}',
+                                        "2": '{"pushed": {"20": [0.2, "star"]}, "errors": 0, "worker": "dead"}',
+                                        "7": '{"pushed": {"70": [0.2, "star"]}, "errors": 0, "worker": "dead"}'})
     store.r.hset(keys.leases, mapping={"1": time.time() - 1, "4": time.time() + 60})
-    chunks = chunks_of(50)
+    helper_done = threading.Event()
 
     def live_helper():
         time.sleep(0.5)
-        store.r.hset(keys.results, "4", '{"pushed": {"40": [0.3, "star", []]}, "errors": 0, "worker": "helper"}')
+        store.r.hset(keys.results, "4", '{"pushed": {"40": [0.3, "star"]}, "errors": 0, "worker": "helper"}')
         store.r.hdel(keys.leases, "4")
+        helper_done.set()
 
     threading.Thread(target=live_helper).start()
-    out = list(sharding.run_on_workers(job, "again", helpers=0, store=store)(context, chunks, lambda f, m: None))
-    assert sorted(first for _, first in recorder.calls) == [10, 30]  # only the chunks nobody did or does
-    assert [o["worker"] for o in out] == ["dead", "again", "dead", "again", "helper"]
+    reread = chunks_of(30, size=10)  # what the second read finds left: other tasks, other chunk boundaries
+
+    def chunks():
+        assert helper_done.is_set(), "the second delivery read the project before the live chunk was done"
+        yield from reread
+
+    out = list(sharding.run_on_workers(job, "again", helpers=0, store=store)(context, chunks(), lambda f, m: None))
+    assert sorted(first for _, first in recorder.calls) == [0, 10, 20]  # its own chunks, each once
+    assert [o["worker"] for o in out] == ["again"] * 3  # none of the first delivery's results taken for its own
+    assert [sorted(int(k) for k in o["pushed"]) for o in out] == [[t["id"] for t in c] for c in reread]
+    assert all(store.r.ttl(key) > 0 for key in (keys.results, keys.chunks, keys.context))  # all expire with the job
     # the lease check on its own: an expired lease goes back on the list, a live one stays
     store.r.hset(keys.leases, mapping={"5": time.time() - 1, "6": time.time() + 60})
     assert sharding._requeue_expired(store, keys) == 1 and store.r.lrange(keys.todo, 0, -1) == ["5"]
+
+
+def test_helpers_give_up_when_the_job_stops_reading(shards, monkeypatch):
+    """The job's "still reading" mark is a heartbeat: a helper whose job died (no chunk for PRODUCING_TTL) stops
+    waiting and frees its worker."""
+    sharding, store, install, context = shards
+    install(Recorder())
+    monkeypatch.setattr(sharding, "PRODUCING_TTL", 1)
+    job = f"job-{time.time_ns()}"
+    keys = sharding.ShardKeys.of(job)
+    store.r.set(keys.context, __import__("json").dumps(context.to_json()))
+    store.r.set(keys.producing, 1, ex=1)  # the job set it, then died
+    started = time.time()
+    assert sharding.predict_chunks.run(job) == {"took": 0, "worker": sharding.predict_chunks.request.hostname
+                                                or __import__("socket").gethostname()}
+    assert time.time() - started < 5
 
 
 def test_the_project_is_read_page_by_page_with_only_what_the_job_needs(ls_api, monkeypatch):

@@ -131,8 +131,8 @@ def test_sync_reads_only_changed_tasks_and_keeps_the_analysts_work(fo, ls_api, l
 
 def test_the_dataset_is_walked_in_task_order_beside_label_studio(fo, monkeypatch):
     """The sync's walk over the dataset (pages of 2 here): a task Label Studio still has is taken, the samples of
-    lower ids it skipped are its deleted tasks, and samples this walk added are never taken for known ones when a
-    later page returns them."""
+    lower ids it skipped are its deleted tasks, samples added during the walk (at once here: the sync adds them a
+    batch later, lower still) are never taken for known ones, and a sample without a task id is left alone."""
     from labelloop.fo import sync
 
     monkeypatch.setattr(sync, "KNOWN_PAGE", 2)
@@ -147,13 +147,13 @@ def test_the_dataset_is_walked_in_task_order_beside_label_studio(fo, monkeypatch
                                             ls_updated_at=f"u{task_id}"))
 
     ids = {t: add(t) for t in (2, 5, 7, 9, 12)}
+    dataset.add_sample(fo.Sample(filepath="/images/analyst-added.png"))  # no ls_task_id: not a task's sample
     walk, gone, taken = sync._KnownInOrder(dataset), [], {}
     for task_id in (1, 5, 6, 9, 13):  # Label Studio's tasks now: 1, 6, 13 new; 2, 7, 12 deleted
         gone += walk.passed(task_id)
         mine = walk.take(task_id)
         if mine is None:
-            add(task_id)  # what the sync's batch does (here at once: the hardest case for the walk)
-            walk.added(task_id)
+            add(task_id)  # what the sync's batch does
         else:
             taken[task_id] = mine
     gone += walk.rest()

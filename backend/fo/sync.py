@@ -180,7 +180,10 @@ class _KnownInOrder:
     """The dataset's samples in ``ls_task_id`` order, a page at a time (each page one range query on the unique
     index), walked beside Label Studio's task list (also in id order): ``take(id)`` gives the sample of that task,
     ``passed(id)`` the samples of lower ids not taken (their tasks are gone), ``rest()`` those left at the end.
-    Samples this sync adds (``added``) are not taken for known ones when a later page finds them."""
+
+    The sync adds a new task's sample after the walk has passed its id (``passed`` reads pages until the head is
+    at or above it), so a sample added during the walk lies at or below the pages already read: no later page
+    returns it as a known one."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
@@ -188,7 +191,6 @@ class _KnownInOrder:
         self.at = 0
         self.boundary: int | None = None  # the highest task id read so far
         self.done = not len(dataset)
-        self.fresh: set[int] = set()  # added by this sync above the boundary (a later page would return them)
 
     def _head(self) -> tuple[int, _Known] | None:
         while self.at >= len(self.page):
@@ -199,17 +201,17 @@ class _KnownInOrder:
 
     def _read_page(self) -> None:
         fo = import_fiftyone()
-        view = self.dataset if self.boundary is None else self.dataset.match(fo.ViewField("ls_task_id") > self.boundary)
+        view = self.dataset.exists("ls_task_id")
+        if self.boundary is not None:
+            view = view.match(fo.ViewField("ls_task_id") > self.boundary)
         rows = view.sort_by("ls_task_id").limit(KNOWN_PAGE).values(
             ["ls_task_id", "id", "ls_updated_at", "ls_annotation", "ls_image_url"])
-        self.page = [(int(t), _Known(i, u, a, m)) for t, i, u, a, m in zip(*rows)
-                     if t is not None and int(t) not in self.fresh]
+        self.page = [(int(t), _Known(i, u, a, m)) for t, i, u, a, m in zip(*rows)]
         self.at = 0
         if len(rows[0]) < KNOWN_PAGE:
             self.done = True
         if rows[0]:
             self.boundary = int(rows[0][-1])
-            self.fresh = {t for t in self.fresh if t > self.boundary}
 
     def take(self, task_id: int) -> _Known | None:
         head = self._head()
@@ -231,10 +233,6 @@ class _KnownInOrder:
             out.append(head[1].sample_id)
             self.at += 1
         return out
-
-    def added(self, task_id: int) -> None:
-        if not self.done and (self.boundary is None or task_id > self.boundary):
-            self.fresh.add(task_id)
 
 
 def sync_project(project_id: int | str, dataset_name: str | None = None, predict: bool = True,
@@ -295,7 +293,6 @@ def _sync(client: StudioClient, project_id: int | str, dataset_name: str | None,
             added = _add_samples(dataset, batch, fetcher.fetch_many(urls), {}, spec, project_id, media, report,
                                  pending_truth=labeled_new)
             for task_id, sample_id in added.items():
-                known.added(task_id)
                 if task_id in labeled_new:  # its annotation is read with the changed ones', then written
                     fresh.add(task_id)
                     touched[task_id] = _Known(sample_id, None, None, None)

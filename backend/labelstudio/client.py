@@ -187,27 +187,31 @@ class StudioClient:
         predictions (``fields=all``); else the Data Manager's summary — data, meta, ``total_annotations``
         (not cancelled), ``cancelled_annotations``, ``total_predictions``, ``updated_at`` (which an annotation
         saved, changed or deleted moves; a prediction does not). Task data comes as stored (no resolved URIs)."""
-        query: dict[str, Any] = {"ordering": ["tasks:id"]}
-        if filters:
-            query["filters"] = {"conjunction": "and", "items": filters}
+        # keyset pages (ids above the last one read), not page numbers: a task deleted or added while a long read
+        # runs (a prediction job predicts as it reads) would shift numbered pages and skip or repeat a task
         params: dict[str, Any] = {"project": int(project_id), "page_size": int(page_size), "resolve_uri": "false",
-                                  "query": json.dumps(query)}
+                                  "page": 1}
         if full:
             params["fields"] = "all"
-        page, seen = 1, 0
+        last: int | None = None
         while True:
+            items = list(filters or [])
+            if last is not None:
+                items.append({"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": last})
+            query: dict[str, Any] = {"ordering": ["tasks:id"]}
+            if items:
+                query["filters"] = {"conjunction": "and", "items": items}
             try:
-                answer = self.request("GET", "/api/tasks", params={**params, "page": page})
+                answer = self.request("GET", "/api/tasks", params={**params, "query": json.dumps(query)})
             except StudioError as exc:
-                if exc.status == 404:  # "Invalid page.": the project shrank while we read
+                if exc.status == 404:  # "Invalid page.": nothing left
                     return
                 raise
             tasks = answer.get("tasks") or []
             yield from tasks
-            seen += len(tasks)
-            if len(tasks) < page_size or seen >= int(answer.get("total") or 0):
+            if len(tasks) < page_size or not tasks:
                 return
-            page += 1
+            last = int(tasks[-1]["id"])
 
     def tasks(self, project_id: int | str, ordering: list[str] | None = None, page_size: int = 10_000) -> list[dict[str, Any]]:
         """Tasks as the Data Manager lists them (``ordering`` e.g. ``["tasks:predictions_score"]``)."""

@@ -99,6 +99,8 @@ class BacklogScan:
     labeled_ids: set[int] = field(default_factory=set)
     unlabeled: int = 0  # unlabeled tasks seen
     held: int = 0  # of which already predicted by this version
+    seen: int = 0  # tasks read so far
+    queued: int = 0  # tasks put in chunks so far
     with_entry: dict[int, dict[str, Any]] = field(default_factory=dict)  # unlabeled tasks with a meta entry (compact)
     rough: dict[int, RoughLabels] = field(default_factory=dict)  # tasks with rough labels
     held_results: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # their results, when held
@@ -111,6 +113,7 @@ class BacklogScan:
         chunk: list[dict[str, Any]] = []
         for task in self.client.iter_tasks(self.project_id, page_size=PAGE):
             task_id = int(task["id"])
+            self.seen += 1
             if int(task.get("total_annotations") or 0) > 0:  # Label Studio counts the annotations not cancelled
                 self.labeled_ids.add(task_id)
                 continue
@@ -130,11 +133,17 @@ class BacklogScan:
             if task_id in held:
                 continue
             chunk.append(kept)
+            self.queued += 1
             if len(chunk) >= size:
                 yield chunk
                 chunk = []
         if chunk:
             yield chunk
+
+    def stream(self, total: int = 0, size: int = CHUNK) -> ChunkStream:
+        """``chunks()`` as a runner takes them, with an estimate of the backlog's size for progress (``total``: the
+        project's task count)."""
+        return ChunkStream(self, total, size)
 
     def _read_held(self) -> set[int]:
         """Only when Label Studio counts predictions of this version: the unlabeled tasks holding one (their score
@@ -168,6 +177,20 @@ class BacklogScan:
 
     def incoming_tasks(self) -> list[dict[str, Any]]:
         return [task for _, task in sorted(self.newest, key=lambda item: item[0])]
+
+
+class ChunkStream:
+    """A scan's chunks, and how many tasks the backlog will hold as far as the read knows (the tasks not read yet
+    counted as backlog: the estimate only shrinks, so progress only grows)."""
+
+    def __init__(self, scan: BacklogScan, total: int, size: int) -> None:
+        self.scan, self.total, self.size = scan, total, size
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return self.scan.chunks(self.size)
+
+    def expected_tasks(self) -> int:
+        return self.scan.queued + max(0, self.total - self.scan.seen)
 
 
 def read_for_prediction(client: StudioClient, project_id: int | str, spec: ControlSpec, version: str) -> BacklogScan:
@@ -283,16 +306,20 @@ ChunkRunner = Callable[[ChunkContext, Iterable[list[dict[str, Any]]], Progress],
 
 
 def run_here(context: ChunkContext, chunks: Iterable[list[dict[str, Any]]], progress: Progress,
-             env: Settings | None = None, total: int | None = None) -> Iterator[dict[str, Any]]:
+             env: Settings | None = None) -> Iterator[dict[str, Any]]:
     """Every chunk in this process, one after another, as they come (one client and fetcher for all); yields
-    what each returned, so neither the chunks nor their outputs are held together."""
+    what each returned, so neither the chunks nor their outputs are held together. Progress is over the tasks
+    the chunks hold (a ``ChunkStream``: as far as its read knows)."""
     env = env or current_settings()
     done = 0
+    expected = getattr(chunks, "expected_tasks", None)
+    sized = chunks if isinstance(chunks, list) else None
     with StudioClient.from_settings(env) as client, MediaFetcher.from_settings(env) as fetcher:
         for chunk in chunks:
             out = run_chunk(context, chunk, env, client, fetcher)
             done += len(chunk)
-            progress(done / max(1, total or done), f"{done} tasks predicted" + (f" of {total}" if total else ""))
+            total = expected() if expected is not None else sum(map(len, sized)) if sized is not None else done
+            progress(done / max(1, total, done), f"{done} of {'~' if expected else ''}{max(total, done)} tasks done")
             yield out
 
 

@@ -704,21 +704,17 @@ def predict_unlabeled(project_id: int | str, version: str, progress: Progress | 
         results = scan.held_results  # what it shows on the tasks with rough labels, for the misses tab
         counts: dict[str, Any] = {"pushed": 0, "errors": 0, "chunks": 0}
         context = backlog.ChunkContext(str(project_id), version, str(weights), info["label_config"])
-        total = int(info.get("task_number") or 0) or None  # for progress: the read and the backlog run together
-        run = runner or (lambda c, parts, report: backlog.run_here(c, parts, report, env, total=total))
-
-        def backlog_chunks():
-            for chunk in scan.chunks():
-                counts["chunks"] += 1
-                yield chunk
-
+        run = runner or (lambda c, parts, report: backlog.run_here(c, parts, report, env))
         say(0.0, f"reading the project and predicting its unlabeled tasks with {version}")
         share = 0.8  # of the job's progress: the backlog (the human labels' scoring after it)
-        for out in run(context, backlog_chunks(), lambda fraction, message: say(share * fraction, message)):
-            counts["errors"] += int(out["errors"])
-            counts["pushed"] += len(out["pushed"])
+        # the read and the backlog run together: chunks go to the runner as the read makes them
+        chunks = scan.stream(total=int(info.get("task_number") or 0))
+        for out in run(context, chunks, lambda fraction, message: say(share * fraction, message)):
+            counts["chunks"] += 1
+            counts["errors"] += int(out.get("errors") or 0)
+            counts["pushed"] += len(out.get("pushed") or {})
             _tally_worker(counts, "chunks_by_worker", out)
-            for task_id, pushed in out["pushed"].items():
+            for task_id, pushed in (out.get("pushed") or {}).items():
                 book.add(int(task_id), pushed[0], pushed[1])
                 if len(pushed) > 2:
                     results[int(task_id)] = pushed[2]
