@@ -140,7 +140,7 @@ def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store:
     worker = worker or socket.gethostname()
 
     def runner(context, chunks: Iterable[list[dict[str, Any]]], progress) -> Iterator[dict[str, Any]]:
-        from labelloop.workflows.backlog import CHUNK, PREDICT
+        from labelloop.workflows.backlog import CHUNK, PREDICT, expected_tasks
 
         shards = store or JobStore()
         # each kind of work of the job (its predictions, then its scores of the human labels) has its own keys
@@ -152,14 +152,10 @@ def run_on_workers(job_id: str, worker: str = "", helpers: int = HELPERS, store:
         pipe.set(keys.context, json.dumps(context.to_json()), ex=RECORD_TTL)
         pipe.set(keys.producing, 1, ex=PRODUCING_TTL)  # helpers wait for more chunks while this lives
         pipe.execute()
-        expected = getattr(chunks, "expected_tasks", None)  # the backlog's size as far as the read knows it
         count, asked = 0, 0
 
         def share(finished: int) -> float:  # of the chunks the whole backlog will make, as far as the read knows
-            if isinstance(chunks, list):
-                estimate = len(chunks)
-            else:
-                estimate = -(-int(expected()) // CHUNK) if expected is not None else 0
+            estimate = len(chunks) if isinstance(chunks, list) else -(-(expected_tasks(chunks) or 0) // CHUNK)
             return finished / max(1, count, estimate)
 
         try:

@@ -291,13 +291,10 @@ def _predict_classification(model: LoadedModel, images: list[Path] | list[np.nda
         if len(arrays) < len(read):
             try:
                 with model.lock:
-                    results = model.yolo.predict([str(p) if isinstance(p, Path) else p for p in part], verbose=False,
-                                                 batch=len(part))
+                    rows, shapes = _ultralytics_probs(model, [str(p) if isinstance(p, Path) else p for p in part])
             except Exception as exc:  # ultralytics' own words are about its loader (e.g. a missing HEIF plugin)
                 bad = next(p for p, a in zip(part, read) if a is None)
                 raise ValueError(f"cannot decode image {bad}: {type(exc).__name__}: {exc}") from exc
-            rows = [r.probs.data.cpu().numpy().astype(float) for r in results]
-            shapes = [tuple(int(v) for v in r.orig_shape) for r in results]
         else:
             rows = list(_classify(model, arrays))
             shapes = [a.shape[:2] for a in arrays]
@@ -328,15 +325,23 @@ def _classify(model: LoadedModel, arrays: list[np.ndarray], imgsz: int | None = 
         ready = (imgsz is None and predictor is not None and getattr(predictor, "model", None) is not None
                  and getattr(predictor, "transforms", None) is not None)
         if not ready or predictor is None:
-            kwargs: dict[str, Any] = {"verbose": False, "batch": len(arrays)}
-            if imgsz:
-                kwargs["imgsz"] = imgsz
-            return np.stack([r.probs.data.cpu().numpy().astype(float) for r in model.yolo.predict(arrays, **kwargs)])
+            return np.stack(_ultralytics_probs(model, arrays, imgsz)[0])
         with torch.inference_mode():
             # not predictor.inference, which follows the state its last call left (embed, augment)
             output = predictor.model(_preprocessed(predictor, arrays))
         output = output[0] if isinstance(output, (list, tuple)) else output  # (probabilities, logits)
         return output.float().cpu().numpy().astype(float)
+
+
+def _ultralytics_probs(model: LoadedModel, sources: list, imgsz: int | None = None) -> tuple[list[np.ndarray], list]:
+    """``model.yolo.predict``'s class probabilities and original (height, width) per source; the caller holds
+    ``model.lock``."""
+    kwargs: dict[str, Any] = {"verbose": False, "batch": len(sources)}
+    if imgsz:
+        kwargs["imgsz"] = imgsz
+    results = model.yolo.predict(sources, **kwargs)
+    return ([r.probs.data.cpu().numpy().astype(float) for r in results],
+            [tuple(int(v) for v in r.orig_shape) for r in results])
 
 
 def _preprocessed(predictor, arrays: list[np.ndarray]):

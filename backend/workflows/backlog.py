@@ -312,15 +312,21 @@ def run_here(context: ChunkContext, chunks: Iterable[list[dict[str, Any]]], prog
     the chunks hold (a ``ChunkStream``: as far as its read knows)."""
     env = env or current_settings()
     done = 0
-    expected = getattr(chunks, "expected_tasks", None)
-    sized = chunks if isinstance(chunks, list) else None
     with StudioClient.from_settings(env) as client, MediaFetcher.from_settings(env) as fetcher:
         for chunk in chunks:
             out = run_chunk(context, chunk, env, client, fetcher)
             done += len(chunk)
-            total = expected() if expected is not None else sum(map(len, sized)) if sized is not None else done
-            progress(done / max(1, total, done), f"{done} of {'~' if expected else ''}{max(total, done)} tasks done")
+            total = max(done, expected_tasks(chunks) or done)
+            progress(done / max(1, total), f"{done} of {total} tasks done")
             yield out
+
+
+def expected_tasks(chunks: Iterable[list[dict[str, Any]]]) -> int | None:
+    """How many tasks ``chunks`` will hold, for progress: a list's, or a ``ChunkStream``'s estimate (None: unknown)."""
+    if isinstance(chunks, list):
+        return sum(len(chunk) for chunk in chunks)
+    estimate = getattr(chunks, "expected_tasks", None)
+    return int(estimate()) if estimate is not None else None
 
 
 def chunked(tasks: list[dict[str, Any]], size: int = CHUNK) -> list[list[dict[str, Any]]]:
